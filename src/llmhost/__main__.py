@@ -1,0 +1,5 @@
+"""Allow `python -m llmhost`."""
+
+from llmhost.cli.main import run
+
+run()

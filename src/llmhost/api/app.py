@@ -1,0 +1,104 @@
+"""`create_app`: the FastAPI application around one engine, with its lifecycle and handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmhost import __version__
+from llmhost.api.errors import install_error_handlers
+from llmhost.api.routes import router
+from llmhost.api.serving import OpenAIServing
+from llmhost.config import Settings
+from llmhost.engines.base import Engine
+
+log = logging.getLogger("llmhost.api")
+
+
+class RequestIdMiddleware:
+    """Gives each request an id (the client's X-Request-Id if sane) and echoes it back."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for k, v in scope.get("headers", ()):
+            if k == b"x-request-id":
+                cand = v.decode("latin-1")
+                if 0 < len(cand) <= 64 and cand.replace("-", "").isalnum():
+                    rid = cand
+                break
+        rid = rid or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(
+    engine: Engine,
+    settings: Settings | None = None,
+    *,
+    on_fatal: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The app serving `engine`. The engine loads in the background after start-up so that
+    /health answers at once and /ready reports loading; if loading fails, `on_fatal` is called
+    (the CLI uses it to stop the server and exit non-zero)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def load() -> None:
+            try:
+                await engine.start()
+            except Exception as exc:  # any load failure must reach /ready and the operator
+                app.state.load_error = getattr(exc, "message", None) or str(exc) or repr(exc)
+                log.error("model failed to load: %s", app.state.load_error)
+                if on_fatal is not None:
+                    on_fatal()
+                return
+            app.state.serving = OpenAIServing(engine)
+            app.state.ready = True
+            log.info("ready: serving %s with engine %s", engine.model_info.id, engine.name)
+
+        loader = asyncio.create_task(load())
+        app.state.loader = loader
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            if not loader.done():
+                loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loader
+            await engine.close()
+
+    app = FastAPI(
+        title="llmhost",
+        version=__version__,
+        description="OpenAI-compatible LLM service.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.serving = None
+    app.state.ready = False
+    app.state.load_error = None
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
+    return app

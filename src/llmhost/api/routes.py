@@ -1,0 +1,119 @@
+"""HTTP routes: OpenAI-compatible endpoints, the guide's /generate, health and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from llmhost.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelList,
+)
+from llmhost.api.serving import OpenAIServing
+from llmhost.errors import EngineNotReady
+
+router = APIRouter()
+
+_STREAM_DOC = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}
+}
+
+
+def serving(request: Request) -> OpenAIServing:
+    """The serving object, once the engine is loaded; 503 with Retry-After before that."""
+    state = request.app.state
+    if not state.ready:
+        raise EngineNotReady(
+            "the model is still loading"
+            if state.load_error is None
+            else f"the model failed to load: {state.load_error}",
+            retry_after=5,
+        )
+    return state.serving
+
+
+def request_id(request: Request) -> str:
+    return request.state.request_id
+
+
+@router.get("/health", tags=["ops"])
+async def health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", tags=["ops"])
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: the model is loaded and the engine healthy."""
+    state = request.app.state
+    if state.load_error is not None:
+        return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+    if not state.ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    h = state.engine.health()
+    body = {
+        "status": "ready" if h.ok else "unhealthy",
+        "model": state.engine.model_info.id,
+        "engine": state.engine.name,
+        **({"detail": h.detail} if h.detail else {}),
+    }
+    return JSONResponse(body, status_code=200 if h.ok else 503)
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["openai"])
+async def list_models(s: OpenAIServing = Depends(serving)) -> dict[str, Any]:
+    info = s.engine.model_info
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": info.id,
+                "object": "model",
+                "created": info.created,
+                "owned_by": info.owned_by,
+                "context_length": info.context_length,
+            }
+        ],
+    }
+
+
+@router.post(
+    "/v1/completions", response_model=CompletionResponse, responses=_STREAM_DOC, tags=["openai"]
+)
+async def completions(
+    body: CompletionRequest,
+    s: OpenAIServing = Depends(serving),
+    rid: str = Depends(request_id),
+):
+    return await s.completion(body, rid)
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=_STREAM_DOC,
+    tags=["openai"],
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    s: OpenAIServing = Depends(serving),
+    rid: str = Depends(request_id),
+):
+    return await s.chat(body, rid)
+
+
+@router.post("/generate", response_model=GenerateResponse, tags=["simple"])
+async def generate(
+    body: GenerateRequest,
+    s: OpenAIServing = Depends(serving),
+    rid: str = Depends(request_id),
+):
+    """The deployment guide's interface: a prompt in, the generated text out."""
+    return await s.generate(body, rid)

@@ -1,0 +1,291 @@
+"""Request logic behind the OpenAI routes: resolve the model, render the prompt, run the engine,
+and shape the result as a JSON body or an SSE stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from llmhost.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    _SamplingRequest,
+)
+from llmhost.engines.base import Engine
+from llmhost.engines.chat_template import render_chat
+from llmhost.errors import ContextLengthExceeded, LlmhostError, ModelNotFound
+from llmhost.types import GenerationRequest, SamplingParams, TokenDelta, Usage
+
+log = logging.getLogger("llmhost.api")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _usage(u: Usage | None) -> dict[str, int]:
+    u = u or Usage(0, 0)
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+class OpenAIServing:
+    """Turns API requests into engine requests and engine deltas into API responses."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_info.id
+
+    def check_model(self, requested: str | None) -> str:
+        if requested and requested != self.model_id:
+            raise ModelNotFound(
+                f"The model '{requested}' does not exist; this server serves '{self.model_id}'.",
+                param="model",
+            )
+        return self.model_id
+
+    @staticmethod
+    def sampling(req: _SamplingRequest, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=max(req.top_k, 0),
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=tuple(req.stop or ()),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repeat_penalty=req.repetition_penalty,
+            ignore_eos=req.ignore_eos,
+        )
+
+    async def _start(self, gen: GenerationRequest) -> tuple[TokenDelta, AsyncIterator[TokenDelta]]:
+        """Run the engine up to its first delta, so request errors surface before any byte of
+        the response is sent."""
+        stream = self.engine.stream(gen)
+        try:
+            first = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return first, stream
+
+    @staticmethod
+    async def _collect(first: TokenDelta, stream: AsyncIterator[TokenDelta]) -> TokenDelta:
+        parts = [first.text]
+        last = first
+        try:
+            while last.finish_reason is None:
+                last = await anext(stream)
+                parts.append(last.text)
+        finally:
+            await stream.aclose()
+        return TokenDelta(text="".join(parts), finish_reason=last.finish_reason, usage=last.usage)
+
+    def _streaming(
+        self,
+        first: TokenDelta,
+        stream: AsyncIterator[TokenDelta],
+        chunk: Callable[[TokenDelta], dict[str, Any] | None],
+        usage_chunk: Callable[[Usage | None], dict[str, Any]] | None,
+        request_id: str,
+    ) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            delta = first
+            try:
+                while True:
+                    obj = chunk(delta)
+                    if obj is not None:
+                        yield _sse(obj)
+                    if delta.finish_reason is not None:
+                        break
+                    delta = await anext(stream)
+                if usage_chunk is not None:
+                    yield _sse(usage_chunk(delta.usage))
+            except LlmhostError as exc:
+                # The status line is gone already; the error travels in-band as OpenAI does.
+                log.warning("stream %s failed: %s", request_id, exc.message)
+                yield _sse(exc.to_openai())
+            finally:
+                await stream.aclose()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    # --- /v1/completions -------------------------------------------------------------------
+
+    async def completion(self, req: CompletionRequest, request_id: str):
+        model = self.check_model(req.model)
+        gen = GenerationRequest(
+            prompt=req.prompt, sampling=self.sampling(req, req.max_tokens), request_id=request_id
+        )
+        first, stream = await self._start(gen)
+        created = int(time.time())
+        cid = f"cmpl-{request_id}"
+        if not req.stream:
+            done = await self._collect(first, stream)
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": done.text,
+                        "finish_reason": done.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(done.usage),
+            }
+
+        def chunk(d: TokenDelta) -> dict[str, Any] | None:
+            if not d.text and d.finish_reason is None:
+                return None
+            obj = {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None}
+                ],
+            }
+            if req.include_usage:
+                obj["usage"] = None
+            return obj
+
+        def usage_chunk(u: Usage | None) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": _usage(u),
+            }
+
+        return self._streaming(
+            first, stream, chunk, usage_chunk if req.include_usage else None, request_id
+        )
+
+    # --- /v1/chat/completions --------------------------------------------------------------
+
+    def render(self, req: ChatCompletionRequest) -> str:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return render_chat(
+            messages,
+            self.engine.chat_template,
+            bos_token=self.engine.bos_token,
+            eos_token=self.engine.eos_token,
+        )
+
+    async def chat(self, req: ChatCompletionRequest, request_id: str):
+        model = self.check_model(req.model)
+        gen = GenerationRequest(
+            prompt=self.render(req),
+            sampling=self.sampling(req, req.token_budget),
+            request_id=request_id,
+        )
+        first, stream = await self._start(gen)
+        created = int(time.time())
+        cid = f"chatcmpl-{request_id}"
+        if not req.stream:
+            done = await self._collect(first, stream)
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": done.text},
+                        "finish_reason": done.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(done.usage),
+            }
+        sent_role = False
+
+        def chunk(d: TokenDelta) -> dict[str, Any] | None:
+            nonlocal sent_role
+            delta: dict[str, Any] = {}
+            if not sent_role:
+                delta["role"] = "assistant"
+                sent_role = True
+            if d.text:
+                delta["content"] = d.text
+            if not delta and d.finish_reason is None:
+                return None
+            obj = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": d.finish_reason, "logprobs": None}
+                ],
+            }
+            if req.include_usage:
+                obj["usage"] = None
+            return obj
+
+        def usage_chunk(u: Usage | None) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": _usage(u),
+            }
+
+        return self._streaming(
+            first, stream, chunk, usage_chunk if req.include_usage else None, request_id
+        )
+
+    # --- /generate ---------------------------------------------------------------------------
+
+    async def generate(self, req: GenerateRequest, request_id: str) -> dict[str, Any]:
+        if req.max_new_tokens is not None:
+            budget = req.max_new_tokens
+        else:
+            n_prompt = len(self.engine.tokenize(req.prompt))
+            budget = req.max_length - n_prompt
+            if budget < 1:
+                raise ContextLengthExceeded(
+                    f"max_length {req.max_length} counts prompt and output tokens; the prompt "
+                    f"alone has {n_prompt}. Raise max_length or use max_new_tokens.",
+                    param="max_length",
+                )
+        sampling = SamplingParams(
+            max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed
+        )
+        first, stream = await self._start(
+            GenerationRequest(prompt=req.prompt, sampling=sampling, request_id=request_id)
+        )
+        done = await self._collect(first, stream)
+        return {"text": done.text, "finish_reason": done.finish_reason, "usage": _usage(done.usage)}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,34 @@
+"""`llmhost demo-model`: build the tiny offline demo model (or a benchmark-shaped one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llmhost.errors import ConfigError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo-model")
+    def demo_model(
+        path: Path = typer.Argument(..., help="Folder to write the model into."),
+        shape: str = typer.Option("demo", help="demo (tiny) or tinyllama (1.1B shape)."),
+        quant: str = typer.Option("f32", help="GGUF tensor type: f32, f16, q8_0 or q4_0."),
+        seed: int = typer.Option(0, help="Seed of the random weights."),
+    ) -> None:
+        """Build a Llama-architecture model with random weights and a real tokenizer, as GGUF
+        and as a Hugging Face folder. Its output is meaningless; it needs no network."""
+        from llmhost.store.demo import DEMO_SHAPE, TINYLLAMA_SHAPE, build_model
+
+        shapes = {"demo": DEMO_SHAPE, "tinyllama": TINYLLAMA_SHAPE}
+        if shape not in shapes:
+            raise ConfigError(f"unknown shape {shape!r}; one of {', '.join(shapes)}")
+        try:
+            built = build_model(
+                path, shape=shapes[shape], seed=seed, gguf_quant=quant, name=f"llmhost-{shape}"
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        typer.echo(f"GGUF:         {built.gguf}")
+        typer.echo(f"Hugging Face: {built.hf_dir}")

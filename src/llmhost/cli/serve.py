@@ -1,0 +1,117 @@
+"""`llmhost serve`: load a model and serve the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from llmhost.config import Settings, load_settings
+from llmhost.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger("llmhost.serve")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host"
+            ) from exc
+
+
+def serve_settings(settings: Settings) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight streams get `shutdown_timeout` to end."""
+    import uvicorn
+
+    from llmhost.api import create_app
+    from llmhost.engines.registry import create_engine
+    from llmhost.observability.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    engine = create_engine(settings.engine, settings)
+    _check_port_free(settings.host, settings.port)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(engine, settings, on_fatal=stop)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if app.state.load_error is not None:
+        raise ModelLoadError(f"the model failed to load: {app.state.load_error}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        model: str | None = typer.Argument(None, help="GGUF file (or model folder) to serve."),
+        demo: bool = typer.Option(False, "--demo", help="Serve the built-in demo model."),
+        host: str | None = typer.Option(None, help="Address to listen on [127.0.0.1]."),
+        port: int | None = typer.Option(None, help="Port [8080]."),
+        engine: str | None = typer.Option(None, help="Engine: llamacpp, ... [llamacpp]."),
+        model_name: str | None = typer.Option(None, help="Model id clients send."),
+        threads: int | None = typer.Option(None, help="CPU threads [physical cores]."),
+        ctx_size: int | None = typer.Option(
+            None, "--ctx-size", "--ctx", help="Context tokens per sequence."
+        ),
+        parallel: int | None = typer.Option(None, help="Sequences decoded together [4]."),
+        batch_size: int | None = typer.Option(None, help="Most tokens per decode step [512]."),
+        max_queue: int | None = typer.Option(None, help="Requests that may wait [64]."),
+        log_format: str | None = typer.Option(None, help="text or json."),
+        log_level: str | None = typer.Option(None, help="debug, info, warning, error."),
+    ) -> None:
+        """Serve a model over an OpenAI-compatible HTTP API."""
+        settings = load_settings(
+            model=model,
+            host=host,
+            port=port,
+            engine=engine,
+            model_name=model_name,
+            threads=threads,
+            ctx_size=ctx_size,
+            parallel=parallel,
+            batch_size=batch_size,
+            max_queue=max_queue,
+            log_format=log_format,
+            log_level=log_level,
+        )
+        if demo:
+            if model:
+                raise ConfigError("give either a model path or --demo, not both")
+            from llmhost.store.demo import ensure_demo_model
+
+            path = ensure_demo_model(settings.models_dir)
+            settings = settings.model_copy(
+                update={"model": str(path), "model_name": settings.model_name or "llmhost-demo"}
+            )
+            Console(stderr=True).print(
+                "[yellow]Serving the demo model: random weights, its output is meaningless.[/] "
+                "Pass a GGUF path to serve a real model.",
+                highlight=False,
+            )
+        elif settings.engine == "llamacpp" and settings.model and not Path(settings.model).exists():
+            raise ConfigError(f"model not found: {settings.model}")
+        Console(stderr=True).print(
+            f"OpenAI-compatible API at http://{settings.host}:{settings.port}/v1 "
+            f"(model: {settings.model_name or Path(settings.model or '').stem})",
+            highlight=False,
+        )
+        serve_settings(settings)

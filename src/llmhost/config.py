@@ -1,0 +1,103 @@
+"""One settings schema for llmhost. Sources, strongest first: CLI flags (passed as keyword
+arguments), environment variables `LLMHOST_*`, the TOML file `$LLMHOST_HOME/config.toml`
+(or `$LLMHOST_CONFIG`), then the defaults below."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from llmhost.errors import ConfigError
+
+DEFAULT_PORT = 8080  # the port the deployment guide's firewall rule opens
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LLMHOST_HOME") or Path.home() / ".llmhost").expanduser()
+
+
+def config_file_path() -> Path:
+    explicit = os.environ.get("LLMHOST_CONFIG")
+    return Path(explicit).expanduser() if explicit else default_home() / "config.toml"
+
+
+def default_threads() -> int:
+    # Decode is memory-bound; hyper-threads add contention rather than speed.
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    """Everything `llmhost serve` needs; every field is also `LLMHOST_<NAME>` and a config key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLMHOST_",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    home: Path = Field(default_factory=default_home, description="State folder.")
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    model: str | None = Field(None, description="Path of the model file or folder to serve.")
+    model_name: str | None = Field(None, description="Model id clients use; default: file stem.")
+    engine: str = Field("llamacpp", description="Engine name from the engine registry.")
+    threads: int = Field(default_factory=default_threads, ge=1, le=1024)
+    ctx_size: int = Field(
+        0, ge=0, description="Context tokens per sequence; 0 = model's own, capped at 4096."
+    )
+    parallel: int = Field(4, ge=1, le=256, description="Sequences decoded together.")
+    batch_size: int = Field(512, ge=16, le=65536, description="Most tokens per decode step.")
+    max_queue: int = Field(64, ge=0, description="Requests that may wait for a free sequence.")
+    mmap: bool = Field(True, description="Memory-map model weights instead of reading them.")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Seconds SIGTERM waits for in-flight streams."
+    )
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _expand_home(cls, v: Any) -> Any:
+        return Path(v).expanduser() if isinstance(v, str | Path) else v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file_path())
+        return (init_settings, env_settings, toml)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, dropping overrides left as None (flags the user did not give), and turn
+    validation failures and unreadable config files into one ConfigError."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+    except (OSError, ValueError) as exc:  # an unreadable or malformed config.toml
+        raise ConfigError(f"cannot read config {config_file_path()}: {exc}") from exc

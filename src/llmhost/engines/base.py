@@ -1,0 +1,103 @@
+"""The engine protocol: the only thing the api layer knows about inference."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+
+from llmhost.errors import ContextLengthExceeded
+from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+
+
+class Engine(abc.ABC):
+    """A loaded model that streams generations.
+
+    Implement `start`, `close`, `stream`, `tokenize` and `health`; set `model_info`,
+    `chat_template` and the special token strings when the model is loaded.
+    `stream` yields TokenDelta objects; the last one has `finish_reason` and `usage`.
+    Errors in the request (too long, bad parameters) must be raised before the first delta so
+    the server can still answer with a proper HTTP error. Closing the iterator early (client
+    gone) must free whatever the request held.
+    """
+
+    name: str = "engine"
+    model_info: ModelInfo
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model; may take long, runs before the server reports ready."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Cancel outstanding work and free the model."""
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Generate for one request."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text` as this model's tokenizer sees it."""
+
+    @abc.abstractmethod
+    def health(self) -> EngineHealth:
+        """Cheap liveness of the loaded engine, with optional statistics."""
+
+
+def check_context(prompt_tokens: int, max_tokens: int | None, context_length: int) -> int:
+    """Validate a request against the per-sequence context and return the generation budget."""
+    if prompt_tokens == 0:
+        raise ContextLengthExceeded("the prompt is empty after tokenization", param="prompt")
+    if prompt_tokens >= context_length:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens; the prompt has "
+            f"{prompt_tokens} tokens. Shorten the prompt.",
+            param="prompt",
+        )
+    room = context_length - prompt_tokens
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens; you asked for "
+            f"{prompt_tokens} prompt + {max_tokens} completion tokens. Lower max_tokens to at "
+            f"most {room} or shorten the prompt.",
+            param="max_tokens",
+        )
+    return max_tokens
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text without ever emitting part of a stop string.
+
+    Text that might be the beginning of a stop string is held back until the next piece
+    decides it; `feed` returns what is safe to emit and whether a stop string was hit.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return buf[:cut], True
+        keep = 0
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held

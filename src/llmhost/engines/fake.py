@@ -1,0 +1,103 @@
+"""A scripted engine for tests: emits known tokens, records every request it was given, and
+tracks how many streams are running, so api behaviour can be checked without a model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+from llmhost.engines.base import Engine, StopMatcher, check_context
+from llmhost.errors import EngineNotReady
+from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta, Usage
+
+if TYPE_CHECKING:
+    from llmhost.config import Settings
+
+DEFAULT_SCRIPT = ("Hello", " from", " the", " fake", " engine", ".")
+
+
+class FakeEngine(Engine):
+    """Tokens are whitespace-separated words; output cycles through `script`."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        *,
+        model_id: str = "fake-model",
+        script: Sequence[str] = DEFAULT_SCRIPT,
+        context_length: int = 256,
+        token_delay: float = 0.0,
+        eos_after: int | None = None,
+        chat_template: str | None = None,
+    ):
+        self.model_info = ModelInfo(id=model_id, context_length=context_length)
+        self.script = tuple(script)
+        self.token_delay = token_delay
+        self.eos_after = eos_after
+        self.chat_template = chat_template
+        self.requests: list[GenerationRequest] = []
+        self.active = 0
+        self.cancelled = 0
+        self.started = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FakeEngine:
+        return cls(
+            model_id=settings.model_name or "fake-model",
+            context_length=settings.ctx_size or 256,
+        )
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.started = False
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return [hash(w) & 0xFFFF for w in text.split()]
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(ok=self.started, stats={"active": self.active})
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        if not self.started:
+            raise EngineNotReady("the fake engine is not started")
+        n_prompt = (
+            len(request.prompt)
+            if isinstance(request.prompt, list)
+            else len(self.tokenize(request.prompt))
+        )
+        sp = request.sampling
+        budget = check_context(n_prompt, sp.max_tokens, self.model_info.context_length)
+        self.requests.append(request)
+        self.active += 1
+        stops = StopMatcher(sp.stop)
+        produced = 0
+        finish = "length"
+        try:
+            while produced < budget:
+                if self.eos_after is not None and produced >= self.eos_after and not sp.ignore_eos:
+                    finish = "stop"
+                    break
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                else:
+                    await asyncio.sleep(0)
+                word = self.script[produced % len(self.script)]
+                produced += 1
+                text, hit = stops.feed(word)
+                if hit:
+                    finish = "stop"
+                    if text:
+                        yield TokenDelta(text=text, token_ids=(produced,))
+                    break
+                yield TokenDelta(text=text, token_ids=(produced,))
+            tail = "" if finish == "stop" else stops.flush()
+            yield TokenDelta(text=tail, finish_reason=finish, usage=Usage(n_prompt, produced))
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1

@@ -1,0 +1,239 @@
+"""GGUF models through llama.cpp (llama-cpp-python's C bindings), memory-mapped, with
+continuous batching of concurrent requests (see `llamacpp_batch`)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import llama_cpp as C
+
+from llmhost.engines.base import Engine, check_context
+from llmhost.engines.llamacpp_batch import BatchScheduler, Sequence
+from llmhost.errors import (
+    ConfigError,
+    EngineError,
+    EngineNotReady,
+    InvalidRequest,
+    ModelLoadError,
+    Overloaded,
+)
+from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+
+if TYPE_CHECKING:
+    from llmhost.config import Settings
+
+log = logging.getLogger("llmhost.engines.llamacpp")
+_native_log = logging.getLogger("llmhost.llama_cpp")
+DEFAULT_CTX_CAP = 4096
+_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml: 1 debug, 2 info, 5 continuation
+
+
+@C.llama_log_callback
+def _route_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp prints a great deal at load; keep it out of the server log unless debugging.
+    lvl = _LEVELS.get(level, logging.DEBUG)
+    if _native_log.isEnabledFor(lvl):
+        _native_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip())
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        model_id: str | None = None,
+        threads: int = 1,
+        ctx_size: int = 0,
+        parallel: int = 4,
+        batch_size: int = 512,
+        max_queue: int = 64,
+        mmap: bool = True,
+    ):
+        self.path = Path(model_path)
+        self._model_id = model_id or self.path.stem
+        self.threads = threads
+        self.ctx_size = ctx_size
+        self.parallel = parallel
+        self.batch_size = batch_size
+        self.max_queue = max_queue
+        self.mmap = mmap
+        self._model = None
+        self._ctx = None
+        self._vocab = None
+        self._scheduler: BatchScheduler | None = None
+        self.model_info = ModelInfo(id=self._model_id, context_length=0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LlamaCppEngine:
+        if not settings.model:
+            raise ConfigError("no model given: pass a GGUF path, set LLMHOST_MODEL, or use --demo")
+        return cls(
+            settings.model,
+            model_id=settings.model_name,
+            threads=settings.threads,
+            ctx_size=settings.ctx_size,
+            parallel=settings.parallel,
+            batch_size=settings.batch_size,
+            max_queue=settings.max_queue,
+            mmap=settings.mmap,
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self.path.is_file():
+            raise ModelLoadError(f"model file not found: {self.path}")
+        with self.path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelLoadError(f"{self.path} is not a GGUF file")
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        C.llama_log_set(_route_native_log, ctypes.c_void_p(0))
+        C.llama_backend_init()
+        mparams = C.llama_model_default_params()
+        mparams.load_mode = 1 if self.mmap else 0  # LLAMA_LOAD_MODE_MMAP / _NONE
+        model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(
+                f"llama.cpp could not load {self.path} (run with --log-level debug)"
+            )
+        self._model = model
+        self._vocab = C.llama_model_get_vocab(model)
+        n_train = C.llama_model_n_ctx_train(model)
+        per_seq = self.ctx_size or min(n_train, DEFAULT_CTX_CAP)
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = per_seq * self.parallel
+        cparams.n_seq_max = self.parallel
+        cparams.n_batch = self.batch_size
+        cparams.n_ubatch = min(self.batch_size, 512)
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        cparams.kv_unified = False  # one KV stream per sequence: no cross-talk, no fragmentation
+        cparams.no_perf = True
+        ctx = C.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {cparams.n_ctx} tokens "
+                f"({self.parallel} x {per_seq}); lower --ctx-size or --parallel"
+            )
+        self._ctx = ctx
+        n_vocab = C.llama_vocab_n_tokens(self._vocab)
+        eog = [t for t in range(n_vocab) if C.llama_vocab_is_eog(self._vocab, t)]
+        self.model_info = ModelInfo(id=self._model_id, context_length=C.llama_n_ctx_seq(ctx))
+        template = C.llama_model_chat_template(model, None)
+        self.chat_template = template.decode("utf-8", "replace") if template else None
+        self.bos_token = self._special_text(C.llama_vocab_bos(self._vocab))
+        self.eos_token = self._special_text(C.llama_vocab_eos(self._vocab))
+        self._n_vocab = n_vocab
+        self._scheduler = BatchScheduler(
+            ctx,
+            self._vocab,
+            n_vocab,
+            eog,
+            n_slots=self.parallel,
+            batch_size=self.batch_size,
+            max_queue=self.max_queue,
+        )
+        log.info(
+            "loaded %s: %d vocab, context %d per sequence x %d sequences, %d threads",
+            self.path.name,
+            n_vocab,
+            self.model_info.context_length,
+            self.parallel,
+            self.threads,
+        )
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(128)
+        n = C.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    async def close(self) -> None:
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
+            self._scheduler = None
+        if self._ctx:
+            C.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            C.llama_model_free(self._model)
+            self._model = None
+
+    def health(self) -> EngineHealth:
+        if self._scheduler is None:
+            return EngineHealth(ok=False, detail="not loaded")
+        alive = self._scheduler._thread.is_alive()
+        return EngineHealth(
+            ok=alive, detail="" if alive else "scheduler stopped", stats=self._scheduler.stats()
+        )
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        if self._vocab is None:
+            raise EngineNotReady("the model is not loaded")
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (C.llama_token * cap)()
+        n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:  # more tokens than bytes can only happen with many specials; retry exact
+            cap = -n
+            buf = (C.llama_token * cap)()
+            n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        return list(buf[:n])
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        scheduler = self._scheduler
+        if scheduler is None:
+            raise EngineNotReady("the model is not loaded", retry_after=5)
+        if isinstance(request.prompt, list):
+            prompt = list(request.prompt)
+            bad = [t for t in prompt if not 0 <= t < self._n_vocab]
+            if bad:
+                raise InvalidRequest(
+                    f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})",
+                    param="prompt",
+                )
+        else:
+            prompt = self.tokenize(request.prompt, request.add_special)
+        budget = check_context(
+            len(prompt), request.sampling.max_tokens, self.model_info.context_length
+        )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
+
+        def emit(item: TokenDelta | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        seq = Sequence(prompt=prompt, sampling=request.sampling, budget=budget, emit=emit)
+        if not scheduler.submit(seq):
+            raise Overloaded(
+                f"all {self.parallel} sequences are busy and {self.max_queue} requests are "
+                "already waiting; retry shortly",
+                retry_after=1,
+            )
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise EngineError(f"generation failed: {item}") from item
+                if item.finish_reason is not None:
+                    finished = True
+                    yield item
+                    return
+                yield item
+        finally:
+            if not finished:  # the client went away: free the sequence now
+                scheduler.cancel(seq)

@@ -1,0 +1,293 @@
+"""Continuous batching over llama.cpp's C API: one thread owns the llama_context and decodes
+every active sequence in one `llama_decode` per step.
+
+Each step: drop cancelled sequences (their KV cells are freed with `llama_memory_seq_rm`), admit
+waiting requests into free sequence slots, then fill one batch with the next token of every
+decoding sequence plus as much pending prompt as the batch has room for (chunked prefill, so a
+long prompt never stalls running streams for more than one step), decode, and sample each
+sequence that produced logits with its own sampler chain. Results go back to the asyncio loop
+with `call_soon_threadsafe`; the GIL is released inside every llama.cpp call.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp as C
+
+from llmhost.engines.base import StopMatcher
+from llmhost.types import SamplingParams, TokenDelta, Usage
+
+log = logging.getLogger("llmhost.engines.llamacpp")
+
+PENALTY_LAST_N = 64
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the scheduler. `emit` is called from the scheduler thread."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    budget: int
+    emit: Callable[[TokenDelta | BaseException], None]
+    slot: int = -1
+    n_fed: int = 0  # prompt tokens already in the KV cache
+    n_generated: int = 0
+    last_token: int = -1
+    sampler: Any = None
+    cancelled: bool = False
+    stops: StopMatcher = field(init=False)
+    decoder: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stops = StopMatcher(self.sampling.stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_fed < len(self.prompt)
+
+
+class BatchScheduler:
+    """Owns the llama.cpp context; all llama_decode calls happen on its thread."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        vocab: Any,
+        n_vocab: int,
+        eog_tokens: list[int],
+        *,
+        n_slots: int,
+        batch_size: int,
+        max_queue: int,
+    ):
+        self.ctx = ctx
+        self.vocab = vocab
+        self.n_vocab = n_vocab
+        self.n_slots = n_slots
+        self.batch_size = batch_size
+        self.max_queue = max_queue
+        self._eog = set(eog_tokens)
+        self._eog_bias = (C.llama_logit_bias * len(eog_tokens))(
+            *[C.llama_logit_bias(token=t, bias=float("-inf")) for t in eog_tokens]
+        )
+        self._mem = C.llama_get_memory(ctx)
+        self._batch = C.llama_batch_init(batch_size, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._active: list[Sequence] = []
+        self._free_slots = list(range(n_slots - 1, -1, -1))
+        self._running = True
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="llamacpp-batch", daemon=True)
+        self._thread.start()
+
+    # --- called from the event loop -------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> bool:
+        """Queue a sequence; False when the wait queue is full."""
+        with self._cond:
+            if not self._running:
+                return False
+            if len(self._waiting) >= len(self._free_slots) + self.max_queue:
+                return False
+            self._waiting.append(seq)
+            self._cond.notify()
+        return True
+
+    def cancel(self, seq: Sequence) -> None:
+        with self._cond:
+            seq.cancelled = True
+            self._cond.notify()
+
+    def stats(self) -> dict[str, float]:
+        with self._cond:
+            return {
+                "running": len(self._active),
+                "waiting": len(self._waiting),
+                "slots": self.n_slots,
+                "steps": self.steps,
+            }
+
+    def close(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        self._thread.join()
+        C.llama_batch_free(self._batch)
+
+    # --- the scheduler thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._running and not self._active and not self._waiting:
+                        self._cond.wait()
+                    if not self._running:
+                        break
+                    self._reap_cancelled()
+                    self._admit()
+                if self._active:
+                    self._step()
+        except Exception as exc:  # a failed decode must not leave clients hanging
+            log.exception("batch scheduler stopped")
+            with self._cond:
+                self._running = False
+            self._fail_all(exc)
+            return
+        self._fail_all(None)
+
+    def _fail_all(self, exc: BaseException | None) -> None:
+        with self._cond:
+            seqs = list(self._active) + list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+        for seq in seqs:
+            self._release(seq)
+            if not seq.cancelled:
+                seq.emit(exc or RuntimeError("the engine was shut down"))
+
+    def _reap_cancelled(self) -> None:
+        if any(s.cancelled for s in self._waiting):
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        for seq in [s for s in self._active if s.cancelled]:
+            self._finish(seq)
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            seq.sampler = self._make_sampler(seq)
+            self._active.append(seq)
+
+    def _make_sampler(self, seq: Sequence) -> Any:
+        sp = seq.sampling
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        add = C.llama_sampler_chain_add
+        if sp.ignore_eos and self._eog:
+            add(
+                chain, C.llama_sampler_init_logit_bias(self.n_vocab, len(self._eog), self._eog_bias)
+            )
+        penalised = (
+            sp.repeat_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+        )
+        if penalised:
+            add(
+                chain,
+                C.llama_sampler_init_penalties(
+                    self.n_vocab,
+                    PENALTY_LAST_N,
+                    sp.repeat_penalty,
+                    sp.frequency_penalty,
+                    sp.presence_penalty,
+                ),
+            )
+        if sp.temperature <= 0.0:
+            add(chain, C.llama_sampler_init_greedy())
+        else:
+            if sp.top_k > 0:
+                add(chain, C.llama_sampler_init_top_k(sp.top_k))
+            if sp.top_p < 1.0:
+                add(chain, C.llama_sampler_init_top_p(sp.top_p, 1))
+            if sp.min_p > 0.0:
+                add(chain, C.llama_sampler_init_min_p(sp.min_p, 1))
+            add(chain, C.llama_sampler_init_temp(sp.temperature))
+            seed = C.LLAMA_DEFAULT_SEED if sp.seed is None else sp.seed & 0xFFFFFFFF
+            add(chain, C.llama_sampler_init_dist(seed))
+        if penalised:
+            for tok in seq.prompt[-PENALTY_LAST_N:]:
+                C.llama_sampler_accept(chain, tok)
+        return chain
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            C.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+        if seq.sampler is not None:
+            C.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+
+    def _finish(self, seq: Sequence) -> None:
+        self._active.remove(seq)
+        self._release(seq)
+
+    def _step(self) -> None:
+        batch = self._batch
+        n = 0
+        outputs: list[tuple[Sequence, int]] = []
+        for seq in self._active:  # decoding sequences first: one token each
+            if not seq.prefilling:
+                pos = len(seq.prompt) + seq.n_generated - 1
+                self._put(n, seq.last_token, pos, seq.slot, True)
+                outputs.append((seq, n))
+                n += 1
+        for seq in self._active:  # then prompt chunks into the room left
+            if seq.prefilling and n < self.batch_size:
+                take = min(len(seq.prompt) - seq.n_fed, self.batch_size - n)
+                for j in range(take):
+                    pos = seq.n_fed + j
+                    last = pos == len(seq.prompt) - 1
+                    self._put(n, seq.prompt[pos], pos, seq.slot, last)
+                    if last:
+                        outputs.append((seq, n))
+                    n += 1
+                seq.n_fed += take
+        batch.n_tokens = n
+        rc = C.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc}")
+        self.steps += 1
+        for seq, idx in outputs:
+            self._sample(seq, idx)
+
+    def _put(self, i: int, token: int, pos: int, slot: int, logits: bool) -> None:
+        b = self._batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = slot
+        b.logits[i] = logits
+
+    def _sample(self, seq: Sequence, idx: int) -> None:
+        if seq.cancelled:
+            return
+        token = C.llama_sampler_sample(seq.sampler, self.ctx, idx)
+        seq.last_token = token
+        if token in self._eog and not seq.sampling.ignore_eos:
+            self._done(seq, "stop", seq.stops.flush() + seq.decoder.decode(b"", final=True))
+            return
+        seq.n_generated += 1
+        n = C.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        raw = self._piece.raw[:n] if n > 0 else b""
+        text, hit = seq.stops.feed(seq.decoder.decode(raw))
+        if hit:
+            self._done(seq, "stop", text)
+        elif seq.n_generated >= seq.budget:
+            self._done(
+                seq, "length", text + seq.stops.flush() + seq.decoder.decode(b"", final=True)
+            )
+        else:
+            seq.emit(TokenDelta(text=text, token_ids=(token,)))
+
+    def _done(self, seq: Sequence, reason: str, text: str) -> None:
+        with self._cond:
+            self._finish(seq)
+        seq.emit(
+            TokenDelta(
+                text=text,
+                finish_reason=reason,  # type: ignore[arg-type]
+                usage=Usage(len(seq.prompt), seq.n_generated),
+            )
+        )

@@ -1,0 +1,1 @@
+"""Logging, metrics and probes of the running service."""

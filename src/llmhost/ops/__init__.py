@@ -1,0 +1,1 @@
+"""Operator tasks: doctor, plan, backups, deploys, benchmarks."""

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny real models built once per session and cached under the pytest cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from llmhost.store.demo import BuiltModel, build_model
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _builder_fingerprint() -> str:
+    """Changes whenever the builder or its corpus changes, so stale cached models are rebuilt."""
+    h = hashlib.sha256()
+    for name in ("demo.py", "demo_corpus.txt"):
+        h.update(resources.files("llmhost.store").joinpath(name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(request: pytest.FixtureRequest) -> BuiltModel:
+    """The demo-shaped model in both formats (GGUF f32 and a Hugging Face folder)."""
+    root = Path(request.config.cache.mkdir(f"llmhost-tiny-{_builder_fingerprint()}"))
+    gguf = root / "llmhost-demo.gguf"
+    if not (gguf.exists() and (root / "hf" / "model.safetensors").exists()):
+        return build_model(root)
+    return BuiltModel(gguf=gguf, hf_dir=root / "hf")
+
+
+def require(module: str):
+    """Import an optional component; in CI a missing one fails loudly instead of skipping."""
+    try:
+        return __import__(module)
+    except ImportError as exc:
+        if IN_CI:
+            pytest.fail(f"{module} is required in CI but missing: {exc}")
+        pytest.skip(f"{module} not installed")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,61 @@
+import json
+
+import gguf
+import numpy as np
+from tokenizers import Tokenizer
+
+from llmhost.store.demo import DEMO_SHAPE, SPECIAL_TOKENS, _permute_rope, build_model
+
+
+def test_both_formats_written(tiny_model):
+    hf = tiny_model.hf_dir
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
+        assert (hf / name).is_file(), name
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["vocab_size"] == DEMO_SHAPE.vocab_size
+    r = gguf.GGUFReader(tiny_model.gguf)
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert len(r.fields["tokenizer.ggml.tokens"].contents()) == DEMO_SHAPE.vocab_size
+    names = {t.name for t in r.tensors}
+    assert {"token_embd.weight", "output.weight", "blk.1.ffn_down.weight"} <= names
+
+
+def test_tokenizer_is_real_and_round_trips(tiny_model):
+    tok = Tokenizer.from_file(str(tiny_model.hf_dir / "tokenizer.json"))
+    text = "The quick brown fox: 42 ünïcödé!"
+    enc = tok.encode(text)
+    assert enc.tokens[0] == "<s>"
+    assert len(enc.ids) < len(text.encode())  # merges were learned
+    assert tok.decode(enc.ids, skip_special_tokens=True) == text
+    for s in SPECIAL_TOKENS:
+        assert tok.token_to_id(s) is not None
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = build_model(tmp_path / "a", formats=("gguf",))
+    b = build_model(tmp_path / "b", formats=("gguf",))
+    assert a.gguf.read_bytes() == b.gguf.read_bytes()
+    c = build_model(tmp_path / "c", formats=("gguf",), seed=1)
+    assert a.gguf.read_bytes() != c.gguf.read_bytes()
+
+
+def test_rope_permutation_pairs_halves():
+    # head_dim 4: HF rows (0,1 | 2,3) rotate as pairs (0,2),(1,3); llama.cpp wants them adjacent.
+    w = np.arange(8, dtype=np.float32).reshape(8, 1)
+    p = _permute_rope(w, n_head=2)
+    assert p[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_quantized_gguf(tmp_path):
+    built = build_model(tmp_path, formats=("gguf",), gguf_quant="q8_0")
+    r = gguf.GGUFReader(built.gguf)
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
