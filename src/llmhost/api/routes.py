@@ -62,6 +62,7 @@ async def ready(request: Request) -> JSONResponse:
         "status": "ready" if h.ok else "unhealthy",
         "model": state.engine.model_info.id,
         "engine": state.engine.name,
+        "stats": h.stats,
         **({"detail": h.detail} if h.detail else {}),
     }
     return JSONResponse(body, status_code=200 if h.ok else 503)

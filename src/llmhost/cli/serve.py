@@ -27,6 +27,22 @@ def _check_port_free(host: str, port: int) -> None:
             ) from exc
 
 
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would die
+        "killed by signal"; a shutdown that drained cleanly should exit 0 instead."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return GracefulServer
+
+
 def serve_settings(settings: Settings) -> None:
     """Run the server until SIGINT/SIGTERM; in-flight streams get `shutdown_timeout` to end."""
     import uvicorn
@@ -39,6 +55,7 @@ def serve_settings(settings: Settings) -> None:
     engine = create_engine(settings.engine, settings)
     _check_port_free(settings.host, settings.port)
     server: uvicorn.Server | None = None
+    _GracefulServer = _graceful_server_class()
 
     def stop() -> None:
         if server is not None:
@@ -53,7 +70,7 @@ def serve_settings(settings: Settings) -> None:
         timeout_graceful_shutdown=settings.shutdown_timeout,
         timeout_keep_alive=30,
     )
-    server = uvicorn.Server(config)
+    server = _GracefulServer(config)
     server.run()
     if app.state.load_error is not None:
         raise ModelLoadError(f"the model failed to load: {app.state.load_error}")

@@ -273,20 +273,20 @@ class BatchScheduler:
         raw = self._piece.raw[:n] if n > 0 else b""
         text, hit = seq.stops.feed(seq.decoder.decode(raw))
         if hit:
-            self._done(seq, "stop", text)
+            self._done(seq, "stop", text, (token,))
         elif seq.n_generated >= seq.budget:
-            self._done(
-                seq, "length", text + seq.stops.flush() + seq.decoder.decode(b"", final=True)
-            )
+            tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
+            self._done(seq, "length", text + tail, (token,))
         else:
             seq.emit(TokenDelta(text=text, token_ids=(token,)))
 
-    def _done(self, seq: Sequence, reason: str, text: str) -> None:
+    def _done(self, seq: Sequence, reason: str, text: str, ids: tuple[int, ...] = ()) -> None:
         with self._cond:
             self._finish(seq)
         seq.emit(
             TokenDelta(
                 text=text,
+                token_ids=ids,
                 finish_reason=reason,  # type: ignore[arg-type]
                 usage=Usage(len(seq.prompt), seq.n_generated),
             )
