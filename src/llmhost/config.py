@@ -31,6 +31,12 @@ def config_file_path() -> Path:
     return Path(explicit).expanduser() if explicit else default_home() / "config.toml"
 
 
+def default_parallel() -> int:
+    # Batched decode amortises each weight read over the sequences in the step, so more
+    # sequences than cores pays off on CPU; KV memory grows with it, hence the cap.
+    return max(4, min(16, 2 * default_threads()))
+
+
 def default_threads() -> int:
     # Decode is memory-bound; hyper-threads add contention rather than speed.
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
@@ -55,7 +61,9 @@ class Settings(BaseSettings):
     ctx_size: int = Field(
         0, ge=0, description="Context tokens per sequence; 0 = model's own, capped at 4096."
     )
-    parallel: int = Field(4, ge=1, le=256, description="Sequences decoded together.")
+    parallel: int = Field(
+        default_factory=default_parallel, ge=1, le=256, description="Sequences decoded together."
+    )
     batch_size: int = Field(512, ge=16, le=65536, description="Most tokens per decode step.")
     max_queue: int = Field(64, ge=0, description="Requests that may wait for a free sequence.")
     mmap: bool = Field(True, description="Memory-map model weights instead of reading them.")

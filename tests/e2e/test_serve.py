@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,78 +14,9 @@ import httpx
 import pytest
 
 from tests.conftest import require
+from tests.e2e.conftest import CTX, Server, free_port
 
-require("llama_cpp")
 openai = require("openai")
-
-CTX = 8192  # long enough that an abandoned stream would keep the engine busy for seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, home: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "LLMHOST_HOME": str(home)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "llmhost",
-            "serve",
-            "--port",
-            str(self.port),
-            "--threads",
-            "2",
-            *args,
-        ]
-        self.log = home / "server.log"
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                r = httpx.get(self.url + "/ready", timeout=2)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready: {self.log.read_text()[-3000:]}")
-
-    def stats(self) -> dict:
-        return httpx.get(self.url + "/ready", timeout=5).json()["stats"]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                raise
-        return self.proc.returncode
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(
-        tmp_path_factory.mktemp("home"), "--demo", "--parallel", "8", "--ctx-size", str(CTX)
-    )
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        assert srv.stop() == 0, srv.log.read_text()[-3000:]
 
 
 @pytest.fixture
@@ -314,3 +244,22 @@ def test_bad_model_path_fails_fast_with_one_line(tmp_path):
     )
     assert p.returncode == 1
     assert "not a GGUF file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_full_queue_answers_503_with_retry_after(tmp_path):
+    srv = Server(tmp_path, "--demo", "--parallel", "1", "--max-queue", "0", "--ctx-size",
+                 str(CTX))
+    try:
+        srv.wait_ready()
+        body = {"prompt": "Go", "max_tokens": CTX - 100, "stream": True, "ignore_eos": True}
+        with httpx.Client(timeout=30) as h, h.stream("POST", srv.url + "/v1/completions",
+                                                     json=body) as r:
+            next(r.iter_lines())  # the only sequence is now busy
+            t0 = time.monotonic()
+            busy = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+            assert time.monotonic() - t0 < 1.0  # refused at once, not queued
+        assert busy.status_code == 503
+        assert busy.json()["error"]["code"] == "overloaded"
+        assert int(busy.headers["retry-after"]) >= 1
+    finally:
+        assert srv.stop() == 0

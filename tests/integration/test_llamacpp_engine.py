@@ -187,3 +187,29 @@ async def test_eos_ends_generation_unless_ignored(make_engine):
         if finish == "stop":
             assert usage.completion_tokens < 64
     assert "stop" in finishes  # with 2 EOG tokens of 512 some seed hits one within 64 tokens
+
+
+async def test_model_folder_and_bad_paths(tiny_model, tmp_path):
+    import shutil
+
+    from llmhost.errors import ModelLoadError
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_model.gguf, folder / "model.gguf")
+    e = LlamaCppEngine(folder, threads=1, parallel=1)
+    await e.start()
+    try:
+        assert e.model_info.id == "model"  # named after the file, not the folder
+        assert (await run(e, "hi", max_tokens=2))[3].completion_tokens == 2
+    finally:
+        await e.close()
+    shutil.copy(tiny_model.gguf, folder / "other.gguf")
+    with pytest.raises(ModelLoadError, match="exactly one"):
+        await LlamaCppEngine(folder).start()
+    with pytest.raises(ModelLoadError, match="not found"):
+        await LlamaCppEngine(tmp_path / "missing.gguf").start()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelLoadError):
+        await LlamaCppEngine(bad).start()

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -39,6 +40,53 @@ def _usage(u: Usage | None) -> dict[str, int]:
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How one endpoint shapes its choices: whole (`choice`) and streamed (`chunk_choice`)."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[TokenDelta], dict[str, Any]]
+    chunk_choice: Callable[[TokenDelta, bool], dict[str, Any] | None]
+
+
+def _completion_chunk(d: TokenDelta, opening: bool) -> dict[str, Any] | None:
+    if not d.text and d.finish_reason is None:
+        return None
+    return {"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None}
+
+
+def _chat_chunk(d: TokenDelta, opening: bool) -> dict[str, Any] | None:
+    delta: dict[str, Any] = {"role": "assistant"} if opening else {}
+    if d.text:
+        delta["content"] = d.text
+    if not delta and d.finish_reason is None:
+        return None
+    return {"index": 0, "delta": delta, "finish_reason": d.finish_reason, "logprobs": None}
+
+
+COMPLETION = _Kind(
+    "cmpl",
+    "text_completion",
+    "text_completion",
+    lambda d: {"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None},
+    _completion_chunk,
+)
+CHAT = _Kind(
+    "chatcmpl",
+    "chat.completion",
+    "chat.completion.chunk",
+    lambda d: {
+        "index": 0,
+        "message": {"role": "assistant", "content": d.text},
+        "finish_reason": d.finish_reason,
+        "logprobs": None,
+    },
+    _chat_chunk,
+)
 
 
 class OpenAIServing:
@@ -98,29 +146,52 @@ class OpenAIServing:
             await stream.aclose()
         return TokenDelta(text="".join(parts), finish_reason=last.finish_reason, usage=last.usage)
 
-    def _streaming(
-        self,
-        first: TokenDelta,
-        stream: AsyncIterator[TokenDelta],
-        chunk: Callable[[TokenDelta], dict[str, Any] | None],
-        usage_chunk: Callable[[Usage | None], dict[str, Any]] | None,
-        request_id: str,
-    ) -> StreamingResponse:
+    async def _respond(
+        self, req: _SamplingRequest, gen: GenerationRequest, model: str, kind: _Kind
+    ) -> dict[str, Any] | StreamingResponse:
+        """Run `gen` and answer as one JSON body, or as SSE chunks when `req.stream`."""
+        first, stream = await self._start(gen)
+        head = {
+            "id": f"{kind.id_prefix}-{gen.request_id}",
+            "created": int(time.time()),
+            "model": model,
+        }
+        if not req.stream:
+            done = await self._collect(first, stream)
+            return {
+                **head,
+                "object": kind.object,
+                "choices": [kind.choice(done)],
+                "usage": _usage(done.usage),
+            }
+        include_usage = req.include_usage
+
         async def body() -> AsyncIterator[bytes]:
-            delta = first
+            delta, opening = first, True
             try:
                 while True:
-                    obj = chunk(delta)
-                    if obj is not None:
+                    choice = kind.chunk_choice(delta, opening)
+                    if choice is not None:
+                        opening = False
+                        obj = {**head, "object": kind.chunk_object, "choices": [choice]}
+                        if include_usage:
+                            obj["usage"] = None
                         yield _sse(obj)
                     if delta.finish_reason is not None:
                         break
                     delta = await anext(stream)
-                if usage_chunk is not None:
-                    yield _sse(usage_chunk(delta.usage))
+                if include_usage:
+                    yield _sse(
+                        {
+                            **head,
+                            "object": kind.chunk_object,
+                            "choices": [],
+                            "usage": _usage(delta.usage),
+                        }
+                    )
             except LlmhostError as exc:
                 # The status line is gone already; the error travels in-band as OpenAI does.
-                log.warning("stream %s failed: %s", request_id, exc.message)
+                log.warning("stream %s failed: %s", gen.request_id, exc.message)
                 yield _sse(exc.to_openai())
             finally:
                 await stream.aclose()
@@ -128,65 +199,12 @@ class OpenAIServing:
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    # --- /v1/completions -------------------------------------------------------------------
-
     async def completion(self, req: CompletionRequest, request_id: str):
         model = self.check_model(req.model)
         gen = GenerationRequest(
             prompt=req.prompt, sampling=self.sampling(req, req.max_tokens), request_id=request_id
         )
-        first, stream = await self._start(gen)
-        created = int(time.time())
-        cid = f"cmpl-{request_id}"
-        if not req.stream:
-            done = await self._collect(first, stream)
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": done.text,
-                        "finish_reason": done.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": _usage(done.usage),
-            }
-
-        def chunk(d: TokenDelta) -> dict[str, Any] | None:
-            if not d.text and d.finish_reason is None:
-                return None
-            obj = {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None}
-                ],
-            }
-            if req.include_usage:
-                obj["usage"] = None
-            return obj
-
-        def usage_chunk(u: Usage | None) -> dict[str, Any]:
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": _usage(u),
-            }
-
-        return self._streaming(
-            first, stream, chunk, usage_chunk if req.include_usage else None, request_id
-        )
-
-    # --- /v1/chat/completions --------------------------------------------------------------
+        return await self._respond(req, gen, model, COMPLETION)
 
     def render(self, req: ChatCompletionRequest) -> str:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -204,64 +222,7 @@ class OpenAIServing:
             sampling=self.sampling(req, req.token_budget),
             request_id=request_id,
         )
-        first, stream = await self._start(gen)
-        created = int(time.time())
-        cid = f"chatcmpl-{request_id}"
-        if not req.stream:
-            done = await self._collect(first, stream)
-            return {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": done.text},
-                        "finish_reason": done.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": _usage(done.usage),
-            }
-        sent_role = False
-
-        def chunk(d: TokenDelta) -> dict[str, Any] | None:
-            nonlocal sent_role
-            delta: dict[str, Any] = {}
-            if not sent_role:
-                delta["role"] = "assistant"
-                sent_role = True
-            if d.text:
-                delta["content"] = d.text
-            if not delta and d.finish_reason is None:
-                return None
-            obj = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {"index": 0, "delta": delta, "finish_reason": d.finish_reason, "logprobs": None}
-                ],
-            }
-            if req.include_usage:
-                obj["usage"] = None
-            return obj
-
-        def usage_chunk(u: Usage | None) -> dict[str, Any]:
-            return {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": _usage(u),
-            }
-
-        return self._streaming(
-            first, stream, chunk, usage_chunk if req.include_usage else None, request_id
-        )
+        return await self._respond(req, gen, model, CHAT)
 
     # --- /generate ---------------------------------------------------------------------------
 

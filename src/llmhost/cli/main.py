@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from llmhost import __version__
-from llmhost.cli import demo, serve
+from llmhost.cli import bench, demo, serve
 from llmhost.errors import LlmhostError
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 serve.register(app)
+bench.register(app)
 demo.register(app)
 
 

@@ -89,7 +89,9 @@ def register(app: typer.Typer) -> None:
         ctx_size: int | None = typer.Option(
             None, "--ctx-size", "--ctx", help="Context tokens per sequence."
         ),
-        parallel: int | None = typer.Option(None, help="Sequences decoded together [4]."),
+        parallel: int | None = typer.Option(
+            None, help="Sequences decoded together [2 x cores, 4..16]."
+        ),
         batch_size: int | None = typer.Option(None, help="Most tokens per decode step [512]."),
         max_queue: int | None = typer.Option(None, help="Requests that may wait [64]."),
         log_format: str | None = typer.Option(None, help="text or json."),

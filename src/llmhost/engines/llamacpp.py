@@ -4,6 +4,7 @@ continuous batching of concurrent requests (see `llamacpp_batch`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 from collections.abc import AsyncIterator
@@ -41,6 +42,19 @@ def _route_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         _native_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip())
 
 
+def resolve_gguf(path: Path) -> Path:
+    """The GGUF file to load: `path` itself, or the single .gguf inside a folder."""
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            names = ", ".join(p.name for p in found) or "none"
+            raise ModelLoadError(f"{path} must hold exactly one .gguf file (found: {names})")
+        path = found[0]
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    return path
+
+
 class LlamaCppEngine(Engine):
     name = "llamacpp"
 
@@ -57,6 +71,7 @@ class LlamaCppEngine(Engine):
         mmap: bool = True,
     ):
         self.path = Path(model_path)
+        self._explicit_id = model_id
         self._model_id = model_id or self.path.stem
         self.threads = threads
         self.ctx_size = ctx_size
@@ -88,8 +103,8 @@ class LlamaCppEngine(Engine):
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if not self.path.is_file():
-            raise ModelLoadError(f"model file not found: {self.path}")
+        self.path = resolve_gguf(self.path)
+        self._model_id = self._explicit_id or self.path.stem
         with self.path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelLoadError(f"{self.path} is not a GGUF file")
@@ -213,7 +228,8 @@ class LlamaCppEngine(Engine):
         queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
 
         def emit(item: TokenDelta | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
         seq = Sequence(prompt=prompt, sampling=request.sampling, budget=budget, emit=emit)
         if not scheduler.submit(seq):

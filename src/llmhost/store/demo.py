@@ -67,7 +67,15 @@ def _corpus() -> str:
 
 def train_tokenizer(vocab_size: int):
     """A GPT-2 style byte-level BPE; reserved tokens pad it to exactly `vocab_size`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -84,7 +92,11 @@ def train_tokenizer(vocab_size: int):
     extra = vocab_size - tok.get_vocab_size()
     if extra < 0:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the trained vocabulary")
-    tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(extra)])
+    # Ordinary (not special) tokens with visible text: a random model samples them often, and
+    # each must stream as text just as a real model's tokens do.
+    tok.add_tokens(
+        [AddedToken(f"<|reserved_{i}|>", special=False, normalized=False) for i in range(extra)]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
@@ -193,7 +205,7 @@ def write_gguf(
 
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    special = set(SPECIAL_TOKENS) | {t for t in tokens if t.startswith("<|reserved_")}
+    special = set(SPECIAL_TOKENS)
     types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
     merges = json.loads(tok.to_str())["model"]["merges"]
     writer.add_tokenizer_model("gpt2")

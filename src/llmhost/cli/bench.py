@@ -1,0 +1,157 @@
+"""`llmhost bench`: load-test any OpenAI-compatible server, or two of them side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmhost.errors import ConfigError
+
+
+def _scenarios(concurrency: str, rate: str | None, requests: int):
+    from llmhost.ops.bench import Scenario
+
+    out = []
+    try:
+        for c in (int(x) for x in concurrency.split(",") if x.strip()):
+            if c < 1:
+                raise ValueError
+            out.append(Scenario(name=f"c={c}", concurrency=c, requests=requests or max(8, 4 * c)))
+        for r in (float(x) for x in (rate or "").split(",") if x.strip()):
+            if r <= 0:
+                raise ValueError
+            out.append(Scenario(name=f"rate={r:g}/s", rate=r, requests=requests or 32))
+    except ValueError as exc:
+        raise ConfigError(
+            "--concurrency takes whole numbers >= 1 and --rate positive numbers, comma-separated"
+        ) from exc
+    if not out:
+        raise ConfigError("give at least one --concurrency or --rate")
+    return out
+
+
+def _fmt(v: float, digits: int = 1) -> str:
+    return "-" if v != v else f"{v:.{digits}f}"  # NaN when no sample
+
+
+def _row(name: str, r: dict) -> list[str]:
+    return [
+        name,
+        f"{r['completed']}/{r['completed'] + r['failed']}",
+        _fmt(r["output_throughput"]),
+        _fmt(r["request_throughput"], 2),
+        _fmt(r["ttft_ms"]["p50"], 0),
+        _fmt(r["ttft_ms"]["p99"], 0),
+        _fmt(r["tpot_ms"]["p50"]),
+        _fmt(r["itl_ms"]["p50"]),
+        _fmt(r["itl_ms"]["p99"]),
+        _fmt(r["e2e_ms"]["p50"], 0),
+        _fmt(r["e2e_ms"]["p99"], 0),
+        _fmt(r["goodput"], 2),
+    ]
+
+
+COLUMNS = [
+    "run",
+    "ok",
+    "out tok/s",
+    "req/s",
+    "TTFT p50",
+    "TTFT p99",
+    "TPOT p50",
+    "ITL p50",
+    "ITL p99",
+    "E2E p50",
+    "E2E p99",
+    "goodput/s",
+]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        url: str | None = typer.Argument(None, help="Server base URL, e.g. http://127.0.0.1:8080"),
+        compare: tuple[str, str] | None = typer.Option(
+            None, help="Two base URLs to run alternately; prints A/B ratios."
+        ),
+        concurrency: str = typer.Option("1,8", help="Closed-loop concurrencies, comma-separated."),
+        rate: str | None = typer.Option(None, help="Open-loop Poisson rates (req/s), comma-sep."),
+        requests: int = typer.Option(0, help="Requests per scenario [8 or 4 x concurrency]."),
+        prompt_tokens: int = typer.Option(32, help="Prompt length in words (about tokens)."),
+        output_tokens: int = typer.Option(64, help="Tokens generated per request (ignore_eos)."),
+        temperature: float = typer.Option(1.0),
+        model: str | None = typer.Option(None, help="Model id [the server's first model]."),
+        api_key: str | None = typer.Option(None, envvar="LLMHOST_API_KEY"),
+        rounds: int = typer.Option(2, help="With --compare: alternations per scenario."),
+        warmup: int = typer.Option(1, help="Requests sent before measuring."),
+        slo_ttft_ms: float | None = typer.Option(None, help="Goodput SLO on TTFT."),
+        slo_tpot_ms: float | None = typer.Option(None, help="Goodput SLO on TPOT."),
+        slo_e2e_ms: float | None = typer.Option(None, help="Goodput SLO on end-to-end latency."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+    ) -> None:
+        """Measure TTFT, TPOT, ITL, latency and throughput of an OpenAI-compatible server."""
+        from llmhost.ops.bench import BenchConfig, run_scenarios
+        from llmhost.ops.bench import compare as run_compare
+
+        if (url is None) == (compare is None):
+            raise ConfigError("give either a URL or --compare URL_A URL_B")
+        if prompt_tokens < 1 or output_tokens < 1 or rounds < 1 or warmup < 0:
+            raise ConfigError("token counts and --rounds must be >= 1, --warmup >= 0")
+        scenarios = _scenarios(concurrency, rate, requests)
+
+        def cfg(u: str) -> BenchConfig:
+            return BenchConfig(
+                url=u,
+                model=model,
+                prompt_tokens=prompt_tokens,
+                output_tokens=output_tokens,
+                temperature=temperature,
+                api_key=api_key,
+                slo_ttft_ms=slo_ttft_ms,
+                slo_tpot_ms=slo_tpot_ms,
+                slo_e2e_ms=slo_e2e_ms,
+            )
+
+        console = Console(width=max(Console().width, 120))
+        if compare is None:
+            report = asyncio.run(run_scenarios(cfg(url), scenarios, warmup=warmup))
+            if as_json:
+                typer.echo(json.dumps({"target": url, "results": report}))
+                return
+            table = Table(*COLUMNS, title=f"{url} (ms for latencies)")
+            for r in report:
+                table.add_row(*_row(r["scenario"]["name"], r))
+            console.print(table)
+            return
+        report = asyncio.run(
+            run_compare(cfg(compare[0]), cfg(compare[1]), scenarios, rounds=rounds, warmup=warmup)
+        )
+        if as_json:
+            typer.echo(json.dumps({"a": compare[0], "b": compare[1], "results": report}))
+            return
+        table = Table(*COLUMNS, title=f"A={compare[0]}  B={compare[1]}")
+        for r in report:
+            name = r["scenario"]["name"]
+            table.add_row(*_row(f"{name} A", r["a"]))
+            table.add_row(*_row(f"{name} B", r["b"]))
+            ratio = r["ratio_a_over_b"]
+            table.add_row(
+                f"{name} A/B",
+                "",
+                _fmt(ratio["output_throughput"], 2),
+                _fmt(ratio["request_throughput"], 2),
+                _fmt(ratio["ttft_ms.p50"], 2),
+                "",
+                _fmt(ratio["tpot_ms.p50"], 2),
+                _fmt(ratio["itl_ms.p50"], 2),
+                "",
+                _fmt(ratio["e2e_ms.p50"], 2),
+                "",
+                "",
+                end_section=True,
+            )
+        console.print(table)

@@ -1,0 +1,345 @@
+"""Load generator for any OpenAI-compatible server, reporting the serving-benchmark figures
+used by vLLM: TTFT, TPOT, ITL and end-to-end latency (mean, p50/p90/p99), output tokens/s,
+requests/s and goodput against SLOs.
+
+Closed loop: N workers each send their next request when the previous one finishes.
+Open loop: requests arrive as a Poisson process at a given rate, whatever the server's state.
+Every request streams (`/v1/completions`, `ignore_eos`) so token timings are seen as the client
+sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+from llmhost.errors import InvalidRequest, ServiceUnavailable
+
+_WORDS = (
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "this",
+    "be",
+    "are",
+    "or",
+    "it",
+    "an",
+    "was",
+    "have",
+    "not",
+    "which",
+    "but",
+    "all",
+    "can",
+    "more",
+    "one",
+    "has",
+    "their",
+    "will",
+    "about",
+    "been",
+    "other",
+    "its",
+    "time",
+    "up",
+    "out",
+    "so",
+    "what",
+)
+
+
+def make_prompt(n_words: int, seed: int) -> str:
+    """A deterministic prompt of about `n_words` tokens; distinct per seed so no server can
+    answer from a prefix cache the other lacks."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(_WORDS) for _ in range(n_words))
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+@dataclass
+class BenchConfig:
+    url: str
+    model: str | None = None
+    prompt_tokens: int = 32
+    output_tokens: int = 64
+    temperature: float = 1.0
+    api_key: str | None = None
+    timeout: float = 600.0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    slo_e2e_ms: float | None = None
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _dist(values: list[float], scale: float = 1000.0) -> dict[str, float]:
+    v = [x * scale for x in values]
+    return {
+        "mean": statistics.fmean(v) if v else float("nan"),
+        "p50": _pct(v, 50),
+        "p90": _pct(v, 90),
+        "p99": _pct(v, 99),
+    }
+
+
+def summarize(results: list[RequestResult], duration: float, cfg: BenchConfig) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    good = [r for r in ok if _meets_slo(r, cfg)]
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration if duration else 0.0,
+        "output_throughput": out_tokens / duration if duration else 0.0,
+        "goodput": len(good) / duration if duration else 0.0,
+        "ttft_ms": _dist([r.ttft for r in ok]),
+        "tpot_ms": _dist([t for r in ok if (t := r.tpot) is not None]),
+        "itl_ms": _dist([x for r in ok for x in r.itl]),
+        "e2e_ms": _dist([r.e2e for r in ok]),
+    }
+
+
+def _meets_slo(r: RequestResult, cfg: BenchConfig) -> bool:
+    tpot = r.tpot or 0.0
+    return not (
+        (cfg.slo_ttft_ms is not None and r.ttft * 1000 > cfg.slo_ttft_ms)
+        or (cfg.slo_tpot_ms is not None and tpot * 1000 > cfg.slo_tpot_ms)
+        or (cfg.slo_e2e_ms is not None and r.e2e * 1000 > cfg.slo_e2e_ms)
+    )
+
+
+class Bench:
+    """Runs load against one server."""
+
+    def __init__(self, cfg: BenchConfig):
+        self.cfg = cfg
+        self.base = cfg.url.rstrip("/")
+        if not self.base.endswith("/v1"):
+            self.base += "/v1"
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        self.client = httpx.AsyncClient(timeout=cfg.timeout, headers=headers, limits=limits)
+        self._seed = 0
+
+    async def __aenter__(self) -> Bench:
+        if self.cfg.model is None:
+            self.cfg.model = await self._first_model()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+
+    async def _first_model(self) -> str:
+        try:
+            r = await self.client.get(self.base + "/models")
+            r.raise_for_status()
+            return r.json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            raise ServiceUnavailable(f"cannot list models at {self.base}/models: {exc}") from exc
+
+    async def one(self) -> RequestResult:
+        self._seed += 1
+        body = {
+            "model": self.cfg.model,
+            "prompt": make_prompt(self.cfg.prompt_tokens, self._seed),
+            "max_tokens": self.cfg.output_tokens,
+            "temperature": self.cfg.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
+        res = RequestResult(ok=False)
+        start = time.perf_counter()
+        last = None
+        chunks = 0
+        try:
+            async with self.client.stream("POST", self.base + "/completions", json=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    res.error = f"HTTP {r.status_code}: {r.text[:200]}"
+                    return res
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        break
+                    obj = json.loads(data)
+                    if "error" in obj:
+                        res.error = str(obj["error"].get("message", obj["error"]))[:200]
+                        return res
+                    if obj.get("usage"):
+                        res.prompt_tokens = obj["usage"].get("prompt_tokens", 0)
+                        res.output_tokens = obj["usage"].get("completion_tokens", 0)
+                    choices = obj.get("choices") or []
+                    if choices and choices[0].get("text"):
+                        now = time.perf_counter()
+                        if last is None:
+                            res.ttft = now - start
+                        else:
+                            res.itl.append(now - last)
+                        last = now
+                        chunks += 1
+        except httpx.HTTPError as exc:
+            res.error = f"{type(exc).__name__}: {exc}"
+            return res
+        res.e2e = time.perf_counter() - start
+        res.output_tokens = res.output_tokens or chunks
+        res.ok = last is not None
+        if not res.ok:
+            res.error = "no tokens received"
+        return res
+
+    async def closed_loop(self, concurrency: int, n_requests: int) -> tuple[list, float]:
+        results: list[RequestResult] = []
+        remaining = n_requests
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                results.append(await self.one())
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - t0
+
+    async def open_loop(self, rate: float, n_requests: int, seed: int = 0) -> tuple[list, float]:
+        if rate <= 0:
+            raise InvalidRequest("the request rate must be positive")
+        rng = random.Random(seed)
+        tasks = []
+        t0 = time.perf_counter()
+        for _ in range(n_requests):
+            tasks.append(asyncio.create_task(self.one()))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - t0
+
+    async def run(self, sc: Scenario) -> tuple[list[RequestResult], float]:
+        if sc.rate is not None:
+            return await self.open_loop(sc.rate, sc.requests)
+        return await self.closed_loop(sc.concurrency or 1, sc.requests)
+
+
+@dataclass
+class Scenario:
+    """Closed loop at `concurrency`, or open loop at `rate` requests/s; `requests` in all."""
+
+    name: str
+    concurrency: int | None = None
+    rate: float | None = None
+    requests: int = 16
+
+
+async def run_scenarios(cfg: BenchConfig, scenarios: list[Scenario], warmup: int = 1) -> list:
+    async with Bench(cfg) as bench:
+        for _ in range(warmup):
+            await bench.one()
+        out = []
+        for sc in scenarios:
+            results, duration = await bench.run(sc)
+            out.append(
+                {"scenario": asdict(sc), "model": cfg.model, **summarize(results, duration, cfg)}
+            )
+        return out
+
+
+RATIO_KEYS = (
+    "output_throughput",
+    "request_throughput",
+    "ttft_ms.p50",
+    "tpot_ms.p50",
+    "itl_ms.p50",
+    "e2e_ms.p50",
+)
+
+
+def _get(d: dict, dotted: str) -> float:
+    for part in dotted.split("."):
+        d = d[part]
+    return d  # type: ignore[return-value]
+
+
+async def compare(
+    cfg_a: BenchConfig,
+    cfg_b: BenchConfig,
+    scenarios: list[Scenario],
+    rounds: int = 2,
+    warmup: int = 1,
+) -> list[dict]:
+    """Runs every scenario on A and B alternately for `rounds` rounds, so that drift on the
+    machine hits both alike; each side's requests are pooled and A/B ratios reported."""
+    async with Bench(cfg_a) as a, Bench(cfg_b) as b:
+        for _ in range(warmup):
+            await a.one()
+            await b.one()
+        report = []
+        for sc in scenarios:
+            pooled: dict[str, tuple[list[RequestResult], float]] = {"a": ([], 0.0), "b": ([], 0.0)}
+            for _ in range(rounds):
+                for key, bench in (("a", a), ("b", b)):
+                    results, duration = await bench.run(sc)
+                    prev, spent = pooled[key]
+                    pooled[key] = (prev + results, spent + duration)
+            sa = summarize(*pooled["a"], cfg_a)
+            sb = summarize(*pooled["b"], cfg_b)
+            ratios = {}
+            for key in RATIO_KEYS:
+                va, vb = _get(sa, key), _get(sb, key)
+                ratios[key] = va / vb if vb else float("nan")
+            report.append(
+                {
+                    "scenario": asdict(sc),
+                    "a": {"url": cfg_a.url, **sa},
+                    "b": {"url": cfg_b.url, **sb},
+                    "ratio_a_over_b": ratios,
+                }
+            )
+        return report

@@ -1,0 +1,87 @@
+"""A real `llmhost serve` subprocess on a free port for the e2e tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import require
+
+require("llama_cpp")
+
+CTX = 8192  # long enough that an abandoned stream would keep the engine busy for seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "LLMHOST_HOME": str(home)}
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmhost",
+            "serve",
+            "--port",
+            str(self.port),
+            "--threads",
+            "2",
+            *args,
+        ]
+        self.log = home / "server.log"
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                r = httpx.get(self.url + "/ready", timeout=2)
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready: {self.log.read_text()[-3000:]}")
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/ready", timeout=5).json()["stats"]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(
+        tmp_path_factory.mktemp("home"), "--demo", "--parallel", "8", "--ctx-size", str(CTX)
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
