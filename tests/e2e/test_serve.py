@@ -254,10 +254,13 @@ def test_full_queue_answers_503_with_retry_after(tmp_path):
         body = {"prompt": "Go", "max_tokens": CTX - 100, "stream": True, "ignore_eos": True}
         with httpx.Client(timeout=30) as h, h.stream("POST", srv.url + "/v1/completions",
                                                      json=body) as r:
-            next(r.iter_lines())  # the only sequence is now busy
+            lines = r.iter_lines()  # kept referenced: a dropped iterator closes the stream
+            next(lines)
+            assert srv.stats()["running"] == 1  # the only sequence is now busy
             t0 = time.monotonic()
             busy = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
-            assert time.monotonic() - t0 < 1.0  # refused at once, not queued
+            assert time.monotonic() - t0 < 1.0, busy.text  # refused at once, not queued
+            assert srv.stats()["running"] == 1
         assert busy.status_code == 503
         assert busy.json()["error"]["code"] == "overloaded"
         assert int(busy.headers["retry-after"]) >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 
 import typer
 from rich.console import Console
@@ -58,16 +59,16 @@ def _row(name: str, r: dict) -> list[str]:
 COLUMNS = [
     "run",
     "ok",
-    "out tok/s",
+    "tok/s",
     "req/s",
-    "TTFT p50",
-    "TTFT p99",
-    "TPOT p50",
-    "ITL p50",
-    "ITL p99",
-    "E2E p50",
-    "E2E p99",
-    "goodput/s",
+    "TTFT50",
+    "TTFT99",
+    "TPOT50",
+    "ITL50",
+    "ITL99",
+    "E2E50",
+    "E2E99",
+    "good/s",
 ]
 
 
@@ -103,6 +104,8 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("token counts and --rounds must be >= 1, --warmup >= 0")
         scenarios = _scenarios(concurrency, rate, requests)
 
+        nonce = secrets.token_hex(4)  # A and B get the same prompts, unseen by either
+
         def cfg(u: str) -> BenchConfig:
             return BenchConfig(
                 url=u,
@@ -114,6 +117,7 @@ def register(app: typer.Typer) -> None:
                 slo_ttft_ms=slo_ttft_ms,
                 slo_tpot_ms=slo_tpot_ms,
                 slo_e2e_ms=slo_e2e_ms,
+                nonce=nonce,
             )
 
         console = Console(width=max(Console().width, 120))

@@ -4,7 +4,6 @@ continuous batching of concurrent requests (see `llamacpp_batch`)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ import llama_cpp as C
 
 from llmhost.engines.base import Engine, check_context
 from llmhost.engines.llamacpp_batch import BatchScheduler, Sequence
+from llmhost.engines.llamacpp_threads import ThreadPool
 from llmhost.errors import (
     ConfigError,
     EngineError,
@@ -83,6 +83,7 @@ class LlamaCppEngine(Engine):
         self._ctx = None
         self._vocab = None
         self._scheduler: BatchScheduler | None = None
+        self._threadpool: ThreadPool | None = None
         self.model_info = ModelInfo(id=self._model_id, context_length=0)
 
     @classmethod
@@ -140,6 +141,7 @@ class LlamaCppEngine(Engine):
                 f"({self.parallel} x {per_seq}); lower --ctx-size or --parallel"
             )
         self._ctx = ctx
+        self._threadpool = ThreadPool(ctx, self.threads)
         n_vocab = C.llama_vocab_n_tokens(self._vocab)
         eog = [t for t in range(n_vocab) if C.llama_vocab_is_eog(self._vocab, t)]
         self.model_info = ModelInfo(id=self._model_id, context_length=C.llama_n_ctx_seq(ctx))
@@ -180,6 +182,9 @@ class LlamaCppEngine(Engine):
         if self._ctx:
             C.llama_free(self._ctx)
             self._ctx = None
+        if self._threadpool is not None:
+            self._threadpool.close()
+            self._threadpool = None
         if self._model:
             C.llama_model_free(self._model)
             self._model = None
@@ -224,14 +229,15 @@ class LlamaCppEngine(Engine):
         budget = check_context(
             len(prompt), request.sampling.max_tokens, self.model_info.context_length
         )
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
 
-        def emit(item: TokenDelta | BaseException) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        seq = Sequence(prompt=prompt, sampling=request.sampling, budget=budget, emit=emit)
+        seq = Sequence(
+            prompt=prompt,
+            sampling=request.sampling,
+            budget=budget,
+            loop=asyncio.get_running_loop(),
+            queue=queue,
+        )
         if not scheduler.submit(seq):
             raise Overloaded(
                 f"all {self.parallel} sequences are busy and {self.max_queue} requests are "

@@ -11,12 +11,15 @@ with `call_soon_threadsafe`; the GIL is released inside every llama.cpp call.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
 import ctypes
+import heapq
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,16 +31,19 @@ from llmhost.types import SamplingParams, TokenDelta, Usage
 log = logging.getLogger("llmhost.engines.llamacpp")
 
 PENALTY_LAST_N = 64
+BURST_QUIET = 0.004  # seconds without a new arrival that end a burst
+BURST_MAX_WAIT = 0.025  # the longest a burst may delay the first prefill
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One request inside the scheduler. `emit` is called from the scheduler thread."""
+    """One request inside the scheduler; its results go to `queue`, owned by `loop`."""
 
     prompt: list[int]
     sampling: SamplingParams
     budget: int
-    emit: Callable[[TokenDelta | BaseException], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
     slot: int = -1
     n_fed: int = 0  # prompt tokens already in the KV cache
     n_generated: int = 0
@@ -54,6 +60,11 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.n_fed < len(self.prompt)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, TokenDelta | BaseException]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class BatchScheduler:
@@ -86,8 +97,9 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
-        self._free_slots = list(range(n_slots - 1, -1, -1))
+        self._free_slots = list(range(n_slots))  # a min-heap: lowest slot first
         self._running = True
+        self._outbox: list[tuple[Sequence, TokenDelta | BaseException]] = []
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="llamacpp-batch", daemon=True)
         self._thread.start()
@@ -131,11 +143,15 @@ class BatchScheduler:
     def _loop(self) -> None:
         try:
             while True:
+                if not self._active:
+                    self._flush()
                 with self._cond:
                     while self._running and not self._active and not self._waiting:
                         self._cond.wait()
                     if not self._running:
                         break
+                    if not self._active:
+                        self._gather_burst()
                     self._reap_cancelled()
                     self._admit()
                 if self._active:
@@ -148,6 +164,35 @@ class BatchScheduler:
             return
         self._fail_all(None)
 
+    def _post(self, seq: Sequence, item: TokenDelta | BaseException) -> None:
+        self._outbox.append((seq, item))
+
+    def _flush(self) -> None:
+        """Deliver queued results with one wake-up per event loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, item in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                loop.call_soon_threadsafe(_deliver, items)
+
+    def _gather_burst(self) -> None:
+        """From idle, wait a moment for requests arriving together (a closed-loop client, a
+        fan-out) so their prompts are prefilled in one step instead of trickling in one
+        step behind each other. Nothing is decoding, so no stream is delayed."""
+        deadline = time.monotonic() + BURST_MAX_WAIT
+        while self._running and len(self._waiting) < len(self._free_slots):
+            seen = len(self._waiting)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(min(BURST_QUIET, left))
+            if len(self._waiting) == seen:
+                return
+
     def _fail_all(self, exc: BaseException | None) -> None:
         with self._cond:
             seqs = list(self._active) + list(self._waiting)
@@ -156,7 +201,8 @@ class BatchScheduler:
         for seq in seqs:
             self._release(seq)
             if not seq.cancelled:
-                seq.emit(exc or RuntimeError("the engine was shut down"))
+                self._post(seq, exc or RuntimeError("the engine was shut down"))
+        self._flush()
 
     def _reap_cancelled(self) -> None:
         if any(s.cancelled for s in self._waiting):
@@ -167,7 +213,7 @@ class BatchScheduler:
     def _admit(self) -> None:
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            seq.slot = heapq.heappop(self._free_slots)
             seq.sampler = self._make_sampler(seq)
             self._active.append(seq)
 
@@ -213,7 +259,7 @@ class BatchScheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.slot >= 0:
             C.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
         if seq.sampler is not None:
             C.llama_sampler_free(seq.sampler)
@@ -224,27 +270,41 @@ class BatchScheduler:
         self._release(seq)
 
     def _step(self) -> None:
+        # Room first for every decoding sequence (one token each), then prompt chunks in
+        # admission order. Tokens are then laid out by slot: with one KV stream per sequence,
+        # llama.cpp batches together only runs of consecutive sequence ids, so the batch
+        # must list slots in order (and slots are handed out lowest first to keep them dense).
+        room = self.batch_size - sum(1 for s in self._active if not s.prefilling)
+        plan: dict[int, int] = {}
+        for seq in self._active:
+            if seq.prefilling:
+                take = min(len(seq.prompt) - seq.n_fed, max(room, 0))
+                room -= take
+                if take:
+                    plan[seq.slot] = take
         batch = self._batch
         n = 0
         outputs: list[tuple[Sequence, int]] = []
-        for seq in self._active:  # decoding sequences first: one token each
+        for seq in sorted(self._active, key=lambda s: s.slot):
             if not seq.prefilling:
                 pos = len(seq.prompt) + seq.n_generated - 1
                 self._put(n, seq.last_token, pos, seq.slot, True)
                 outputs.append((seq, n))
                 n += 1
-        for seq in self._active:  # then prompt chunks into the room left
-            if seq.prefilling and n < self.batch_size:
-                take = min(len(seq.prompt) - seq.n_fed, self.batch_size - n)
-                for j in range(take):
-                    pos = seq.n_fed + j
-                    last = pos == len(seq.prompt) - 1
-                    self._put(n, seq.prompt[pos], pos, seq.slot, last)
-                    if last:
-                        outputs.append((seq, n))
-                    n += 1
-                seq.n_fed += take
+                continue
+            take = plan.get(seq.slot, 0)
+            for j in range(take):
+                pos = seq.n_fed + j
+                last = pos == len(seq.prompt) - 1
+                self._put(n, seq.prompt[pos], pos, seq.slot, last)
+                if last:
+                    outputs.append((seq, n))
+                n += 1
+            seq.n_fed += take
         batch.n_tokens = n
+        # Hand over the previous step's tokens now: the event loop formats and sends them
+        # while llama_decode runs without the GIL, instead of contending with sampling.
+        self._flush()
         rc = C.llama_decode(self.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc}")
@@ -278,16 +338,17 @@ class BatchScheduler:
             tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
             self._done(seq, "length", text + tail, (token,))
         else:
-            seq.emit(TokenDelta(text=text, token_ids=(token,)))
+            self._post(seq, TokenDelta(text=text, token_ids=(token,)))
 
     def _done(self, seq: Sequence, reason: str, text: str, ids: tuple[int, ...] = ()) -> None:
         with self._cond:
             self._finish(seq)
-        seq.emit(
+        self._post(
+            seq,
             TokenDelta(
                 text=text,
                 token_ids=ids,
                 finish_reason=reason,  # type: ignore[arg-type]
                 usage=Usage(len(seq.prompt), seq.n_generated),
-            )
+            ),
         )

@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import random
+import secrets
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -67,9 +68,10 @@ _WORDS = (
 )
 
 
-def make_prompt(n_words: int, seed: int) -> str:
-    """A deterministic prompt of about `n_words` tokens; distinct per seed so no server can
-    answer from a prefix cache the other lacks."""
+def make_prompt(n_words: int, seed: int | str) -> str:
+    """A deterministic prompt of about `n_words` tokens. Each request gets its own seed, and
+    each run its own nonce, so no server can answer from a prompt cache warmed by an earlier
+    run (llama-server keeps one)."""
     rng = random.Random(seed)
     return " ".join(rng.choice(_WORDS) for _ in range(n_words))
 
@@ -103,6 +105,7 @@ class BenchConfig:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     slo_e2e_ms: float | None = None
+    nonce: str = field(default_factory=lambda: secrets.token_hex(4))
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -187,7 +190,7 @@ class Bench:
         self._seed += 1
         body = {
             "model": self.cfg.model,
-            "prompt": make_prompt(self.cfg.prompt_tokens, self._seed),
+            "prompt": make_prompt(self.cfg.prompt_tokens, f"{self.cfg.nonce}-{self._seed}"),
             "max_tokens": self.cfg.output_tokens,
             "temperature": self.cfg.temperature,
             "stream": True,
