@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     batch_size: int = Field(512, ge=16, le=65536, description="Most tokens per decode step.")
     max_queue: int = Field(64, ge=0, description="Requests that may wait for a free sequence.")
     mmap: bool = Field(True, description="Memory-map model weights instead of reading them.")
+    model_key_file: Path | None = Field(None, description="Key of an encrypted model (0600).")
+    model_key_command: str | None = Field(None, description="Command printing the model key.")
+    decrypt_dir: Path = Field(
+        Path("/dev/shm"), description="tmpfs folder an encrypted model is decrypted into."
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_timeout: float = Field(

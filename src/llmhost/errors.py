@@ -13,8 +13,10 @@ an OpenAI-style error type, so the CLI prints one line and the API answers with 
     ├── ServiceUnavailable                    503 service_unavailable
     │   ├── EngineNotReady                    503 code=engine_not_ready
     │   └── Overloaded                        503 code=overloaded
-    └── EngineError(RuntimeError)             500 engine_error
-        └── ModelLoadError                    500 code=model_load_error
+    ├── EngineError(RuntimeError)             500 engine_error
+    │   └── ModelLoadError                    500 code=model_load_error
+    └── IntegrityError                        a file failed its checksum or authentication
+        └── DecryptionError                   wrong key, tampered or truncated ciphertext
 """
 
 from __future__ import annotations
@@ -114,3 +116,12 @@ class EngineError(LlmhostError, RuntimeError):
 
 class ModelLoadError(EngineError):
     code = "model_load_error"
+
+
+class IntegrityError(LlmhostError):
+    status_code = 500
+    error_type = "integrity_error"
+
+
+class DecryptionError(IntegrityError):
+    code = "decryption_failed"

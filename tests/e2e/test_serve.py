@@ -247,13 +247,14 @@ def test_bad_model_path_fails_fast_with_one_line(tmp_path):
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path):
-    srv = Server(tmp_path, "--demo", "--parallel", "1", "--max-queue", "0", "--ctx-size",
-                 str(CTX))
+    srv = Server(tmp_path, "--demo", "--parallel", "1", "--max-queue", "0", "--ctx-size", str(CTX))
     try:
         srv.wait_ready()
         body = {"prompt": "Go", "max_tokens": CTX - 100, "stream": True, "ignore_eos": True}
-        with httpx.Client(timeout=30) as h, h.stream("POST", srv.url + "/v1/completions",
-                                                     json=body) as r:
+        with (
+            httpx.Client(timeout=30) as h,
+            h.stream("POST", srv.url + "/v1/completions", json=body) as r,
+        ):
             lines = r.iter_lines()  # kept referenced: a dropped iterator closes the stream
             next(lines)
             assert srv.stats()["running"] == 1  # the only sequence is now busy

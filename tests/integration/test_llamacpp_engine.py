@@ -213,3 +213,34 @@ async def test_model_folder_and_bad_paths(tiny_model, tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelLoadError):
         await LlamaCppEngine(bad).start()
+
+
+async def test_encrypted_model_loads_without_plaintext_left(tiny_model, tmp_path):
+    from llmhost.errors import DecryptionError
+    from llmhost.store import crypto
+
+    key = bytes(range(32))
+    enc = crypto.encrypt_file(tiny_model.gguf, tmp_path / "demo.gguf.enc", key)
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    plain = LlamaCppEngine(tiny_model.gguf, threads=2, parallel=1)
+    sealed = LlamaCppEngine(enc, threads=2, parallel=1, key_loader=lambda: key, decrypt_dir=shm)
+    await plain.start()
+    await sealed.start()
+    try:
+        assert list(shm.iterdir()) == []  # nothing left once loaded
+        assert sealed.model_info.id == "demo"
+        a = await run(plain, "The sea", max_tokens=10)
+        b = await run(sealed, "The sea", max_tokens=10)
+        assert a[1] == b[1]
+    finally:
+        await plain.close()
+        await sealed.close()
+    wrong = LlamaCppEngine(enc, key_loader=lambda: bytes(32), decrypt_dir=shm)
+    with pytest.raises(DecryptionError, match="wrong key"):
+        await wrong.start()
+    assert list(shm.iterdir()) == []
+    from llmhost.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="encrypted"):
+        await LlamaCppEngine(enc, decrypt_dir=shm).start()

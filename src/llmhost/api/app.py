@@ -18,6 +18,7 @@ from llmhost.api.routes import router
 from llmhost.api.serving import OpenAIServing
 from llmhost.config import Settings
 from llmhost.engines.base import Engine
+from llmhost.store import crypto
 
 log = logging.getLogger("llmhost.api")
 
@@ -50,6 +51,15 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+async def sweep_decrypted(settings: Settings, every: float = 600.0) -> None:
+    """Periodically remove decrypted model copies left in tmpfs by killed processes."""
+    while True:
+        if settings.decrypt_dir.is_dir():
+            for path in await asyncio.to_thread(crypto.clean_stale, settings.decrypt_dir):
+                log.warning("removed stale decrypted model copy %s", path)
+        await asyncio.sleep(every)
+
+
 def create_app(
     engine: Engine,
     settings: Settings | None = None,
@@ -77,10 +87,13 @@ def create_app(
 
         loader = asyncio.create_task(load())
         app.state.loader = loader
+        sweeper = asyncio.create_task(sweep_decrypted(settings)) if settings else None
         try:
             yield
         finally:
             app.state.ready = False
+            if sweeper is not None:
+                sweeper.cancel()
             if not loader.done():
                 loader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

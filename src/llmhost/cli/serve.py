@@ -94,6 +94,8 @@ def register(app: typer.Typer) -> None:
         ),
         batch_size: int | None = typer.Option(None, help="Most tokens per decode step [512]."),
         max_queue: int | None = typer.Option(None, help="Requests that may wait [64]."),
+        key_file: Path | None = typer.Option(None, help="Key of an encrypted model (0600)."),
+        key_command: str | None = typer.Option(None, help="Command printing the model key."),
         log_format: str | None = typer.Option(None, help="text or json."),
         log_level: str | None = typer.Option(None, help="debug, info, warning, error."),
     ) -> None:
@@ -109,6 +111,8 @@ def register(app: typer.Typer) -> None:
             parallel=parallel,
             batch_size=batch_size,
             max_queue=max_queue,
+            model_key_file=key_file,
+            model_key_command=key_command,
             log_format=log_format,
             log_level=log_level,
         )

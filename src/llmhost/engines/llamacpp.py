@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ from llmhost.errors import (
     ModelLoadError,
     Overloaded,
 )
+from llmhost.store import crypto
 from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def _route_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
 def resolve_gguf(path: Path) -> Path:
     """The GGUF file to load: `path` itself, or the single .gguf inside a folder."""
     if path.is_dir():
-        found = sorted(path.glob("*.gguf"))
+        found = sorted([*path.glob("*.gguf"), *path.glob("*.gguf.enc")])
         if len(found) != 1:
             names = ", ".join(p.name for p in found) or "none"
             raise ModelLoadError(f"{path} must hold exactly one .gguf file (found: {names})")
@@ -69,6 +70,8 @@ class LlamaCppEngine(Engine):
         batch_size: int = 512,
         max_queue: int = 64,
         mmap: bool = True,
+        key_loader: Callable[[], bytes] | None = None,
+        decrypt_dir: Path | str = "/dev/shm",
     ):
         self.path = Path(model_path)
         self._explicit_id = model_id
@@ -79,6 +82,8 @@ class LlamaCppEngine(Engine):
         self.batch_size = batch_size
         self.max_queue = max_queue
         self.mmap = mmap
+        self.key_loader = key_loader
+        self.decrypt_dir = Path(decrypt_dir)
         self._model = None
         self._ctx = None
         self._vocab = None
@@ -99,24 +104,40 @@ class LlamaCppEngine(Engine):
             batch_size=settings.batch_size,
             max_queue=settings.max_queue,
             mmap=settings.mmap,
+            key_loader=lambda: crypto.load_key(settings.model_key_file, settings.model_key_command),
+            decrypt_dir=settings.decrypt_dir,
         )
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.path = resolve_gguf(self.path)
-        self._model_id = self._explicit_id or self.path.stem
+        stem = self.path.name.removesuffix(".enc").removesuffix(".gguf")
+        self._model_id = self._explicit_id or stem
+        if crypto.is_encrypted(self.path):
+            if self.key_loader is None:
+                raise ModelLoadError(f"{self.path} is encrypted and no key source is configured")
+            key = self.key_loader()
+            await asyncio.to_thread(self._load_encrypted, key)
+            return
         with self.path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelLoadError(f"{self.path} is not a GGUF file")
-        await asyncio.to_thread(self._load)
+        await asyncio.to_thread(self._load, self.path)
 
-    def _load(self) -> None:
+    def _load_encrypted(self, key: bytes) -> None:
+        # The plaintext exists only in tmpfs and only while llama.cpp maps it in: once loaded
+        # its name is removed and the mapping alone holds the pages, so no plaintext file
+        # outlives the load, whatever happens to the process later.
+        with crypto.decrypted_in_memory(self.path, key, self.decrypt_dir) as plain:
+            self._load(plain)
+
+    def _load(self, path: Path) -> None:
         C.llama_log_set(_route_native_log, ctypes.c_void_p(0))
         C.llama_backend_init()
         mparams = C.llama_model_default_params()
         mparams.load_mode = 1 if self.mmap else 0  # LLAMA_LOAD_MODE_MMAP / _NONE
-        model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
+        model = C.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(
                 f"llama.cpp could not load {self.path} (run with --log-level debug)"
