@@ -15,7 +15,9 @@ an OpenAI-style error type, so the CLI prints one line and the API answers with 
     │   └── Overloaded                        503 code=overloaded
     ├── EngineError(RuntimeError)             500 engine_error
     │   └── ModelLoadError                    500 code=model_load_error
-    └── IntegrityError                        a file failed its checksum or authentication
+    ├── DownloadError(OSError)                a remote source failed after retries
+    ├── InsufficientStorage(OSError)          not enough free disk for a download
+    └── IntegrityError                        a file failed its checksum, layout or authentication
         └── DecryptionError                   wrong key, tampered or truncated ciphertext
 """
 
@@ -116,6 +118,16 @@ class EngineError(LlmhostError, RuntimeError):
 
 class ModelLoadError(EngineError):
     code = "model_load_error"
+
+
+class DownloadError(LlmhostError, OSError):
+    status_code = 502
+    error_type = "download_error"
+
+
+class InsufficientStorage(LlmhostError, OSError):
+    status_code = 507
+    error_type = "insufficient_storage"
 
 
 class IntegrityError(LlmhostError):

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from llmhost import __version__
-from llmhost.cli import bench, crypto, demo, serve
+from llmhost.cli import bench, crypto, demo, models, serve
 from llmhost.errors import LlmhostError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 serve.register(app)
 bench.register(app)
+models.register(app)
 crypto.register(app)
 demo.register(app)
 

@@ -79,7 +79,9 @@ def serve_settings(settings: Settings) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        model: str | None = typer.Argument(None, help="GGUF file (or model folder) to serve."),
+        model: str | None = typer.Argument(
+            None, help="GGUF file, model folder, or a stored name:tag / name@channel."
+        ),
         demo: bool = typer.Option(False, "--demo", help="Serve the built-in demo model."),
         host: str | None = typer.Option(None, help="Address to listen on [127.0.0.1]."),
         port: int | None = typer.Option(None, help="Port [8080]."),
@@ -130,8 +132,19 @@ def register(app: typer.Typer) -> None:
                 "Pass a GGUF path to serve a real model.",
                 highlight=False,
             )
-        elif settings.engine == "llamacpp" and settings.model and not Path(settings.model).exists():
-            raise ConfigError(f"model not found: {settings.model}")
+        elif settings.model and not Path(settings.model).expanduser().exists():
+            from llmhost.store.registry import ModelStore
+
+            try:
+                found = ModelStore(settings.models_dir).resolve(settings.model)
+            except LookupError as exc:
+                raise ConfigError(f"model not found: {settings.model} ({exc})") from exc
+            settings = settings.model_copy(
+                update={
+                    "model": str(found),
+                    "model_name": settings.model_name or settings.model.replace("@", ":"),
+                }
+            )
         Console(stderr=True).print(
             f"OpenAI-compatible API at http://{settings.host}:{settings.port}/v1 "
             f"(model: {settings.model_name or Path(settings.model or '').stem})",
