@@ -72,7 +72,7 @@ def test_resume_after_dropped_connections_fetches_each_byte_once(blob, tmp_path)
 
 
 def test_server_without_range_support_uses_one_stream(blob, tmp_path):
-    root, data, sha = blob
+    root, _, sha = blob
     with serve(root, ranges=False) as srv:
         r = fetch(srv.url + "/weights.bin", tmp_path / "w.bin")
         full = [rng for _, rng in srv.requests if rng is None]
@@ -191,7 +191,7 @@ def test_disk_space_shortfall_stops_before_downloading(blob, tmp_path):
 
 
 def test_url_list_with_checksums_and_unsafe_names(blob, tmp_path):
-    root, data, sha = blob
+    root, _, sha = blob
     (root / "notes.json").write_text("{}")
     store = ModelStore(tmp_path / "models")
     with serve(root) as srv:

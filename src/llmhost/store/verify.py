@@ -243,6 +243,10 @@ def check_layout(folder: Path, files: Iterable[str], allow_pickle: bool, report:
     files = sorted(files)
     for rel in files:
         path = folder / rel
+        if not path.is_file():
+            if not any(p.endswith(f"{rel}: missing") for p in report.problems):
+                report.problems.append(f"{rel}: missing")
+            continue
         if rel.endswith(".gguf"):
             report.problems.extend(check_gguf(path))
         elif rel.endswith(".safetensors"):
