@@ -22,6 +22,13 @@ def _builder_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """No test reads or writes the real ~/.llmhost (config, audit log, models)."""
+    monkeypatch.setenv("LLMHOST_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.delenv("LLMHOST_CONFIG", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(request: pytest.FixtureRequest) -> BuiltModel:
     """The demo-shaped model in both formats (GGUF f32 and a Hugging Face folder)."""

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     decrypt_dir: Path = Field(
         Path("/dev/shm"), description="tmpfs folder an encrypted model is decrypted into."
     )
+    audit: bool = Field(True, description="Write one audit record per generation request.")
+    audit_prompt_mode: Literal["redacted", "full", "hash", "none"] = Field(
+        "redacted", description="How the audit log keeps prompts."
+    )
+    audit_retention_days: float = Field(90.0, ge=0, description="0 keeps audit records forever.")
+    audit_redact_ip: bool = Field(False, description="Also redact IP addresses in prompts.")
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_timeout: float = Field(
@@ -98,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def audit_db(self) -> Path:
+        return self.home / "audit.db"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -13,11 +13,15 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmhost import __version__
+from llmhost.api.audit import AuditMiddleware
 from llmhost.api.errors import install_error_handlers
 from llmhost.api.routes import router
 from llmhost.api.serving import OpenAIServing
+from llmhost.audit.store import SqliteAuditStore
+from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
 from llmhost.engines.base import Engine
+from llmhost.security.redact import Redactor
 from llmhost.store import crypto
 
 log = logging.getLogger("llmhost.api")
@@ -68,7 +72,13 @@ def create_app(
 ) -> FastAPI:
     """The app serving `engine`. The engine loads in the background after start-up so that
     /health answers at once and /ready reports loading; if loading fails, `on_fatal` is called
-    (the CLI uses it to stop the server and exit non-zero)."""
+    (the CLI uses it to stop the server and exit non-zero). With settings (and `audit` on), every
+    generation request leaves a record in `$LLMHOST_HOME/audit.db`."""
+    audit = None
+    if settings is not None and settings.audit:
+        audit = AuditWriter(
+            SqliteAuditStore(settings.audit_db), retention_days=settings.audit_retention_days
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -85,6 +95,8 @@ def create_app(
             app.state.ready = True
             log.info("ready: serving %s with engine %s", engine.model_info.id, engine.name)
 
+        if audit is not None:
+            audit.start()
         loader = asyncio.create_task(load())
         app.state.loader = loader
         sweeper = asyncio.create_task(sweep_decrypted(settings)) if settings else None
@@ -98,6 +110,9 @@ def create_app(
                 loader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loader
+            if audit is not None:
+                await audit.close()  # in-flight requests have finished: nothing is lost
+                audit.store.close()
             await engine.close()
 
     app = FastAPI(
@@ -111,7 +126,15 @@ def create_app(
     app.state.serving = None
     app.state.ready = False
     app.state.load_error = None
+    app.state.audit = audit
     install_error_handlers(app)
     app.include_router(router)
+    if audit is not None:
+        app.add_middleware(
+            AuditMiddleware,
+            writer=audit,
+            prompt_mode=settings.audit_prompt_mode if settings else "redacted",
+            redactor=Redactor(ip=bool(settings and settings.audit_redact_ip)),
+        )
     app.add_middleware(RequestIdMiddleware)
     return app

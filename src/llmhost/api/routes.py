@@ -43,6 +43,11 @@ def request_id(request: Request) -> str:
     return request.state.request_id
 
 
+def audit_notes(request: Request) -> dict[str, Any]:
+    """Where the serving layer leaves what the audit record needs."""
+    return request.scope.setdefault("state", {}).setdefault("audit", {})
+
+
 @router.get("/health", tags=["ops"])
 async def health() -> dict[str, str]:
     """Liveness: the process answers."""
@@ -92,8 +97,9 @@ async def completions(
     body: CompletionRequest,
     s: OpenAIServing = Depends(serving),
     rid: str = Depends(request_id),
+    notes: dict[str, Any] = Depends(audit_notes),
 ):
-    return await s.completion(body, rid)
+    return await s.completion(body, rid, notes)
 
 
 @router.post(
@@ -106,8 +112,9 @@ async def chat_completions(
     body: ChatCompletionRequest,
     s: OpenAIServing = Depends(serving),
     rid: str = Depends(request_id),
+    notes: dict[str, Any] = Depends(audit_notes),
 ):
-    return await s.chat(body, rid)
+    return await s.chat(body, rid, notes)
 
 
 @router.post("/generate", response_model=GenerateResponse, tags=["simple"])
@@ -115,6 +122,7 @@ async def generate(
     body: GenerateRequest,
     s: OpenAIServing = Depends(serving),
     rid: str = Depends(request_id),
+    notes: dict[str, Any] = Depends(audit_notes),
 ):
     """The deployment guide's interface: a prompt in, the generated text out."""
-    return await s.generate(body, rid)
+    return await s.generate(body, rid, notes)

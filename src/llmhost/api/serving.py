@@ -147,9 +147,16 @@ class OpenAIServing:
         return TokenDelta(text="".join(parts), finish_reason=last.finish_reason, usage=last.usage)
 
     async def _respond(
-        self, req: _SamplingRequest, gen: GenerationRequest, model: str, kind: _Kind
+        self,
+        req: _SamplingRequest,
+        gen: GenerationRequest,
+        model: str,
+        kind: _Kind,
+        notes: dict[str, Any],
     ) -> dict[str, Any] | StreamingResponse:
-        """Run `gen` and answer as one JSON body, or as SSE chunks when `req.stream`."""
+        """Run `gen` and answer as one JSON body, or as SSE chunks when `req.stream`. What the
+        audit log needs (model, prompt, usage, length of the text) is left in `notes`."""
+        notes.update(model=model, prompt=gen.prompt)
         first, stream = await self._start(gen)
         head = {
             "id": f"{kind.id_prefix}-{gen.request_id}",
@@ -158,6 +165,7 @@ class OpenAIServing:
         }
         if not req.stream:
             done = await self._collect(first, stream)
+            notes.update(usage=_usage(done.usage), chars=len(done.text))
             return {
                 **head,
                 "object": kind.object,
@@ -168,8 +176,11 @@ class OpenAIServing:
 
         async def body() -> AsyncIterator[bytes]:
             delta, opening = first, True
+            chars = 0
             try:
                 while True:
+                    chars += len(delta.text)
+                    notes["chars"] = chars
                     choice = kind.chunk_choice(delta, opening)
                     if choice is not None:
                         opening = False
@@ -178,6 +189,7 @@ class OpenAIServing:
                             obj["usage"] = None
                         yield _sse(obj)
                     if delta.finish_reason is not None:
+                        notes["usage"] = _usage(delta.usage)
                         break
                     delta = await anext(stream)
                 if include_usage:
@@ -199,12 +211,14 @@ class OpenAIServing:
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def completion(self, req: CompletionRequest, request_id: str):
+    async def completion(
+        self, req: CompletionRequest, request_id: str, notes: dict[str, Any] | None = None
+    ):
         model = self.check_model(req.model)
         gen = GenerationRequest(
             prompt=req.prompt, sampling=self.sampling(req, req.max_tokens), request_id=request_id
         )
-        return await self._respond(req, gen, model, COMPLETION)
+        return await self._respond(req, gen, model, COMPLETION, {} if notes is None else notes)
 
     def render(self, req: ChatCompletionRequest) -> str:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -215,18 +229,24 @@ class OpenAIServing:
             eos_token=self.engine.eos_token,
         )
 
-    async def chat(self, req: ChatCompletionRequest, request_id: str):
+    async def chat(
+        self, req: ChatCompletionRequest, request_id: str, notes: dict[str, Any] | None = None
+    ):
         model = self.check_model(req.model)
         gen = GenerationRequest(
             prompt=self.render(req),
             sampling=self.sampling(req, req.token_budget),
             request_id=request_id,
         )
-        return await self._respond(req, gen, model, CHAT)
+        return await self._respond(req, gen, model, CHAT, {} if notes is None else notes)
 
     # --- /generate ---------------------------------------------------------------------------
 
-    async def generate(self, req: GenerateRequest, request_id: str) -> dict[str, Any]:
+    async def generate(
+        self, req: GenerateRequest, request_id: str, notes: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        notes = {} if notes is None else notes
+        notes.update(model=self.model_id, prompt=req.prompt)
         if req.max_new_tokens is not None:
             budget = req.max_new_tokens
         else:
@@ -245,6 +265,7 @@ class OpenAIServing:
             GenerationRequest(prompt=req.prompt, sampling=sampling, request_id=request_id)
         )
         done = await self._collect(first, stream)
+        notes.update(usage=_usage(done.usage), chars=len(done.text))
         return {"text": done.text, "finish_reason": done.finish_reason, "usage": _usage(done.usage)}
 
 

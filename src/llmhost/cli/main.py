@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from llmhost import __version__
-from llmhost.cli import bench, crypto, demo, models, serve
+from llmhost.cli import audit, bench, crypto, demo, models, serve
 from llmhost.errors import LlmhostError
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ serve.register(app)
 bench.register(app)
 models.register(app)
 crypto.register(app)
+audit.register(app)
 demo.register(app)
 
 

@@ -1,0 +1,150 @@
+"""`llmhost audit search|verify|purge|export`: the per-request audit log."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmhost.config import load_settings
+from llmhost.errors import ConfigError, IntegrityError
+
+audit_app = typer.Typer(
+    help="Search, verify, purge and export the audit log.", no_args_is_help=True
+)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if not m:
+        raise ConfigError(f"bad duration {text!r}: use e.g. 90d, 12h, 30m")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_when(text: str | None) -> float | None:
+    """An ISO date/time (UTC unless it says otherwise) or a duration ago (`7d`)."""
+    if text is None:
+        return None
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhdw]\s*", text):
+        return datetime.now(timezone.utc).timestamp() - parse_duration(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(f"bad time {text!r}: use 2026-11-01, 2026-11-01T12:00 or 7d") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def _store():
+    from llmhost.audit.store import SqliteAuditStore
+
+    settings = load_settings()
+    if not settings.audit_db.exists():
+        raise ConfigError(f"no audit log at {settings.audit_db}")
+    return SqliteAuditStore(settings.audit_db)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _write(records, fmt: str, out) -> None:
+    rows = [{**asdict(r), "time": _iso(r.ts)} for r in records]
+    if fmt == "json":
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        fields = ["time", *(k for k in (rows[0] if rows else {}) if k != "time")]
+        w = csv.DictWriter(out, fieldnames=fields or ["time"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+@audit_app.command()
+def search(
+    user: str | None = typer.Option(None, "--user", help="User id."),
+    since: str | None = typer.Option(None, help="From (ISO time or e.g. 7d ago)."),
+    until: str | None = typer.Option(None, help="Until (ISO time or e.g. 1h ago)."),
+    model: str | None = typer.Option(None),
+    status: int | None = typer.Option(None, help="HTTP status."),
+    limit: int = typer.Option(1000, min=1),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines."),
+    as_csv: bool = typer.Option(False, "--csv"),
+) -> None:
+    """Find records by user, time, model or status."""
+    store = _store()
+    found = store.search(
+        user=user,
+        since=parse_when(since),
+        until=parse_when(until),
+        model=model,
+        status=status,
+        limit=limit,
+    )
+    if as_json or as_csv:
+        _write(found, "json" if as_json else "csv", sys.stdout)
+        return
+    table = Table("TIME", "CLIENT", "USER", "STATUS", "MODEL", "PROMPT", "CHARS", "MS")
+    for r in found:
+        prompt = (r.prompt or "").replace("\n", " ")
+        table.add_row(
+            _iso(r.ts),
+            r.client_ip,
+            r.user_id,
+            str(r.status),
+            r.model,
+            prompt[:60] + ("…" if len(prompt) > 60 else ""),
+            str(r.response_length),
+            f"{r.latency_ms:.0f}",
+        )
+    Console().print(table)
+    Console(stderr=True).print(f"{len(found)} records", highlight=False)
+
+
+@audit_app.command()
+def verify() -> None:
+    """Check the hash chain: any edited, deleted or inserted record is reported."""
+    report = _store().verify()
+    if not report.ok:
+        raise IntegrityError(f"audit chain broken after {report.checked} records: {report.problem}")
+    typer.echo(f"ok: {report.checked} records, chain intact")
+
+
+@audit_app.command()
+def purge(older_than: str = typer.Option("90d", help="Retention, e.g. 90d.")) -> None:
+    """Remove records past the retention (the server also does this daily)."""
+    n = _store().purge(parse_duration(older_than))
+    typer.echo(f"removed {n} records older than {older_than}")
+
+
+@audit_app.command()
+def export(
+    out: Path | None = typer.Option(None, help="File to write [stdout]."),
+    fmt: str = typer.Option("json", "--format", help="json (lines) or csv."),
+    since: str | None = typer.Option(None),
+    until: str | None = typer.Option(None),
+) -> None:
+    """Export records (for a SIEM or an archive)."""
+    if fmt not in ("json", "csv"):
+        raise ConfigError("--format is json or csv")
+    found = _store().search(since=parse_when(since), until=parse_when(until))
+    if out is None:
+        _write(found, fmt, sys.stdout)
+        return
+    with out.open("w", newline="") as f:
+        _write(found, fmt, f)
+    typer.echo(f"exported {len(found)} records to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(audit_app, name="audit")
