@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     decrypt_dir: Path = Field(
         Path("/dev/shm"), description="tmpfs folder an encrypted model is decrypted into."
     )
+    auth: bool = Field(True, description="Require an API key or JWT (off: --no-auth, --demo).")
+    jwt_algorithm: str = Field("HS256", description="The only JWT algorithm accepted.")
+    jwt_secret: str | None = Field(None, description="HS* shared secret (>= 32 characters).")
+    jwt_public_key: Path | None = Field(None, description="PEM public key for RS*/ES*/PS*.")
+    jwt_jwks: Path | None = Field(None, description="JWKS file of public keys (by kid).")
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = Field(30.0, ge=0, le=600, description="Clock skew allowed, seconds.")
     audit: bool = Field(True, description="Write one audit record per generation request.")
     audit_prompt_mode: Literal["redacted", "full", "hash", "none"] = Field(
         "redacted", description="How the audit log keeps prompts."
@@ -108,6 +116,14 @@ class Settings(BaseSettings):
     @property
     def audit_db(self) -> Path:
         return self.home / "audit.db"
+
+    @property
+    def keys_db(self) -> Path:
+        return self.home / "keys.db"
+
+    @property
+    def jwt_configured(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path, *args: str):
+    def __init__(self, home: Path, *args: str, auth: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "LLMHOST_HOME": str(home)}
@@ -41,6 +41,7 @@ class Server:
             "--threads",
             "2",
             *args,
+            *([] if auth else ["--no-auth"]),
         ]
         self.log = home / "server.log"
         self.proc = subprocess.Popen(

@@ -15,6 +15,7 @@ from llmhost.audit.store import AuditRecord, SqliteAuditStore
 from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
 from llmhost.engines.fake import FakeEngine
+from llmhost.security.auth import KeyStore
 from llmhost.security.redact import Redactor
 
 DAY = 86400
@@ -126,13 +127,17 @@ def test_prompt_modes():
 
 async def test_api_writes_one_record_per_generation(tmp_path):
     settings = Settings(home=tmp_path, audit_prompt_mode="redacted")
+    keys = KeyStore(settings.keys_db)
+    key, _ = keys.create("alice")
+    keys.close()
     engine = FakeEngine(script=["Hel", "lo", "!"])
     app = create_app(engine, settings)
     async with app.router.lifespan_context(app):
         while not app.state.ready:
             await asyncio.sleep(0.01)
         transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 5555))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        auth = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=auth) as c:
             r = await c.post(
                 "/v1/completions",
                 json={"prompt": "write to bob@example.com", "max_tokens": 3},
@@ -150,16 +155,19 @@ async def test_api_writes_one_record_per_generation(tmp_path):
             r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})
             assert r.status_code in (400, 422)
             assert (await c.get("/health")).status_code == 200  # not audited
+            r = await c.post("/generate", json={"prompt": "x"}, headers={"Authorization": ""})
+            assert r.status_code == 401
     store = SqliteAuditStore(tmp_path / "audit.db")
     found = store.search()
-    assert [(r.route, r.status) for r in found] == [
-        ("/v1/completions", 200),
-        ("/v1/chat/completions", 200),
-        ("/v1/completions", found[2].status),
+    assert [(r.route, r.status, r.user_id) for r in found] == [
+        ("/v1/completions", 200, "alice"),
+        ("/v1/chat/completions", 200, "alice"),
+        ("/v1/completions", found[2].status, "alice"),
+        ("/generate", 401, "anonymous"),  # refused callers are on record too
     ]
     first = found[0]
     assert first.prompt == "write to [EMAIL]" and first.client_ip == "10.1.2.3"
-    assert first.user_id == "anonymous" and first.response_length == len("Hello!")
+    assert first.response_length == len("Hello!")
     assert first.completion_tokens == 3 and first.latency_ms > 0
     assert found[1].response_length == len("Hello!") and found[1].completion_tokens == 3
     assert found[2].status >= 400

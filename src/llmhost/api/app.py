@@ -16,11 +16,13 @@ from llmhost import __version__
 from llmhost.api.audit import AuditMiddleware
 from llmhost.api.errors import install_error_handlers
 from llmhost.api.routes import router
+from llmhost.api.security import AuthMiddleware
 from llmhost.api.serving import OpenAIServing
 from llmhost.audit.store import SqliteAuditStore
 from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
 from llmhost.engines.base import Engine
+from llmhost.security.auth import authenticator_from_settings
 from llmhost.security.redact import Redactor
 from llmhost.store import crypto
 
@@ -113,6 +115,8 @@ def create_app(
             if audit is not None:
                 await audit.close()  # in-flight requests have finished: nothing is lost
                 audit.store.close()
+            if authenticator is not None and authenticator.keys is not None:
+                authenticator.keys.close()
             await engine.close()
 
     app = FastAPI(
@@ -127,8 +131,13 @@ def create_app(
     app.state.ready = False
     app.state.load_error = None
     app.state.audit = audit
+    authenticator = (
+        authenticator_from_settings(settings) if settings is not None and settings.auth else None
+    )
+    app.state.authenticator = authenticator
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(AuthMiddleware, authenticator=authenticator)
     if audit is not None:
         app.add_middleware(
             AuditMiddleware,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from pathlib import Path
@@ -76,6 +77,32 @@ def serve_settings(settings: Settings) -> None:
         raise ModelLoadError(f"the model failed to load: {app.state.load_error}")
 
 
+def _warn_about_auth(settings: Settings) -> None:
+    err = Console(stderr=True, highlight=False)
+    loopback = settings.host in ("127.0.0.1", "localhost", "::1") or settings.host.startswith(
+        "127."
+    )
+    if not settings.auth:
+        if not loopback:
+            err.print(
+                f"[bold red]WARNING: authentication is OFF and the server listens on "
+                f"{settings.host}: anyone who can reach port {settings.port} can use it.[/]"
+            )
+            log.warning("authentication is off on a non-loopback address %s", settings.host)
+        return
+    from llmhost.security.auth import KeyStore
+
+    if not settings.jwt_configured and not settings.keys_db.exists():
+        err.print(
+            "Authentication is on and no API key exists yet: create one with "
+            "`llmhost keys create --user NAME` (or configure LLMHOST_JWT_*)."
+        )
+    elif not settings.jwt_configured:
+        with contextlib.closing(KeyStore(settings.keys_db)) as keys:
+            if not any(k.state() == "active" for k in keys.list()):
+                err.print("Authentication is on and every API key is revoked or expired.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -100,8 +127,12 @@ def register(app: typer.Typer) -> None:
         key_command: str | None = typer.Option(None, help="Command printing the model key."),
         log_format: str | None = typer.Option(None, help="text or json."),
         log_level: str | None = typer.Option(None, help="debug, info, warning, error."),
+        no_auth: bool = typer.Option(
+            False, "--no-auth", help="Accept requests without an API key or JWT."
+        ),
     ) -> None:
-        """Serve a model over an OpenAI-compatible HTTP API."""
+        """Serve a model over an OpenAI-compatible HTTP API. Clients need an API key
+        (`llmhost keys create`) or a JWT, except with --no-auth or --demo."""
         settings = load_settings(
             model=model,
             host=host,
@@ -117,6 +148,7 @@ def register(app: typer.Typer) -> None:
             model_key_command=key_command,
             log_format=log_format,
             log_level=log_level,
+            auth=False if (no_auth or demo) else None,
         )
         if demo:
             if model:
@@ -145,6 +177,7 @@ def register(app: typer.Typer) -> None:
                     "model_name": settings.model_name or settings.model.replace("@", ":"),
                 }
             )
+        _warn_about_auth(settings)
         Console(stderr=True).print(
             f"OpenAI-compatible API at http://{settings.host}:{settings.port}/v1 "
             f"(model: {settings.model_name or Path(settings.model or '').stem})",

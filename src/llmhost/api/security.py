@@ -1,0 +1,53 @@
+"""Authentication at the edge of the app: every route but the public ones needs a Bearer API
+key or JWT; the Principal lands in the request state for the handlers, limits and audit."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmhost.errors import LlmhostError
+from llmhost.security.auth import ANONYMOUS, Authenticator
+
+log = logging.getLogger("llmhost.auth")
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+
+
+async def send_error(send: Send, exc: LlmhostError, headers: dict[str, str] | None = None):
+    body = json.dumps(exc.to_openai()).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, authenticator: Authenticator | None):
+        self.app = app
+        self.authenticator = authenticator  # None: authentication off (--no-auth, --demo)
+        self.failures = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        if self.authenticator is None:
+            state["principal"] = ANONYMOUS
+        elif scope["path"] not in PUBLIC_PATHS:
+            header = None
+            for k, v in scope.get("headers", ()):
+                if k == b"authorization":
+                    header = v.decode("latin-1")
+                    break
+            try:
+                state["principal"] = self.authenticator.authenticate(header)
+            except LlmhostError as exc:
+                self.failures += 1
+                client = (scope.get("client") or ("?",))[0]
+                log.warning("authentication failed from %s: %s", client, exc.message)
+                await send_error(send, exc, {"WWW-Authenticate": 'Bearer realm="llmhost"'})
+                return
+        await self.app(scope, receive, send)

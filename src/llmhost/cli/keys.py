@@ -1,0 +1,83 @@
+"""`llmhost keys create|list|revoke`: API keys, stored hashed in `$LLMHOST_HOME/keys.db`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import datetime, timezone
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmhost.cli.audit import parse_duration
+from llmhost.config import load_settings
+
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+
+
+def _store():
+    from llmhost.security.auth import KeyStore
+
+    return contextlib.closing(KeyStore(load_settings().keys_db))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@keys_app.command()
+def create(
+    user: str = typer.Option(..., "--user", help="User id the key acts as."),
+    role: str = typer.Option("user", help="user or admin."),
+    expires: str | None = typer.Option(None, help="Lifetime, e.g. 30d or 12h [never]."),
+    rpm: int | None = typer.Option(None, min=1, help="Requests per minute for this key."),
+    tpm: int | None = typer.Option(None, min=1, help="Tokens per minute for this key."),
+) -> None:
+    """Create a key. It is printed once: only its hash is stored."""
+    lifetime = parse_duration(expires) if expires else None
+    with _store() as keys:
+        text, info = keys.create(user, role, expires_in=lifetime, rpm=rpm, tpm=tpm)  # type: ignore[arg-type]
+    typer.echo(text)
+    Console(stderr=True, highlight=False).print(
+        f"key {info.key_id} for {info.user_id} ({info.role}), expires {_when(info.expires)}. "
+        "Store it now: it cannot be shown again."
+    )
+
+
+@keys_app.command("list")
+def list_keys(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Keys with their owner, role, limits and state (never the secret)."""
+    with _store() as keys:
+        found = keys.list()
+    if as_json:
+        out = [{**vars(k), "state": k.state()} for k in found]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    table = Table("ID", "USER", "ROLE", "STATE", "CREATED", "EXPIRES", "RPM", "TPM")
+    for k in found:
+        table.add_row(
+            k.key_id,
+            k.user_id,
+            k.role,
+            k.state(),
+            _when(k.created),
+            _when(k.expires),
+            str(k.rpm or ""),
+            str(k.tpm or ""),
+        )
+    Console().print(table)
+
+
+@keys_app.command()
+def revoke(key_id: str = typer.Argument(..., help="The key's id (see `llmhost keys list`).")):
+    """Revoke a key: requests with it fail at once."""
+    with _store() as keys:
+        info = keys.revoke(key_id)
+    typer.echo(f"revoked {info.key_id} ({info.user_id})")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")

@@ -1,0 +1,326 @@
+"""Who is calling: a Bearer token that is either an llmhost API key or a JWT, turned into a
+Principal (user id, role, limits) or an AuthenticationError with a clear reason.
+
+API keys look like `llmh_<id>_<secret>`; only the sha256 of the secret is stored (in
+`keys.db`), and the key is shown once, at creation. A key's secret has 256 bits of entropy, so
+a plain hash suffices: there is nothing to brute-force. JWTs are checked by PyJWT with the
+algorithm pinned by configuration (never taken from the token's header), signature, `exp`
+(required), `nbf`, `iat`, `aud` and `iss`, with a small leeway for clock skew."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from llmhost.errors import AuthenticationError, ConfigError, NotFound
+
+if TYPE_CHECKING:
+    from llmhost.config import Settings
+
+Role = Literal["user", "admin"]
+KEY_PREFIX = "llmh_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    role: Role = "user"
+    rpm: int | None = None  # requests per minute; None = the server's default
+    tpm: int | None = None  # tokens per minute
+    via: str = "none"  # api_key, jwt or none
+    key_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+ANONYMOUS = Principal("anonymous", "admin", via="none")
+
+
+# --- API keys --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: str
+    user_id: str
+    role: Role
+    created: float
+    expires: float | None
+    revoked: float | None
+    rpm: int | None
+    tpm: int | None
+
+    def state(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        if self.revoked:
+            return "revoked"
+        if self.expires is not None and self.expires <= now:
+            return "expired"
+        return "active"
+
+
+_KEY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL,
+    revoked REAL,
+    rpm INTEGER,
+    tpm INTEGER
+);
+"""
+_KEY_COLS = "key_id, user_id, role, created, expires, revoked, rpm, tpm"
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_KEY_SCHEMA)
+        self.path.chmod(0o600)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(
+        self,
+        user_id: str,
+        role: Role = "user",
+        *,
+        expires_in: float | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+    ) -> tuple[str, KeyInfo]:
+        """A new key; the returned text is the only copy of its secret."""
+        if not user_id or len(user_id) > 128 or any(c.isspace() for c in user_id):
+            raise ConfigError("a user id is 1-128 characters without spaces")
+        if role not in ("user", "admin"):
+            raise ConfigError("role is user or admin")
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        now = time.time()
+        expires = now + expires_in if expires_in else None
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                (key_id, _digest(secret), user_id, role, now, expires, rpm, tpm),
+            )
+        info = KeyInfo(key_id, user_id, role, now, expires, None, rpm, tpm)
+        return f"{KEY_PREFIX}{key_id}_{secret}", info
+
+    def list(self) -> list[KeyInfo]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_KEY_COLS} FROM api_keys ORDER BY created").fetchall()
+        return [KeyInfo(*row) for row in rows]
+
+    def revoke(self, key_id: str) -> KeyInfo:
+        with self._lock:
+            n = self._db.execute(
+                "UPDATE api_keys SET revoked = ? WHERE key_id = ? AND revoked IS NULL",
+                (time.time(), key_id),
+            ).rowcount
+            row = self._db.execute(
+                f"SELECT {_KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"no API key {key_id!r} (see `llmhost keys list`)")
+        if n == 0:
+            raise ConfigError(f"API key {key_id} was already revoked")
+        return KeyInfo(*row)
+
+    def authenticate(self, token: str) -> Principal:
+        body = token[len(KEY_PREFIX) :]
+        key_id, sep, secret = body.partition("_")
+        if not sep or not key_id or not secret:
+            raise AuthenticationError("malformed API key")
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT secret_sha256, {_KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        # Compare a digest even for unknown ids, so timing does not reveal which ids exist.
+        stored = row[0] if row else "0" * 64
+        if not hmac.compare_digest(stored, _digest(secret)) or row is None:
+            raise AuthenticationError("invalid API key")
+        info = KeyInfo(*row[1:])
+        state = info.state()
+        if state != "active":
+            raise AuthenticationError(f"API key {key_id} is {state}")
+        return Principal(info.user_id, info.role, info.rpm, info.tpm, "api_key", key_id)
+
+
+# --- JWT -----------------------------------------------------------------------------------
+
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+
+
+@dataclass
+class JWTConfig:
+    algorithm: str = "HS256"
+    secret: str | None = None
+    public_key: str | None = None  # PEM
+    jwks: dict | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: float = 30.0
+    user_claim: str = "sub"
+    role_claim: str = "role"
+
+
+class JWTVerifier:
+    def __init__(self, cfg: JWTConfig):
+        import jwt
+
+        if cfg.algorithm not in JWT_ALGORITHMS:
+            raise ConfigError(f"JWT algorithm must be one of {', '.join(JWT_ALGORITHMS)}")
+        symmetric = cfg.algorithm.startswith("HS")
+        if symmetric and not cfg.secret:
+            raise ConfigError(f"{cfg.algorithm} needs a JWT secret")
+        if symmetric and len(cfg.secret or "") < 32:
+            raise ConfigError("the JWT secret must be at least 32 characters")
+        if not symmetric and not (cfg.public_key or cfg.jwks):
+            raise ConfigError(f"{cfg.algorithm} needs a public key or a JWKS file")
+        self.cfg = cfg
+        self._jwt = jwt
+        self._keys: dict[str | None, object] = {}
+        if cfg.jwks:
+            try:
+                for k in jwt.PyJWKSet.from_dict(cfg.jwks).keys:
+                    self._keys[k.key_id] = k.key
+            except jwt.PyJWTError as exc:
+                raise ConfigError(f"unusable JWKS: {exc}") from exc
+        elif cfg.public_key:
+            self._keys[None] = cfg.public_key
+        else:
+            self._keys[None] = cfg.secret
+
+    def _key_for(self, token: str):
+        if None in self._keys:
+            return self._keys[None]
+        kid = self._jwt.get_unverified_header(token).get("kid")
+        if kid not in self._keys:
+            raise AuthenticationError("token signed by an unknown key (kid)")
+        return self._keys[kid]
+
+    def authenticate(self, token: str) -> Principal:
+        jwt = self._jwt
+        cfg = self.cfg
+        try:
+            claims = jwt.decode(
+                token,
+                self._key_for(token),
+                algorithms=[cfg.algorithm],
+                audience=cfg.audience,
+                issuer=cfg.issuer,
+                leeway=cfg.leeway,
+                options={"require": ["exp"], "verify_aud": cfg.audience is not None},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise AuthenticationError("token expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise AuthenticationError("token not yet valid (nbf/iat in the future)") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise AuthenticationError("token audience not accepted") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise AuthenticationError("token issuer not accepted") from exc
+        except jwt.InvalidAlgorithmError as exc:
+            raise AuthenticationError(
+                f"token algorithm not allowed (only {cfg.algorithm})"
+            ) from exc
+        except jwt.InvalidSignatureError as exc:
+            raise AuthenticationError("token signature does not verify") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthenticationError(f"token lacks the {exc.claim!r} claim") from exc
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise AuthenticationError(f"malformed token: {exc}") from exc
+        user = claims.get(cfg.user_claim)
+        if not isinstance(user, str) or not user:
+            raise AuthenticationError(f"token has no {cfg.user_claim!r} claim to name the user")
+        role_claim = claims.get(cfg.role_claim)
+        roles = role_claim if isinstance(role_claim, list) else [role_claim]
+        role: Role = "admin" if "admin" in roles else "user"
+        rpm, tpm = claims.get("rpm"), claims.get("tpm")
+        return Principal(
+            user,
+            role,
+            rpm if isinstance(rpm, int) and rpm > 0 else None,
+            tpm if isinstance(tpm, int) and tpm > 0 else None,
+            "jwt",
+        )
+
+
+def load_jwks(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read JWKS file {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ConfigError(f"{path} is not a JWKS document ({{'keys': [...]}})")
+    return data
+
+
+# --- the front door ----------------------------------------------------------------------
+
+
+class Authenticator:
+    def __init__(self, keys: KeyStore | None = None, jwt: JWTVerifier | None = None):
+        self.keys = keys
+        self.jwt = jwt
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise AuthenticationError(
+                "missing credentials: send 'Authorization: Bearer <API key or JWT>'"
+            )
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("use 'Authorization: Bearer <API key or JWT>'")
+        if token.startswith(KEY_PREFIX) and self.keys is not None:
+            return self.keys.authenticate(token)
+        if token.count(".") == 2 and self.jwt is not None:
+            return self.jwt.authenticate(token)
+        raise AuthenticationError("invalid credentials: not a known API key or an accepted JWT")
+
+
+def authenticator_from_settings(settings: Settings) -> Authenticator:
+    """API keys from `keys.db`, plus JWTs when a secret, public key or JWKS is configured."""
+    verifier = None
+    if settings.jwt_configured:
+        public = None
+        if settings.jwt_public_key is not None:
+            try:
+                public = Path(settings.jwt_public_key).read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read JWT public key: {exc}") from exc
+        verifier = JWTVerifier(
+            JWTConfig(
+                algorithm=settings.jwt_algorithm,
+                secret=settings.jwt_secret,
+                public_key=public,
+                jwks=load_jwks(settings.jwt_jwks) if settings.jwt_jwks else None,
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+                leeway=settings.jwt_leeway,
+            )
+        )
+    return Authenticator(KeyStore(settings.keys_db), verifier)
