@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_leeway: float = Field(30.0, ge=0, le=600, description="Clock skew allowed, seconds.")
+    rate_limit_rps: int = Field(100, ge=0, description="Requests/s per instance; 0 = off.")
+    rate_limit_rpm: int = Field(0, ge=0, description="Default requests/min per user; 0 = off.")
+    rate_limit_tpm: int = Field(0, ge=0, description="Default tokens/min per user; 0 = off.")
+    redis_url: str | None = Field(None, description="Share rate limits through this Redis.")
     audit: bool = Field(True, description="Write one audit record per generation request.")
     audit_prompt_mode: Literal["redacted", "full", "hash", "none"] = Field(
         "redacted", description="How the audit log keeps prompts."

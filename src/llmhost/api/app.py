@@ -16,13 +16,14 @@ from llmhost import __version__
 from llmhost.api.audit import AuditMiddleware
 from llmhost.api.errors import install_error_handlers
 from llmhost.api.routes import router
-from llmhost.api.security import AuthMiddleware
+from llmhost.api.security import AuthMiddleware, RateLimitMiddleware
 from llmhost.api.serving import OpenAIServing
 from llmhost.audit.store import SqliteAuditStore
 from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
 from llmhost.engines.base import Engine
 from llmhost.security.auth import authenticator_from_settings
+from llmhost.security.ratelimit import RateLimiter
 from llmhost.security.redact import Redactor
 from llmhost.store import crypto
 
@@ -131,12 +132,21 @@ def create_app(
     app.state.ready = False
     app.state.load_error = None
     app.state.audit = audit
+    app.state.limiter = None
     authenticator = (
         authenticator_from_settings(settings) if settings is not None and settings.auth else None
     )
     app.state.authenticator = authenticator
     install_error_handlers(app)
     app.include_router(router)
+    if settings is not None:  # keys and tokens may carry limits even with no server default
+        app.state.limiter = RateLimiter(
+            instance_rps=settings.rate_limit_rps,
+            default_rpm=settings.rate_limit_rpm,
+            default_tpm=settings.rate_limit_tpm,
+            redis_url=settings.redis_url,
+        )
+        app.add_middleware(RateLimitMiddleware, limiter=app.state.limiter)
     app.add_middleware(AuthMiddleware, authenticator=authenticator)
     if audit is not None:
         app.add_middleware(

@@ -8,8 +8,9 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmhost.errors import LlmhostError
+from llmhost.errors import LlmhostError, RateLimited
 from llmhost.security.auth import ANONYMOUS, Authenticator
+from llmhost.security.ratelimit import RateLimiter
 
 log = logging.getLogger("llmhost.auth")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
@@ -51,3 +52,41 @@ class AuthMiddleware:
                 await send_error(send, exc, {"WWW-Authenticate": 'Bearer realm="llmhost"'})
                 return
         await self.app(scope, receive, send)
+
+
+class RateLimitMiddleware:
+    """429 with Retry-After and X-RateLimit-* when a limit is reached; X-RateLimit-* on every
+    admitted response; the tokens a response used are charged when it ends."""
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter):
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        principal = state.get("principal", ANONYMOUS)
+        decision = await self.limiter.admit(principal)
+        if not decision.allowed:
+            await send_error(
+                send,
+                RateLimited(f"rate limit reached ({decision.reason}); retry later"),
+                decision.headers(),
+            )
+            return
+        extra = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start" and extra:
+                message.setdefault("headers", []).extend(extra)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            usage = (state.get("audit") or {}).get("usage") or {}
+            used = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+            if used:
+                await self.limiter.charge_tokens(principal, used)

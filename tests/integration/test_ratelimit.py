@@ -1,0 +1,97 @@
+"""Rate limits through the app: headers and Retry-After, per-user requests and tokens per
+minute, and the per-instance limit's precision under 3 x overload."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from llmhost.api import create_app
+from llmhost.config import Settings
+from llmhost.engines.fake import FakeEngine
+from llmhost.security.auth import KeyStore
+
+
+async def _app(settings: Settings):
+    app = create_app(FakeEngine(script=["a", " b"]), settings)
+    return app
+
+
+async def test_per_user_requests_per_minute_with_headers(tmp_path):
+    settings = Settings(home=tmp_path, audit=False, rate_limit_rps=0, rate_limit_rpm=1000)
+    keys = KeyStore(settings.keys_db)
+    k3, _ = keys.create("three", rpm=3)
+    kd, _ = keys.create("default")
+    keys.close()
+    app = await _app(settings)
+    async with app.router.lifespan_context(app):
+        while not app.state.ready:
+            await asyncio.sleep(0.01)
+        t = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=t, base_url="http://t") as c:
+            seen = []
+            for _ in range(4):
+                r = await c.get("/v1/models", headers={"Authorization": f"Bearer {k3}"})
+                seen.append((r.status_code, r.headers.get("x-ratelimit-remaining")))
+            assert seen[:3] == [(200, "2"), (200, "1"), (200, "0")]
+            assert seen[3][0] == 429
+            body = r.json()["error"]
+            assert body["type"] == "rate_limit_error" and "3 requests/min" in body["message"]
+            assert 1 <= int(r.headers["retry-after"]) <= 60
+            assert r.headers["x-ratelimit-limit"] == "3"
+            # another user is not affected, and gets the server default
+            r = await c.get("/v1/models", headers={"Authorization": f"Bearer {kd}"})
+            assert r.status_code == 200 and r.headers["x-ratelimit-limit"] == "1000"
+            # public endpoints are never limited
+            assert (await c.get("/health")).status_code == 200
+
+
+async def test_tokens_per_minute_counts_actual_usage(tmp_path):
+    settings = Settings(home=tmp_path, audit=False, rate_limit_rps=0)
+    keys = KeyStore(settings.keys_db)
+    key, _ = keys.create("tok", tpm=20)
+    keys.close()
+    app = await _app(settings)
+    async with app.router.lifespan_context(app):
+        while not app.state.ready:
+            await asyncio.sleep(0.01)
+        t = httpx.ASGITransport(app=app)
+        h = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(transport=t, base_url="http://t", headers=h) as c:
+            body = {"prompt": "one two three", "max_tokens": 4}  # 3 + 4 = 7 tokens each
+            codes = [(await c.post("/v1/completions", json=body)).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]  # 21 tokens used of 20: the fourth is refused
+
+
+async def test_instance_limit_is_exact_under_overload(tmp_path):
+    settings = Settings(home=tmp_path, audit=False, auth=False, rate_limit_rps=100)
+    app = await _app(settings)
+    admitted: list[float] = []
+    codes: dict[int, int] = {}
+    async with app.router.lifespan_context(app):
+        while not app.state.ready:
+            await asyncio.sleep(0.01)
+        t = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=t, base_url="http://t") as c:
+
+            async def one() -> None:
+                r = await c.get("/v1/models")
+                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    admitted.append(time.monotonic())
+
+            start = time.monotonic()
+            rate, seconds = 300, 3
+            tasks = []
+            for i in range(rate * seconds):  # open loop: arrivals do not wait for answers
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one()))
+            await asyncio.gather(*tasks)
+    assert set(codes) <= {200, 429}, codes  # nothing but admitted or refused, no 5xx
+    per_second = [sum(1 for a in admitted if s <= a - start < s + 1) for s in range(seconds)]
+    assert all(98 <= n <= 100 for n in per_second), per_second
+    assert codes[429] == rate * seconds - len(admitted)
