@@ -4,14 +4,19 @@ minute, and the per-instance limit's precision under 3 x overload."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
 import time
 
 import httpx
+import pytest
 
 from llmhost.api import create_app
 from llmhost.config import Settings
 from llmhost.engines.fake import FakeEngine
 from llmhost.security.auth import KeyStore
+from tests.conftest import IN_CI, require
 
 
 async def _app(settings: Settings):
@@ -95,3 +100,66 @@ async def test_instance_limit_is_exact_under_overload(tmp_path):
     per_second = [sum(1 for a in admitted if s <= a - start < s + 1) for s in range(seconds)]
     assert all(98 <= n <= 100 for n in per_second), per_second
     assert codes[429] == rate * seconds - len(admitted)
+
+
+@pytest.fixture()
+def redis_url(tmp_path):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if IN_CI:
+            pytest.fail("redis-server is required in CI but missing")
+        pytest.skip("redis-server not installed")
+    require("coredis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_instances_share_limits_through_redis(tmp_path, redis_url):
+    settings = Settings(home=tmp_path, audit=False, rate_limit_rps=0, redis_url=redis_url)
+    keys = KeyStore(settings.keys_db)
+    key, _ = keys.create("shared", rpm=3)
+    keys.close()
+    a, b = await _app(settings), await _app(settings)
+    h = {"Authorization": f"Bearer {key}"}
+    async with a.router.lifespan_context(a), b.router.lifespan_context(b):
+        while not (a.state.ready and b.state.ready):
+            await asyncio.sleep(0.01)
+        ca = httpx.AsyncClient(transport=httpx.ASGITransport(app=a), base_url="http://a", headers=h)
+        cb = httpx.AsyncClient(transport=httpx.ASGITransport(app=b), base_url="http://b", headers=h)
+        async with ca, cb:
+            codes = [
+                (await ca.get("/v1/models")).status_code,
+                (await cb.get("/v1/models")).status_code,
+                (await ca.get("/v1/models")).status_code,
+                (await cb.get("/v1/models")).status_code,
+            ]
+    assert codes == [200, 200, 200, 429]
