@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     decrypt_dir: Path = Field(
         Path("/dev/shm"), description="tmpfs folder an encrypted model is decrypted into."
     )
+    ssl_certfile: Path | None = Field(None, description="Certificate (PEM) to serve HTTPS.")
+    ssl_keyfile: Path | None = Field(None, description="Private key (PEM) of the certificate.")
     auth: bool = Field(True, description="Require an API key or JWT (off: --no-auth, --demo).")
     jwt_algorithm: str = Field("HS256", description="The only JWT algorithm accepted.")
     jwt_secret: str | None = Field(None, description="HS* shared secret (>= 32 characters).")

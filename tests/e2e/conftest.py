@@ -29,7 +29,11 @@ def free_port() -> int:
 class Server:
     def __init__(self, home: Path, *args: str, auth: bool = False):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify: bool | str = True
+        scheme = "http"
+        if "--ssl-certfile" in args:
+            scheme, self.verify = "https", args[args.index("--ssl-certfile") + 1]
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         env = {**os.environ, "LLMHOST_HOME": str(home)}
         cmd = [
             sys.executable,
@@ -54,7 +58,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
             try:
-                r = httpx.get(self.url + "/ready", timeout=2)
+                r = httpx.get(self.url + "/ready", timeout=2, verify=self.verify)
                 if r.status_code == 200:
                     return r.json()
             except httpx.TransportError:

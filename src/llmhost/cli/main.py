@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from llmhost import __version__
-from llmhost.cli import audit, bench, crypto, demo, keys, models, serve
+from llmhost.cli import audit, bench, cert, crypto, demo, keys, models, serve
 from llmhost.errors import LlmhostError
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ models.register(app)
 crypto.register(app)
 audit.register(app)
 keys.register(app)
+cert.register(app)
 demo.register(app)
 
 

@@ -67,6 +67,8 @@ def serve_settings(settings: Settings) -> None:
         app,
         host=settings.host,
         port=settings.port,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_timeout,
         timeout_keep_alive=30,
@@ -130,6 +132,8 @@ def register(app: typer.Typer) -> None:
         no_auth: bool = typer.Option(
             False, "--no-auth", help="Accept requests without an API key or JWT."
         ),
+        ssl_certfile: Path | None = typer.Option(None, help="Serve HTTPS with this certificate."),
+        ssl_keyfile: Path | None = typer.Option(None, help="The certificate's private key."),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API. Clients need an API key
         (`llmhost keys create`) or a JWT, except with --no-auth or --demo."""
@@ -149,7 +153,12 @@ def register(app: typer.Typer) -> None:
             log_format=log_format,
             log_level=log_level,
             auth=False if (no_auth or demo) else None,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
         )
+        from llmhost.security.tls import check_server_files
+
+        check_server_files(settings.ssl_certfile, settings.ssl_keyfile)
         if demo:
             if model:
                 raise ConfigError("give either a model path or --demo, not both")
@@ -179,7 +188,8 @@ def register(app: typer.Typer) -> None:
             )
         _warn_about_auth(settings)
         Console(stderr=True).print(
-            f"OpenAI-compatible API at http://{settings.host}:{settings.port}/v1 "
+            f"OpenAI-compatible API at {'https' if settings.ssl_certfile else 'http'}://"
+            f"{settings.host}:{settings.port}/v1 "
             f"(model: {settings.model_name or Path(settings.model or '').stem})",
             highlight=False,
         )
