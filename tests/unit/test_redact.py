@@ -71,3 +71,22 @@ def test_check_digit_helpers():
     assert not valid_cn_id("11010519491331002X")  # month 13
     assert luhn_ok("79927398713") and not luhn_ok("79927398710")
     assert valid_card("378282246310005") and not valid_card("1234567812345670")
+
+
+def test_application_logs_are_redacted(capsys):
+    import logging
+
+    from llmhost.observability.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("info", "json")
+        logging.getLogger("llmhost.test").warning(
+            "login by %s with password=%s", "a@b.io", "hunter2"
+        )
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert "a@b.io" not in err and "hunter2" not in err
+    assert "[EMAIL]" in err and "password=[PASSWORD]" in err

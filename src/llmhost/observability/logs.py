@@ -1,10 +1,27 @@
-"""Logging set-up: readable text for a terminal, one JSON object per line for log shippers."""
+"""Logging set-up: readable text for a terminal, one JSON object per line for log shippers.
+Every line passes through the redactor (e-mail, phones, ID and card numbers, keys, tokens,
+passwords) before it is written; llmhost never logs prompt or completion text itself."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+
+
+class RedactingFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        from llmhost.security.redact import Redactor
+
+        self.redactor = Redactor()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.redactor.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,6 +44,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
