@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 LLMHOST_EXTRAS=dev,transformers ./scripts/install.sh
 
 # Debian packages the tests drive for real: aria2 and nginx for the download benchmark's smoke
-# run (curl and bc time it), redis-server for rate limits shared between instances. Installed when missing and we may (root); otherwise the tests
+# run (curl and bc time it), redis-server for rate limits shared between instances, wrk for the
+# gateway benchmark's smoke run. Installed when missing and we may (root); otherwise the tests
 # that need them skip, except under CI=true, where they fail.
 need=()
 command -v aria2c >/dev/null || need+=(aria2)
@@ -15,6 +16,7 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v curl >/dev/null || need+=(curl)
 command -v bc >/dev/null || need+=(bc)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v wrk >/dev/null || need+=(wrk)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "[test] installing ${need[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

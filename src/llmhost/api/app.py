@@ -139,7 +139,12 @@ def create_app(
     app.state.authenticator = authenticator
     install_error_handlers(app)
     app.include_router(router)
-    if settings is not None:  # keys and tokens may carry limits even with no server default
+    if settings is not None and (
+        settings.auth  # keys and tokens may carry limits of their own
+        or settings.rate_limit_rps
+        or settings.rate_limit_rpm
+        or settings.rate_limit_tpm
+    ):
         app.state.limiter = RateLimiter(
             instance_rps=settings.rate_limit_rps,
             default_rpm=settings.rate_limit_rpm,
