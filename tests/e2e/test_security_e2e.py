@@ -115,3 +115,63 @@ def test_gateway_benchmark_smoke():
     assert all(95 <= n <= 100 for n in out["rate_limit"]["admitted_per_second"]), out
     assert out["audit"]["records"] == out["audit"]["requests"]
     assert "chain intact" in out["audit"]["verify"]
+
+
+def test_schemathesis_finds_no_server_errors(tmp_path):
+    exe = Path(sys.executable).with_name("schemathesis")
+    if not exe.exists():
+        if IN_CI:
+            pytest.fail("schemathesis is required in CI but missing")
+        pytest.skip("schemathesis not installed")
+    key = cli(tmp_path, "keys", "create", "--user", "fuzz").stdout.strip()
+    port = free_port()
+    env = {**os.environ, "LLMHOST_HOME": str(tmp_path), "LLMHOST_RATE_LIMIT_RPS": "0"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmhost",
+            "serve",
+            "--engine",
+            "fake",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        p = subprocess.run(
+            [
+                str(exe),
+                "run",
+                f"http://127.0.0.1:{port}/openapi.json",
+                "-H",
+                f"Authorization: Bearer {key}",
+                "-c",
+                "not_a_server_error",
+                "--max-examples",
+                "40",
+                "--seed",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert p.returncode == 0, p.stdout[-4000:]
+        assert "No issues found" in p.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
