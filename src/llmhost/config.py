@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     rate_limit_tpm: int = Field(0, ge=0, description="Default tokens/min per user; 0 = off.")
     redis_url: str | None = Field(None, description="Share rate limits through this Redis.")
     audit: bool = Field(True, description="Write one audit record per generation request.")
+    audit_url: str | None = Field(
+        None, description="postgresql://... to share one audit log; default SQLite audit.db."
+    )
     audit_prompt_mode: Literal["redacted", "full", "hash", "none"] = Field(
         "redacted", description="How the audit log keeps prompts."
     )

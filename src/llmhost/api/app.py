@@ -18,7 +18,7 @@ from llmhost.api.errors import install_error_handlers
 from llmhost.api.routes import router
 from llmhost.api.security import AuthMiddleware, RateLimitMiddleware
 from llmhost.api.serving import OpenAIServing
-from llmhost.audit.store import SqliteAuditStore
+from llmhost.audit.store import open_store
 from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
 from llmhost.engines.base import Engine
@@ -80,7 +80,8 @@ def create_app(
     audit = None
     if settings is not None and settings.audit:
         audit = AuditWriter(
-            SqliteAuditStore(settings.audit_db), retention_days=settings.audit_retention_days
+            open_store(settings.audit_url, settings.audit_db),
+            retention_days=settings.audit_retention_days,
         )
 
     @asynccontextmanager

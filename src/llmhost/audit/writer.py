@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from llmhost.audit.store import AuditRecord, SqliteAuditStore
+from llmhost.audit.store import AuditRecord, SqlAuditStore
 
 log = logging.getLogger("llmhost.audit")
 
@@ -21,7 +21,7 @@ DAY = 86400.0
 class AuditWriter:
     def __init__(
         self,
-        store: SqliteAuditStore,
+        store: SqlAuditStore,
         *,
         retention_days: float = 90.0,
         purge_every: float = DAY,

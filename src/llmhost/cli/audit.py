@@ -46,12 +46,12 @@ def parse_when(text: str | None) -> float | None:
 
 
 def _store():
-    from llmhost.audit.store import SqliteAuditStore
+    from llmhost.audit.store import open_store
 
     settings = load_settings()
-    if not settings.audit_db.exists():
+    if not settings.audit_url and not settings.audit_db.exists():
         raise ConfigError(f"no audit log at {settings.audit_db}")
-    return SqliteAuditStore(settings.audit_db)
+    return open_store(settings.audit_url, settings.audit_db)
 
 
 def _iso(ts: float) -> str:
