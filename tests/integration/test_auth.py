@@ -212,3 +212,31 @@ def test_keys_cli(tmp_path):
     assert again.returncode != 0 and "already revoked" in again.stderr
     bad = cli("create", "--user", "x", "--role", "root")
     assert bad.returncode == 2 and "role" in bad.stderr and "Traceback" not in bad.stderr
+
+
+async def test_admin_endpoint_needs_admin_role(tmp_path):
+    settings = Settings(home=tmp_path, rate_limit_rps=0)
+    keys = KeyStore(settings.keys_db)
+    admin, _ = keys.create("root", "admin")
+    user, _ = keys.create("joe")
+    keys.close()
+    app = create_app(FakeEngine(), settings)
+    async with app.router.lifespan_context(app):
+        while not app.state.ready:
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.post(
+                "/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=bearer(user)
+            )
+            assert r.status_code == 200
+            r = await c.get("/v1/admin/audit", headers=bearer(user))
+            assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+            for _ in range(50):  # the writer is asynchronous
+                r = await c.get("/v1/admin/audit?user=joe", headers=bearer(admin))
+                if r.json()["data"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert r.status_code == 200
+            assert [(x["user_id"], x["status"]) for x in r.json()["data"]] == [("joe", 200)]
+            assert (await c.get("/v1/admin/audit")).status_code == 401

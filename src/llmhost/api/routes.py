@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from llmhost.api.protocol import (
@@ -17,7 +18,7 @@ from llmhost.api.protocol import (
     ModelList,
 )
 from llmhost.api.serving import OpenAIServing
-from llmhost.errors import EngineNotReady
+from llmhost.errors import EngineNotReady, NotFound, PermissionDenied
 
 router = APIRouter()
 
@@ -41,6 +42,12 @@ def serving(request: Request) -> OpenAIServing:
 
 def request_id(request: Request) -> str:
     return request.state.request_id
+
+
+def require_admin(request: Request) -> None:
+    principal = request.scope.get("state", {}).get("principal")
+    if principal is None or not principal.is_admin:
+        raise PermissionDenied("this endpoint is for admins (an admin API key or role claim)")
 
 
 def audit_notes(request: Request) -> dict[str, Any]:
@@ -126,3 +133,29 @@ async def generate(
 ):
     """The deployment guide's interface: a prompt in, the generated text out."""
     return await s.generate(body, rid, notes)
+
+
+@router.get("/v1/admin/audit", tags=["admin"], dependencies=[Depends(require_admin)])
+async def admin_audit(
+    request: Request,
+    user: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    model: str | None = None,
+    status: int | None = None,
+    limit: int = Query(100, ge=1, le=10000),
+) -> dict[str, Any]:
+    """Audit records by user, time (Unix seconds), model or status; admins only."""
+    writer = request.app.state.audit
+    if writer is None:
+        raise NotFound("the audit log is off on this server")
+    found = await asyncio.to_thread(
+        writer.store.search,
+        user=user,
+        since=since,
+        until=until,
+        model=model,
+        status=status,
+        limit=limit,
+    )
+    return {"object": "list", "data": [vars(r) for r in found]}
