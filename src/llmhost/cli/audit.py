@@ -76,7 +76,7 @@ def search(
     since: str | None = typer.Option(None, help="From (ISO time or e.g. 7d ago)."),
     until: str | None = typer.Option(None, help="Until (ISO time or e.g. 1h ago)."),
     model: str | None = typer.Option(None),
-    status: int | None = typer.Option(None, help="HTTP status."),
+    status: int | None = typer.Option(None, min=100, max=599, help="HTTP status."),
     limit: int = typer.Option(1000, min=1),
     as_json: bool = typer.Option(False, "--json", help="JSON lines."),
     as_csv: bool = typer.Option(False, "--csv"),
