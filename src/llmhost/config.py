@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     )
     audit_retention_days: float = Field(90.0, ge=0, description="0 keeps audit records forever.")
     audit_redact_ip: bool = Field(False, description="Also redact IP addresses in prompts.")
+    metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /metrics on this port only (same host)."
+    )
+    metrics_auth: bool = Field(False, description="/metrics needs an API key or JWT too.")
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_timeout: float = Field(

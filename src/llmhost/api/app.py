@@ -15,13 +15,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmhost import __version__
 from llmhost.api.audit import AuditMiddleware
 from llmhost.api.errors import install_error_handlers
+from llmhost.api.metrics import METRICS_PATH, MetricsMiddleware
 from llmhost.api.routes import router
-from llmhost.api.security import AuthMiddleware, RateLimitMiddleware
+from llmhost.api.security import PUBLIC_PATHS, AuthMiddleware, RateLimitMiddleware
 from llmhost.api.serving import OpenAIServing
 from llmhost.audit.store import open_store
 from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
 from llmhost.engines.base import Engine
+from llmhost.errors import ConfigError
+from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import authenticator_from_settings
 from llmhost.security.ratelimit import RateLimiter
 from llmhost.security.redact import Redactor
@@ -67,6 +70,18 @@ async def sweep_decrypted(settings: Settings, every: float = 600.0) -> None:
         await asyncio.sleep(every)
 
 
+def serve_metrics(metrics: Metrics, host: str, port: int):
+    """/metrics on a port of its own, in a thread (prometheus-client's WSGI server)."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server
+
+
 def create_app(
     engine: Engine,
     settings: Settings | None = None,
@@ -77,12 +92,16 @@ def create_app(
     /health answers at once and /ready reports loading; if loading fails, `on_fatal` is called
     (the CLI uses it to stop the server and exit non-zero). With settings (and `audit` on), every
     generation request leaves a record in `$LLMHOST_HOME/audit.db`."""
+    metrics = Metrics(engine_name=engine.name) if settings is None or settings.metrics else None
     audit = None
     if settings is not None and settings.audit:
         audit = AuditWriter(
             open_store(settings.audit_url, settings.audit_db),
             retention_days=settings.audit_retention_days,
+            on_write=metrics.observe_audit_write if metrics is not None else None,
         )
+        if metrics is not None:
+            metrics.watch_audit_queue(audit.queue.qsize)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -95,12 +114,15 @@ def create_app(
                 if on_fatal is not None:
                     on_fatal()
                 return
-            app.state.serving = OpenAIServing(engine)
+            app.state.serving = OpenAIServing(engine, metrics)
             app.state.ready = True
             log.info("ready: serving %s with engine %s", engine.model_info.id, engine.name)
 
         if audit is not None:
             audit.start()
+        metrics_server = None
+        if metrics is not None and settings is not None and settings.metrics_port:
+            metrics_server = serve_metrics(metrics, settings.host, settings.metrics_port)
         loader = asyncio.create_task(load())
         app.state.loader = loader
         sweeper = asyncio.create_task(sweep_decrypted(settings)) if settings else None
@@ -108,6 +130,9 @@ def create_app(
             yield
         finally:
             app.state.ready = False
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             if sweeper is not None:
                 sweeper.cancel()
             if not loader.done():
@@ -134,6 +159,12 @@ def create_app(
     app.state.load_error = None
     app.state.audit = audit
     app.state.limiter = None
+    app.state.metrics = metrics
+    # /metrics lives on the main port unless a port of its own is configured.
+    app.state.metrics_here = metrics is not None and not (settings and settings.metrics_port)
+    public = PUBLIC_PATHS
+    if metrics is not None and not (settings and settings.metrics_auth):
+        public = public | {METRICS_PATH}
     authenticator = (
         authenticator_from_settings(settings) if settings is not None and settings.auth else None
     )
@@ -152,8 +183,10 @@ def create_app(
             default_tpm=settings.rate_limit_tpm,
             redis_url=settings.redis_url,
         )
-        app.add_middleware(RateLimitMiddleware, limiter=app.state.limiter)
-    app.add_middleware(AuthMiddleware, authenticator=authenticator)
+        app.add_middleware(
+            RateLimitMiddleware, limiter=app.state.limiter, public=public, metrics=metrics
+        )
+    app.add_middleware(AuthMiddleware, authenticator=authenticator, public=public, metrics=metrics)
     if audit is not None:
         app.add_middleware(
             AuditMiddleware,
@@ -161,5 +194,15 @@ def create_app(
             prompt_mode=settings.audit_prompt_mode if settings else "redacted",
             redactor=Redactor(ip=bool(settings and settings.audit_redact_ip)),
         )
+    if metrics is not None:
+        metrics.watch_engine(
+            lambda: engine.health().stats if app.state.ready else None,
+            lambda: bool(app.state.ready and engine.health().ok),
+        )
+        # our router's paths (FastAPI may include routers lazily) and the app's own (docs)
+        routes = frozenset(
+            p for r in (*router.routes, *app.routes) if isinstance(p := getattr(r, "path", ""), str)
+        ) - {""}
+        app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from llmhost.api.protocol import (
     ChatCompletionRequest,
@@ -19,6 +19,7 @@ from llmhost.api.protocol import (
 )
 from llmhost.api.serving import OpenAIServing
 from llmhost.errors import EngineNotReady, NotFound, PermissionDenied
+from llmhost.observability.metrics import CONTENT_TYPE
 
 router = APIRouter()
 
@@ -59,6 +60,21 @@ def audit_notes(request: Request) -> dict[str, Any]:
 async def health() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
+
+
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (public unless `metrics_auth` is set)."""
+    state = request.app.state
+    if not state.metrics_here:
+        raise NotFound("metrics are off on this port")
+    body = await asyncio.to_thread(state.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 @router.get("/ready", tags=["ops"])
@@ -138,11 +154,11 @@ async def generate(
 @router.get("/v1/admin/audit", tags=["admin"], dependencies=[Depends(require_admin)])
 async def admin_audit(
     request: Request,
-    user: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-    model: str | None = None,
-    status: int | None = None,
+    user: str | None = Query(None, max_length=128),
+    since: float | None = Query(None, ge=0, le=1e11, description="Unix seconds."),
+    until: float | None = Query(None, ge=0, le=1e11, description="Unix seconds."),
+    model: str | None = Query(None, max_length=256),
+    status: int | None = Query(None, ge=100, le=599),
     limit: int = Query(100, ge=1, le=10000),
 ) -> dict[str, Any]:
     """Audit records by user, time (Unix seconds), model or status; admins only."""

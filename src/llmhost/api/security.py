@@ -9,6 +9,7 @@ import logging
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmhost.errors import LlmhostError, RateLimited
+from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import ANONYMOUS, Authenticator
 from llmhost.security.ratelimit import RateLimiter
 
@@ -25,9 +26,17 @@ async def send_error(send: Send, exc: LlmhostError, headers: dict[str, str] | No
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, authenticator: Authenticator | None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        authenticator: Authenticator | None,
+        public: frozenset[str] = PUBLIC_PATHS,
+        metrics: Metrics | None = None,
+    ):
         self.app = app
         self.authenticator = authenticator  # None: authentication off (--no-auth, --demo)
+        self.public = public
+        self.metrics = metrics
         self.failures = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -37,7 +46,7 @@ class AuthMiddleware:
         state = scope.setdefault("state", {})
         if self.authenticator is None:
             state["principal"] = ANONYMOUS
-        elif scope["path"] not in PUBLIC_PATHS:
+        elif scope["path"] not in self.public:
             header = None
             for k, v in scope.get("headers", ()):
                 if k == b"authorization":
@@ -47,6 +56,8 @@ class AuthMiddleware:
                 state["principal"] = self.authenticator.authenticate(header)
             except LlmhostError as exc:
                 self.failures += 1
+                if self.metrics is not None:
+                    self.metrics.auth_failures.inc()
                 client = (scope.get("client") or ("?",))[0]
                 log.warning("authentication failed from %s: %s", client, exc.message)
                 await send_error(send, exc, {"WWW-Authenticate": 'Bearer realm="llmhost"'})
@@ -58,18 +69,28 @@ class RateLimitMiddleware:
     """429 with Retry-After and X-RateLimit-* when a limit is reached; X-RateLimit-* on every
     admitted response; the tokens a response used are charged when it ends."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter):
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: RateLimiter,
+        public: frozenset[str] = PUBLIC_PATHS,
+        metrics: Metrics | None = None,
+    ):
         self.app = app
         self.limiter = limiter
+        self.public = public
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
         principal = state.get("principal", ANONYMOUS)
         decision = await self.limiter.admit(principal)
         if not decision.allowed:
+            if self.metrics is not None:
+                self.metrics.rate_limited.labels(decision.scope).inc()
             await send_error(
                 send,
                 RateLimited(f"rate limit reached ({decision.reason}); retry later"),

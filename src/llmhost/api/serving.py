@@ -22,6 +22,7 @@ from llmhost.api.protocol import (
 from llmhost.engines.base import Engine
 from llmhost.engines.chat_template import render_chat
 from llmhost.errors import ContextLengthExceeded, LlmhostError, ModelNotFound
+from llmhost.observability.metrics import Metrics
 from llmhost.types import GenerationRequest, SamplingParams, TokenDelta, Usage
 
 log = logging.getLogger("llmhost.api")
@@ -89,11 +90,45 @@ CHAT = _Kind(
 )
 
 
+class _Measured:
+    """Wraps an engine stream whose first delta has arrived: observes TTFT now, and TPOT and
+    token counts when the last delta (with usage) passes through."""
+
+    def __init__(
+        self,
+        inner: AsyncIterator[TokenDelta],
+        metrics: Metrics,
+        model: str,
+        t0: float,
+        first: TokenDelta,
+    ):
+        self.inner, self.metrics, self.model = inner, metrics, model
+        self.t_first = time.perf_counter()
+        metrics.ttft.labels(model).observe(self.t_first - t0)
+        self._check(first)
+
+    def _check(self, d: TokenDelta) -> None:
+        if d.finish_reason is not None and d.usage is not None:
+            self.metrics.observe_finish(self.model, time.perf_counter() - self.t_first, d.usage)
+
+    def __aiter__(self) -> _Measured:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        d = await anext(self.inner)
+        self._check(d)
+        return d
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class OpenAIServing:
     """Turns API requests into engine requests and engine deltas into API responses."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, metrics: Metrics | None = None):
         self.engine = engine
+        self.metrics = metrics
 
     @property
     def model_id(self) -> str:
@@ -123,15 +158,20 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
         )
 
-    async def _start(self, gen: GenerationRequest) -> tuple[TokenDelta, AsyncIterator[TokenDelta]]:
+    async def _start(
+        self, gen: GenerationRequest, model: str
+    ) -> tuple[TokenDelta, AsyncIterator[TokenDelta]]:
         """Run the engine up to its first delta, so request errors surface before any byte of
-        the response is sent."""
+        the response is sent. With metrics, the stream observes TTFT, TPOT and tokens."""
+        t0 = time.perf_counter()
         stream = self.engine.stream(gen)
         try:
             first = await anext(stream)
         except BaseException:
             await stream.aclose()
             raise
+        if self.metrics is not None:
+            stream = _Measured(stream, self.metrics, model, t0, first)
         return first, stream
 
     @staticmethod
@@ -156,8 +196,8 @@ class OpenAIServing:
     ) -> dict[str, Any] | StreamingResponse:
         """Run `gen` and answer as one JSON body, or as SSE chunks when `req.stream`. What the
         audit log needs (model, prompt, usage, length of the text) is left in `notes`."""
-        notes.update(model=model, prompt=gen.prompt)
-        first, stream = await self._start(gen)
+        notes.update(model=model, prompt=gen.prompt, stream=bool(req.stream))
+        first, stream = await self._start(gen, model)
         head = {
             "id": f"{kind.id_prefix}-{gen.request_id}",
             "created": int(time.time()),
@@ -262,7 +302,8 @@ class OpenAIServing:
             max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed
         )
         first, stream = await self._start(
-            GenerationRequest(prompt=req.prompt, sampling=sampling, request_id=request_id)
+            GenerationRequest(prompt=req.prompt, sampling=sampling, request_id=request_id),
+            self.model_id,
         )
         done = await self._collect(first, stream)
         notes.update(usage=_usage(done.usage), chars=len(done.text))

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from llmhost import __version__
-from llmhost.cli import audit, bench, cert, crypto, demo, keys, models, serve
+from llmhost.cli import audit, bench, cert, crypto, demo, keys, models, monitoring, serve
 from llmhost.errors import LlmhostError
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ crypto.register(app)
 audit.register(app)
 keys.register(app)
 cert.register(app)
+monitoring.register(app)
 demo.register(app)
 
 

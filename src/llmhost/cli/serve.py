@@ -55,6 +55,8 @@ def serve_settings(settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_format)
     engine = create_engine(settings.engine, settings)
     _check_port_free(settings.host, settings.port)
+    if settings.metrics and settings.metrics_port:
+        _check_port_free(settings.host, settings.metrics_port)
     server: uvicorn.Server | None = None
     _GracefulServer = _graceful_server_class()
 
@@ -134,6 +136,12 @@ def register(app: typer.Typer) -> None:
         ),
         ssl_certfile: Path | None = typer.Option(None, help="Serve HTTPS with this certificate."),
         ssl_keyfile: Path | None = typer.Option(None, help="The certificate's private key."),
+        metrics_port: int | None = typer.Option(
+            None, help="Serve Prometheus /metrics on this port instead of the API port."
+        ),
+        metrics_auth: bool | None = typer.Option(
+            None, "--metrics-auth/--metrics-public", help="Whether /metrics needs a key [public]."
+        ),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API. Clients need an API key
         (`llmhost keys create`) or a JWT, except with --no-auth or --demo."""
@@ -155,6 +163,8 @@ def register(app: typer.Typer) -> None:
             auth=False if (no_auth or demo) else None,
             ssl_certfile=ssl_certfile,
             ssl_keyfile=ssl_keyfile,
+            metrics_port=metrics_port,
+            metrics_auth=metrics_auth,
         )
         from llmhost.security.tls import check_server_files
 

@@ -214,9 +214,10 @@ class LlamaCppEngine(Engine):
         if self._scheduler is None:
             return EngineHealth(ok=False, detail="not loaded")
         alive = self._scheduler._thread.is_alive()
-        return EngineHealth(
-            ok=alive, detail="" if alive else "scheduler stopped", stats=self._scheduler.stats()
-        )
+        stats = self._scheduler.stats()
+        cells = stats["slots"] * self.model_info.context_length
+        stats["kv_cache_usage"] = stats["kv_tokens"] / cells if cells else 0.0
+        return EngineHealth(ok=alive, detail="" if alive else "scheduler stopped", stats=stats)
 
     # --- requests -----------------------------------------------------------------------------
 

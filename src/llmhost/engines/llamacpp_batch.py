@@ -129,6 +129,7 @@ class BatchScheduler:
                 "waiting": len(self._waiting),
                 "slots": self.n_slots,
                 "steps": self.steps,
+                "kv_tokens": sum(s.n_fed + s.n_generated for s in self._active),
             }
 
     def close(self) -> None:

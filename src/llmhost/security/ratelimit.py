@@ -25,6 +25,7 @@ class Decision:
     remaining: int = 0
     reset_after: float = 0.0  # seconds until that window frees capacity
     reason: str = ""
+    scope: str = ""  # which limit refused: instance, user_requests or user_tokens
 
     def headers(self) -> dict[str, str]:
         if not self.limit:
@@ -63,10 +64,11 @@ class RateLimiter:
         self.default_tpm = default_tpm
         self.rejected = 0
 
-    async def _refusal(self, item, key: str, reason: str) -> Decision:
+    async def _refusal(self, item, key: str, reason: str, scope: str) -> Decision:
         stats = await self.window.get_window_stats(item, key)
         self.rejected += 1
-        return Decision(False, item.amount, 0, max(0.0, stats.reset_time - time.time()), reason)
+        reset = max(0.0, stats.reset_time - time.time())
+        return Decision(False, item.amount, 0, reset, reason, scope)
 
     async def admit(self, principal: Principal) -> Decision:
         """Count one request against every limit that applies, or refuse it."""
@@ -78,21 +80,28 @@ class RateLimiter:
         # Check the principal's budgets before taking an instance slot, so a refused request
         # does not use up the instance's capacity.
         if rpm_item is not None and not await self.window.test(rpm_item, user):
-            return await self._refusal(rpm_item, user, f"{principal.user_id}: {rpm} requests/min")
+            return await self._refusal(
+                rpm_item, user, f"{principal.user_id}: {rpm} requests/min", "user_requests"
+            )
         if tpm_item is not None and not await self.window.test(tpm_item, "tokens:" + user):
             return await self._refusal(
-                tpm_item, "tokens:" + user, f"{principal.user_id}: {tpm} tokens/min"
+                tpm_item, "tokens:" + user, f"{principal.user_id}: {tpm} tokens/min", "user_tokens"
             )
         best = Decision(True)
         if self.instance is not None:
             if not await self.window.hit(self.instance, "instance"):
                 return await self._refusal(
-                    self.instance, "instance", f"this instance takes {self.instance.amount}/s"
+                    self.instance,
+                    "instance",
+                    f"this instance takes {self.instance.amount}/s",
+                    "instance",
                 )
             best = await self._stats(self.instance, "instance")
         if rpm_item is not None:
             if not await self.window.hit(rpm_item, user):
-                return await self._refusal(rpm_item, user, f"{principal.user_id}: {rpm}/min")
+                return await self._refusal(
+                    rpm_item, user, f"{principal.user_id}: {rpm}/min", "user_requests"
+                )
             mine = await self._stats(rpm_item, user)
             if not best.limit or mine.remaining < best.remaining:
                 best = mine

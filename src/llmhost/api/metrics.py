@@ -1,0 +1,59 @@
+"""Request metrics at the edge of the app, and the `/metrics` endpoint's body.
+
+The middleware counts every response by route, model and status and times it to its last
+byte, so a stream is measured whole; TTFT, TPOT and tokens come from the serving layer."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmhost.api.audit import AUDITED, CLIENT_CLOSED
+from llmhost.observability.metrics import Metrics
+
+METRICS_PATH = "/metrics"
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]):
+        self.app = app
+        self.metrics = metrics
+        # Only known paths become label values: a scanner probing random URLs must not create
+        # a time series per URL.
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in self.routes else "other"
+        generation = path in AUDITED
+        t0 = time.perf_counter()
+        status = 500
+        done = False
+
+        async def measured_send(message: Message) -> None:
+            nonlocal status, done
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done = True
+
+        if generation:
+            self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, measured_send)
+        finally:
+            if generation:
+                self.metrics.in_flight.dec()
+            if not done and status < 400:
+                status = CLIENT_CLOSED
+            notes = scope.get("state", {}).get("audit") or {}
+            model = notes.get("model", "")
+            stream = "true" if notes.get("stream") else "false"
+            m = self.metrics
+            m.requests.labels(route, model, str(status)).inc()
+            m.request_seconds.labels(route, model, stream).observe(time.perf_counter() - t0)
