@@ -28,7 +28,11 @@ _STREAM_DOC = {
 }
 
 
-def serving(request: Request) -> OpenAIServing:
+# Dependencies are coroutines: FastAPI runs plain functions in a thread pool, a thread hop per
+# dependency per request.
+
+
+async def serving(request: Request) -> OpenAIServing:
     """The serving object, once the engine is loaded; 503 with Retry-After before that."""
     state = request.app.state
     if not state.ready:
@@ -41,17 +45,17 @@ def serving(request: Request) -> OpenAIServing:
     return state.serving
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     return request.state.request_id
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     principal = request.scope.get("state", {}).get("principal")
     if principal is None or not principal.is_admin:
         raise PermissionDenied("this endpoint is for admins (an admin API key or role claim)")
 
 
-def audit_notes(request: Request) -> dict[str, Any]:
+async def audit_notes(request: Request) -> dict[str, Any]:
     """Where the serving layer leaves what the audit record needs."""
     return request.scope.setdefault("state", {}).setdefault("audit", {})
 

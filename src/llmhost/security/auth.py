@@ -98,6 +98,10 @@ class KeyStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_KEY_SCHEMA)
         self.path.chmod(0o600)
+        # Rows by key id, valid while the database is unchanged: `PRAGMA data_version` moves
+        # whenever another connection (`llmhost keys revoke` in another process) commits.
+        self._rows: dict[str, tuple | None] = {}
+        self._version = -1
 
     def close(self) -> None:
         with self._lock:
@@ -125,6 +129,7 @@ class KeyStore:
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                 (key_id, _digest(secret), user_id, role, now, expires, rpm, tpm),
             )
+            self._rows.pop(key_id, None)
         info = KeyInfo(key_id, user_id, role, now, expires, None, rpm, tpm)
         return f"{KEY_PREFIX}{key_id}_{secret}", info
 
@@ -139,6 +144,7 @@ class KeyStore:
                 "UPDATE api_keys SET revoked = ? WHERE key_id = ? AND revoked IS NULL",
                 (time.time(), key_id),
             ).rowcount
+            self._rows.pop(key_id, None)
             row = self._db.execute(
                 f"SELECT {_KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,)
             ).fetchone()
@@ -154,9 +160,19 @@ class KeyStore:
         if not sep or not key_id or not secret:
             raise AuthenticationError("malformed API key")
         with self._lock:
-            row = self._db.execute(
-                f"SELECT secret_sha256, {_KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,)
-            ).fetchone()
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._version:
+                self._rows.clear()
+                self._version = version
+            if key_id in self._rows:
+                row = self._rows[key_id]
+            else:
+                row = self._db.execute(
+                    f"SELECT secret_sha256, {_KEY_COLS} FROM api_keys WHERE key_id = ?",
+                    (key_id,),
+                ).fetchone()
+                if len(self._rows) < 10_000:  # unknown ids from a scanner must not grow it
+                    self._rows[key_id] = row
         # Compare a digest even for unknown ids, so timing does not reveal which ids exist.
         stored = row[0] if row else "0" * 64
         if not hmac.compare_digest(stored, _digest(secret)) or row is None:
