@@ -9,7 +9,19 @@ import typer
 from rich.console import Console
 
 from llmhost import __version__
-from llmhost.cli import audit, bench, cert, crypto, demo, keys, models, monitoring, serve
+from llmhost.cli import (
+    audit,
+    bench,
+    cert,
+    crypto,
+    demo,
+    doctor,
+    keys,
+    models,
+    monitoring,
+    plan,
+    serve,
+)
 from llmhost.errors import LlmhostError
 
 app = typer.Typer(
@@ -27,6 +39,8 @@ audit.register(app)
 keys.register(app)
 cert.register(app)
 monitoring.register(app)
+plan.register(app)
+doctor.register(app)
 demo.register(app)
 
 
