@@ -17,8 +17,9 @@ an OpenAI-style error type, so the CLI prints one line and the API answers with 
     │   └── ModelLoadError                    500 code=model_load_error
     ├── DownloadError(OSError)                a remote source failed after retries
     ├── InsufficientStorage(OSError)          not enough free disk for a download
-    └── IntegrityError                        a file failed its checksum, layout or authentication
-        └── DecryptionError                   wrong key, tampered or truncated ciphertext
+    ├── IntegrityError                        a file failed its checksum, layout or authentication
+    │   └── DecryptionError                   wrong key, tampered or truncated ciphertext
+    └── BackupError                           a backup is missing, damaged or cannot be restored
 """
 
 from __future__ import annotations
@@ -137,3 +138,7 @@ class IntegrityError(LlmhostError):
 
 class DecryptionError(IntegrityError):
     code = "decryption_failed"
+
+
+class BackupError(LlmhostError):
+    """A backup that is missing, damaged, or cannot be restored as asked."""

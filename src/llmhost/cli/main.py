@@ -11,6 +11,7 @@ from rich.console import Console
 from llmhost import __version__
 from llmhost.cli import (
     audit,
+    backup,
     bench,
     cert,
     crypto,
@@ -41,6 +42,7 @@ cert.register(app)
 monitoring.register(app)
 plan.register(app)
 doctor.register(app)
+backup.register(app)
 demo.register(app)
 
 

@@ -1,0 +1,486 @@
+"""Backups of an llmhost home: configuration, API keys, the audit log and the model store.
+
+Layout of a backup folder:
+
+    blobs/sha256/<hash>[.enc]        model files, stored once across all backups (by sha256)
+    <id>.tar.zst[.enc]               the state of one backup
+    <id>.json                        its sidecar: kind, parent, what it holds, sha256 of the archive
+
+A full backup holds every state file (config.toml, keys.db and audit.db copied online with
+SQLite's backup API, so a running server's writes never tear them) and every model manifest;
+the model files go to blobs. An incremental backup holds only the state files that changed
+since the backup before it, and refers to that backup as its parent. Each sidecar lists the
+whole state as of its backup (file -> sha256) and every model file (path -> sha256), so a
+restore takes the newest full backup of the chain, applies the incrementals in order and
+rebuilds the models from blobs, checking every hash.
+
+Steps of `create`: copy the state into a temporary folder -> hash -> pack the archive into a
+temporary file -> (encrypt) -> fsync -> rename into place -> write the sidecar last. A backup
+without its sidecar does not exist, so an interrupted backup leaves nothing half-made behind
+(and the next `prune` removes its leftovers)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import zstandard
+
+from llmhost.errors import BackupError, ConfigError, LlmhostError, NotFound
+from llmhost.store import crypto
+from llmhost.store.manifest import MANIFEST_NAME, atomic_write, fsync_dir, read_manifest
+from llmhost.store.names import safe_join
+
+Kind = Literal["full", "incremental"]
+SQLITE_STATE = ("keys.db", "audit.db")
+PLAIN_STATE = ("config.toml",)
+_BLOCK = 4 << 20
+
+
+@dataclass
+class BackupInfo:
+    id: str
+    kind: Kind
+    created: float
+    parent: str | None
+    encrypted: bool
+    archive: str
+    archive_sha256: str
+    archive_size: int
+    state: dict[str, str]  # every state file as of this backup -> sha256
+    included: list[str]  # the state files this archive holds
+    models: dict[str, str]  # models/<name>/<tag>/<file> -> sha256, manifests included
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> BackupInfo:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise BackupError(f"{path.name}: unreadable backup record ({exc})") from exc
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy_hashing(src: Path, dst: Path) -> str:
+    h = hashlib.sha256()
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        while block := fin.read(_BLOCK):
+            h.update(block)
+            fout.write(block)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return h.hexdigest()
+
+
+def sqlite_copy(src: Path, dst: Path) -> None:
+    """A consistent copy of a live SQLite database (WAL included), via the backup API."""
+    uri = f"{src.resolve().as_uri()}?mode=ro"
+    with (
+        contextlib.closing(sqlite3.connect(uri, uri=True)) as s,
+        contextlib.closing(sqlite3.connect(dst)) as d,
+    ):
+        s.backup(d)
+
+
+class Backups:
+    """The backups kept in one folder, for the llmhost home `home`."""
+
+    def __init__(self, home: Path, dest: Path, key: bytes | None = None):
+        self.home = home
+        self.dest = dest
+        self.key = key
+        self.blobs = dest / "blobs" / "sha256"
+
+    # --- listing ---------------------------------------------------------------------------
+
+    def list(self) -> list[BackupInfo]:
+        if not self.dest.is_dir():
+            return []
+        found = [BackupInfo.load(p) for p in self.dest.glob("llmhost-*.json")]
+        return sorted(found, key=lambda b: (b.created, b.id))
+
+    def get(self, backup_id: str | None) -> BackupInfo:
+        items = self.list()
+        if not items:
+            raise NotFound(f"no backups in {self.dest}")
+        if backup_id is None:
+            return items[-1]
+        for b in items:
+            if b.id == backup_id:
+                return b
+        raise NotFound(f"no backup {backup_id!r} in {self.dest}")
+
+    def chain(self, target: BackupInfo) -> list[BackupInfo]:
+        """Full backup first, then each incremental up to `target`."""
+        by_id = {b.id: b for b in self.list()}
+        out = [target]
+        while out[-1].kind == "incremental":
+            parent = by_id.get(out[-1].parent or "")
+            if parent is None:
+                raise BackupError(f"backup {out[-1].id} needs {out[-1].parent}, which is gone")
+            out.append(parent)
+        return out[::-1]
+
+    # --- create ----------------------------------------------------------------------------
+
+    def _state_files(self, tmp: Path) -> dict[str, Path]:
+        """Copies of the state files in `tmp` (SQLite online-consistent), by name."""
+        out = {}
+        for name in PLAIN_STATE:
+            if (self.home / name).is_file():
+                shutil.copy2(self.home / name, tmp / name)
+                out[name] = tmp / name
+        for name in SQLITE_STATE:
+            if (self.home / name).is_file():
+                sqlite_copy(self.home / name, tmp / name)
+                out[name] = tmp / name
+        return out
+
+    def _model_files(self) -> tuple[dict[str, Path], dict[str, str], list[str]]:
+        """Every registered model file: archive path -> source, and the sha256 its manifest
+        records. Unregistered folders (the demo model, partial pulls) are not backed up."""
+        root = self.home / "models"
+        files: dict[str, Path] = {}
+        sums: dict[str, str] = {}
+        notes: list[str] = []
+        if not root.is_dir():
+            return files, sums, notes
+        for mf in sorted(root.glob(f"*/*/{MANIFEST_NAME}")):
+            folder = mf.parent
+            rel = folder.relative_to(self.home).as_posix()
+            manifest = read_manifest(folder)
+            files[f"{rel}/{MANIFEST_NAME}"] = mf
+            for entry in manifest.files:
+                src = safe_join(folder, entry.path)
+                if not src.is_file():
+                    notes.append(f"{rel}/{entry.path} is missing on disk; not backed up")
+                    continue
+                files[f"{rel}/{entry.path}"] = src
+                sums[f"{rel}/{entry.path}"] = entry.sha256
+        return files, sums, notes
+
+    def _blob_path(self, sha: str) -> Path:
+        return self.blobs / (sha + (".enc" if self.key else ""))
+
+    def _store_blob(self, src: Path, sha: str) -> None:
+        target = self._blob_path(sha)
+        if target.exists():
+            return  # deduplicated: this content is already kept
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.plain")
+        try:
+            got = _copy_hashing(src, tmp)
+            if got != sha:
+                raise BackupError(
+                    f"{src} does not match its manifest (sha256 {got[:12]}… != {sha[:12]}…); "
+                    "run `llmhost verify` on the model"
+                )
+            if self.key:
+                crypto.encrypt_file(tmp, target, self.key)
+            else:
+                os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def create(self, kind: Kind = "full") -> BackupInfo:
+        self.dest.mkdir(parents=True, exist_ok=True)
+        previous = self.list()
+        parent = previous[-1] if previous else None
+        if kind == "incremental" and parent is None:
+            raise BackupError("no backup yet to increment from; make a full backup first")
+        if kind == "incremental" and parent.encrypted != bool(self.key):
+            raise BackupError("an incremental backup must be encrypted like its parent")
+        created = time.time()
+        stamp = datetime.fromtimestamp(created, timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        backup_id = f"llmhost-{stamp}-{kind}"
+        with tempfile.TemporaryDirectory(dir=self.dest, prefix=".create-") as t:
+            tmp = Path(t)
+            (tmp / "state").mkdir()
+            state_files = self._state_files(tmp / "state")
+            state = {name: _sha256_file(p) for name, p in state_files.items()}
+            if kind == "full":
+                included = sorted(state)
+            else:
+                included = sorted(n for n, h in state.items() if parent.state.get(n) != h)
+            model_files, sums, notes = self._model_files()
+            models = {}
+            for rel, src in model_files.items():
+                if rel.endswith(MANIFEST_NAME):
+                    models[rel] = _sha256_file(src)
+                else:
+                    self._store_blob(src, sums[rel])
+                    models[rel] = sums[rel]
+            archive = tmp / "archive.tar.zst"
+            self._pack(
+                archive,
+                {f"state/{n}": state_files[n] for n in included},
+                {rel: src for rel, src in model_files.items() if rel.endswith(MANIFEST_NAME)},
+                {"id": backup_id, "state": state, "models": models},
+            )
+            name = backup_id + ".tar.zst" + (".enc" if self.key else "")
+            if self.key:
+                crypto.encrypt_file(archive, tmp / name, self.key)
+            else:
+                os.replace(archive, tmp / name)
+            final = self.dest / name
+            info = BackupInfo(
+                id=backup_id,
+                kind=kind,
+                created=created,
+                parent=parent.id if kind == "incremental" and parent else None,
+                encrypted=bool(self.key),
+                archive=name,
+                archive_sha256=_sha256_file(tmp / name),
+                archive_size=(tmp / name).stat().st_size,
+                state=state,
+                included=included,
+                models=models,
+                notes=notes,
+            )
+            os.replace(tmp / name, final)
+        fsync_dir(self.dest)
+        atomic_write(self.dest / f"{backup_id}.json", json.dumps(asdict(info), indent=1).encode())
+        return info
+
+    @staticmethod
+    def _pack(archive: Path, state: dict[str, Path], manifests: dict[str, Path], meta: dict):
+        cctx = zstandard.ZstdCompressor(level=3, threads=-1)
+        with archive.open("wb") as raw, cctx.stream_writer(raw, closefd=False) as zw:
+            with tarfile.open(fileobj=zw, mode="w|") as tar:
+                for arcname, src in {**state, **manifests}.items():
+                    tar.add(src, arcname=arcname, recursive=False)
+                data = json.dumps(meta).encode()
+                ti = tarfile.TarInfo("backup.json")
+                ti.size, ti.mtime = len(data), int(time.time())
+                tar.addfile(ti, io.BytesIO(data))
+            zw.flush(zstandard.FLUSH_FRAME)
+            raw.flush()
+            os.fsync(raw.fileno())
+
+    # --- reading archives ------------------------------------------------------------------
+
+    def _open_archive(self, info: BackupInfo, stack: contextlib.ExitStack) -> tarfile.TarFile:
+        path = self.dest / info.archive
+        if not path.is_file():
+            raise BackupError(f"{info.archive} is missing")
+        if info.encrypted:
+            if self.key is None:
+                raise ConfigError(f"{info.id} is encrypted: give the model key (--key-file)")
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=self.dest))
+            plain = Path(tmp) / "archive.tar.zst"
+            try:
+                crypto.decrypt_file(path, plain, self.key)
+            except LlmhostError as exc:
+                raise BackupError(f"{info.archive}: {exc.message}") from exc
+            path = plain
+        raw = stack.enter_context(path.open("rb"))
+        zr = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw))
+        return stack.enter_context(tarfile.open(fileobj=zr, mode="r|"))
+
+    def _extract(self, info: BackupInfo, into: Path) -> dict[str, Path]:
+        """Every member of the archive written under `into`, hashed against the record."""
+        out = {}
+        try:
+            with contextlib.ExitStack() as stack:
+                tar = self._open_archive(info, stack)
+                for member in tar:
+                    if not member.isfile() or member.name == "backup.json":
+                        continue
+                    target = safe_join(into, member.name)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    data = tar.extractfile(member)
+                    if data is None:
+                        continue
+                    with target.open("wb") as f:
+                        shutil.copyfileobj(data, f)
+                    out[member.name] = target
+        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
+            raise BackupError(f"{info.archive} is damaged: {exc}") from exc
+        for name, path in out.items():
+            want = (
+                info.state.get(name.removeprefix("state/"))
+                if name.startswith("state/")
+                else info.models.get(name)
+            )
+            if want != _sha256_file(path):
+                raise BackupError(f"{info.archive}: {name} does not match its record")
+        return out
+
+    def verify(self, info: BackupInfo) -> list[str]:
+        """Problems found in one backup (empty when it is whole)."""
+        problems = []
+        path = self.dest / info.archive
+        if not path.is_file():
+            return [f"{info.archive} is missing"]
+        if _sha256_file(path) != info.archive_sha256:
+            problems.append(f"{info.archive} changed since it was written (sha256 differs)")
+        with tempfile.TemporaryDirectory(dir=self.dest) as t:
+            try:
+                got = self._extract(info, Path(t))
+            except LlmhostError as exc:  # damaged, or encrypted and no key given
+                return [*problems, exc.message]
+            want = {f"state/{n}" for n in info.included} | {
+                r for r in info.models if r.endswith(MANIFEST_NAME)
+            }
+            missing = sorted(want - set(got))
+            problems += [f"{info.archive} lacks {m}" for m in missing]
+        seen: set[str] = set()
+        for rel, sha in info.models.items():
+            if rel.endswith(MANIFEST_NAME) or sha in seen:
+                continue
+            seen.add(sha)
+            problems += self._check_blob(sha, rel, info.encrypted)
+        if info.kind == "incremental":
+            try:
+                self.chain(info)
+            except BackupError as exc:
+                problems.append(exc.message)
+        return problems
+
+    def _check_blob(self, sha: str, rel: str, encrypted: bool) -> list[str]:
+        blob = self.blobs / (sha + (".enc" if encrypted else ""))
+        if not blob.is_file():
+            return [f"model file {rel}: blob {sha[:12]}… is missing"]
+        if encrypted:
+            if self.key is None:
+                return [f"{rel}: encrypted; give the key to check it"]
+            with tempfile.TemporaryDirectory(dir=self.dest) as t:
+                try:
+                    crypto.decrypt_file(blob, Path(t) / "b", self.key)
+                except LlmhostError as exc:
+                    return [f"model file {rel}: {exc.message}"]
+                ok = _sha256_file(Path(t) / "b") == sha
+        else:
+            ok = _sha256_file(blob) == sha
+        return [] if ok else [f"model file {rel}: blob {sha[:12]}… is damaged"]
+
+    # --- restore ---------------------------------------------------------------------------
+
+    def restore(self, info: BackupInfo, home: Path, force: bool = False) -> list[str]:
+        """Rebuild `home` as it was at `info`; returns what was restored."""
+        existing = [n for n in (*PLAIN_STATE, *SQLITE_STATE, "models") if (home / n).exists()]
+        models_root = home / "models"
+        if existing and not force:
+            raise BackupError(
+                f"{home} already has {', '.join(existing)}; restore with --force to replace them"
+            )
+        chain = self.chain(info)
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=home, prefix=".restore-") as t:
+            stage = Path(t)
+            state: dict[str, Path] = {}
+            for step in chain:
+                got = self._extract(step, stage / step.id)
+                for name, path in got.items():
+                    if name.startswith("state/"):
+                        state[name.removeprefix("state/")] = path
+            missing = set(info.state) - set(state)
+            if missing:
+                raise BackupError(f"the chain of {info.id} lacks {', '.join(sorted(missing))}")
+            manifests = self._extract(info, stage / "final")
+            models_stage = stage / "models"
+            for rel, sha in info.models.items():
+                target = safe_join(stage, rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if rel.endswith(MANIFEST_NAME):
+                    shutil.copy2(manifests[rel], target)
+                    continue
+                blob = self.blobs / (sha + (".enc" if info.encrypted else ""))
+                if not blob.is_file():
+                    raise BackupError(f"model file {rel}: blob {sha[:12]}… is missing")
+                if info.encrypted:
+                    crypto.decrypt_file(blob, target, self.key or b"")
+                    got_sha = _sha256_file(target)
+                else:
+                    got_sha = _copy_hashing(blob, target)
+                if got_sha != sha:
+                    raise BackupError(f"model file {rel}: blob {sha[:12]}… is damaged")
+            # everything checked: now replace what the home has
+            for name in (*PLAIN_STATE, *SQLITE_STATE):
+                for suffix in ("", "-wal", "-shm"):
+                    (home / f"{name}{suffix}").unlink(missing_ok=True)
+                if name in info.state:
+                    os.replace(state[name], home / name)
+            if models_stage.exists() or models_root.exists():
+                if models_root.exists():
+                    shutil.rmtree(models_root)
+                if models_stage.exists():
+                    os.replace(models_stage, models_root)
+        fsync_dir(home)
+        return sorted(info.state) + sorted(r for r in info.models if r.endswith(MANIFEST_NAME))
+
+    # --- prune -----------------------------------------------------------------------------
+
+    def prune(self, keep: int) -> list[str]:
+        """Keep the newest `keep` full backups and the incrementals that build on them; remove
+        the rest, then every blob no remaining backup refers to."""
+        if keep < 1:
+            raise ConfigError("--keep must be at least 1")
+        items = self.list()
+        fulls = [b for b in items if b.kind == "full"]
+        kept = {b.id for b in fulls[-keep:]}
+        for b in items:  # in creation order, so parents come first
+            if b.kind == "incremental" and b.parent in kept:
+                kept.add(b.id)
+        removed = []
+        for b in items:
+            if b.id not in kept:
+                (self.dest / b.archive).unlink(missing_ok=True)
+                (self.dest / f"{b.id}.json").unlink(missing_ok=True)
+                removed.append(b.id)
+        referenced = {
+            sha + (".enc" if b.encrypted else "")
+            for b in items
+            if b.id in kept
+            for rel, sha in b.models.items()
+            if not rel.endswith(MANIFEST_NAME)
+        }
+        if self.blobs.is_dir():
+            for blob in self.blobs.iterdir():
+                if blob.name not in referenced:
+                    blob.unlink()
+        for leftover in self.dest.glob(".create-*"):  # an interrupted backup
+            shutil.rmtree(leftover, ignore_errors=True)
+        return removed
+
+
+def schedule_units(hour: int, keep: int, exe: str, home: Path, dest: Path) -> dict[str, str]:
+    """A systemd service + timer: a full backup daily at `hour`, then prune."""
+    if not 0 <= hour <= 23:
+        raise ConfigError("--hour is 0..23")
+    env = f"Environment=LLMHOST_HOME={home}\n"
+    service = (
+        "[Unit]\nDescription=llmhost backup\n\n[Service]\nType=oneshot\n"
+        + env
+        + f"ExecStart={exe} backup create --full --to {dest}\n"
+        + f"ExecStartPost={exe} backup prune --keep {keep} --to {dest}\n"
+    )
+    timer = (
+        "[Unit]\nDescription=Daily llmhost backup\n\n[Timer]\n"
+        f"OnCalendar=*-*-* {hour:02d}:00:00\nPersistent=true\nRandomizedDelaySec=300\n\n"
+        "[Install]\nWantedBy=timers.target\n"
+    )
+    cron = (
+        f"0 {hour} * * * LLMHOST_HOME={home} {exe} backup create --full --to {dest} && "
+        f"{exe} backup prune --keep {keep} --to {dest}"
+    )
+    return {"llmhost-backup.service": service, "llmhost-backup.timer": timer, "cron": cron}

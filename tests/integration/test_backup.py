@@ -1,0 +1,233 @@
+"""Backup drills: full and incremental backups of a live-looking home, delete the home,
+restore, and find the same config, working keys, an intact audit chain and byte-identical
+models; dedup of model files; prune; damage of every kind caught by verify; encryption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from llmhost.audit.store import AuditRecord, open_store
+from llmhost.errors import BackupError, ConfigError, NotFound
+from llmhost.ops.backup import Backups, schedule_units
+from llmhost.security.auth import KeyStore
+from llmhost.store import crypto
+from llmhost.store.registry import ModelStore
+from tests.unit.test_store import add
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def audit(home: Path, n: int, user: str = "alice") -> None:
+    store = open_store(None, home / "audit.db")
+    store.append(
+        [
+            AuditRecord(
+                ts=1.7e9 + i,
+                request_id=f"r{i}",
+                client_ip="10.0.0.1",
+                user_id=user,
+                route="/v1/completions",
+                status=200,
+            )
+            for i in range(n)
+        ]
+    )
+    store.close()
+
+
+@pytest.fixture
+def home(tmp_path, tiny_model):
+    h = tmp_path / "home"
+    h.mkdir()
+    (h / "config.toml").write_text('host = "0.0.0.0"\nparallel = 4\n')
+    keys = KeyStore(h / "keys.db")
+    key, _ = keys.create("alice", rpm=30)
+    keys.close()
+    audit(h, 50)
+    store = ModelStore(h / "models")
+    add(store, tiny_model.gguf, "tiny:q", [tiny_model.gguf])
+    add(
+        store,
+        tiny_model.hf_dir,
+        "tiny:hf",
+        sorted(p for p in tiny_model.hf_dir.iterdir() if p.is_file()),
+    )
+    store.tag("tiny:q", "tiny:prod")  # same file twice: stored once in the backup
+    (h / "key").write_text(key)
+    return h
+
+
+def snapshot(h: Path) -> dict[str, str]:
+    return {
+        p.relative_to(h).as_posix(): sha(p)
+        for p in sorted((h / "models").rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_backup_delete_restore_drill(home, tmp_path):
+    dest = tmp_path / "backups"
+    b = Backups(home, dest)
+    models_before = snapshot(home)
+    full = b.create("full")
+    assert full.included == ["audit.db", "config.toml", "keys.db"]
+    blobs = list((dest / "blobs" / "sha256").iterdir())
+    model_shas = {v for k, v in full.models.items() if not k.endswith(".manifest.json")}
+    assert len(blobs) == len(model_shas)  # the GGUF shared by two tags is kept once
+    # more audit records, then an incremental that holds only what changed
+    audit(home, 25, user="bob")
+    inc = b.create("incremental")
+    assert inc.parent == full.id and inc.included == ["audit.db"]
+    assert len(list((dest / "blobs" / "sha256").iterdir())) == len(blobs)  # nothing new
+    assert b.verify(full) == [] and b.verify(inc) == []
+    key = (home / "key").read_text()
+    shutil.rmtree(home)
+
+    b2 = Backups(home, dest)
+    b2.restore(b2.get(None), home)
+    assert (home / "config.toml").read_text() == 'host = "0.0.0.0"\nparallel = 4\n'
+    keys = KeyStore(home / "keys.db")
+    principal = keys.authenticate(key)
+    keys.close()
+    assert principal.user_id == "alice" and principal.rpm == 30
+    store = open_store(None, home / "audit.db")
+    report = store.verify()
+    assert report.ok and store.count() == 75
+    assert len(store.search(user="bob")) == 25
+    store.close()
+    assert snapshot(home) == models_before
+    assert ModelStore(home / "models").resolve("tiny:prod").is_dir()
+
+    # restoring the full backup alone gives the state before the incremental
+    with pytest.raises(BackupError, match="--force"):
+        b2.restore(full, home)
+    b2.restore(full, home, force=True)
+    store = open_store(None, home / "audit.db")
+    assert store.count() == 50 and store.verify().ok
+    store.close()
+
+
+def test_cli_drill_with_prune_and_damage(home, tmp_path):
+    dest = tmp_path / "b"
+    env = {**os.environ, "LLMHOST_HOME": str(home)}
+
+    def cli(*args, ok=True):
+        p = subprocess.run(
+            [sys.executable, "-m", "llmhost", "backup", *args, "--to", str(dest)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (p.returncode == 0) == ok, p.stdout + p.stderr
+        return p
+
+    ids = [cli("create", "--full").stdout.strip() for _ in range(4)]
+    cli("create", "--incremental")
+    listed = json.loads(cli("list", "--json").stdout)
+    assert [i["id"] for i in listed][:4] == ids and listed[-1]["kind"] == "incremental"
+    out = cli("prune", "--keep", "3").stdout
+    assert f"removed {ids[0]}" in out
+    left = json.loads(cli("list", "--json").stdout)
+    assert [i["kind"] for i in left].count("full") == 3 and len(left) == 4
+    assert "ok" in cli("verify").stdout
+    # damage: one flipped byte in the newest full archive
+    newest = dest / left[2]["archive"]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    p = cli("verify", ok=False)
+    assert "changed since it was written" in p.stdout
+    # a damaged model blob
+    blob = next((dest / "blobs" / "sha256").iterdir())
+    blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
+    p = cli("verify", left[0]["id"], ok=False)
+    assert "is damaged" in p.stdout
+    # restore refuses a damaged chain and leaves the home untouched
+    before = (home / "config.toml").read_text()
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmhost",
+            "backup",
+            "restore",
+            left[2]["id"],
+            "--to",
+            str(dest),
+            "--force",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert (home / "config.toml").read_text() == before
+
+
+def test_damaged_archive_contents_and_missing_parent(home, tmp_path):
+    dest = tmp_path / "b"
+    b = Backups(home, dest)
+    full = b.create("full")
+    inc = b.create("incremental")
+    # an archive rewritten with a changed member and a matching sidecar sha is still caught
+    arch = dest / full.archive
+    arch.write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 100)
+    rec = json.loads((dest / f"{full.id}.json").read_text())
+    rec["archive_sha256"] = sha(arch)
+    (dest / f"{full.id}.json").write_text(json.dumps(rec))
+    assert any("damaged" in p for p in b.verify(b.get(full.id)))
+    (dest / f"{full.id}.json").unlink()
+    (dest / full.archive).unlink()
+    assert any("gone" in p for p in b.verify(inc))
+    with pytest.raises(BackupError):
+        b.restore(inc, tmp_path / "elsewhere")
+    with pytest.raises(NotFound):
+        b.get("llmhost-nope")
+    with pytest.raises(BackupError, match="full backup first"):
+        Backups(home, tmp_path / "empty").create("incremental")
+
+
+def test_encrypted_backups(home, tmp_path):
+    keyfile = crypto.generate_key_file(tmp_path / "model.key")
+    key = crypto.load_key(keyfile)
+    dest = tmp_path / "b"
+    b = Backups(home, dest, key)
+    info = b.create("full")
+    assert info.encrypted and info.archive.endswith(".enc")
+    # nothing readable in the folder: no SQLite header, no GGUF magic
+    for p in dest.rglob("*"):
+        if p.is_file() and not p.name.endswith(".json"):
+            head = p.read_bytes()[:64]
+            assert b"SQLite format" not in head and not head.startswith(b"GGUF"), p
+    with pytest.raises(tarfile.TarError), tarfile.open(dest / info.archive):
+        pass
+    assert b.verify(info) == []
+    assert any("key" in p for p in Backups(home, dest).verify(info))
+    wrong = Backups(home, dest, os.urandom(32))
+    assert wrong.verify(info)
+    with pytest.raises(ConfigError):
+        Backups(home, dest).restore(info, tmp_path / "h2")
+    before = snapshot(home)
+    b.restore(info, tmp_path / "h3")
+    assert snapshot(tmp_path / "h3") == before
+
+
+def test_schedule_units(tmp_path):
+    units = schedule_units(3, 5, "/usr/bin/llmhost", Path("/srv/llmhost"), Path("/backup"))
+    assert "OnCalendar=*-*-* 03:00:00" in units["llmhost-backup.timer"]
+    assert "backup prune --keep 5" in units["llmhost-backup.service"]
+    assert units["cron"].startswith("0 3 * * * LLMHOST_HOME=/srv/llmhost")
+    with pytest.raises(ConfigError):
+        schedule_units(24, 5, "x", Path("/h"), Path("/b"))
