@@ -21,6 +21,7 @@ from llmhost.cli import (
     models,
     monitoring,
     plan,
+    router,
     serve,
 )
 from llmhost.errors import LlmhostError
@@ -43,6 +44,7 @@ monitoring.register(app)
 plan.register(app)
 doctor.register(app)
 backup.register(app)
+router.register(app)
 demo.register(app)
 
 

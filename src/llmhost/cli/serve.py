@@ -142,9 +142,21 @@ def register(app: typer.Typer) -> None:
         metrics_auth: bool | None = typer.Option(
             None, "--metrics-auth/--metrics-public", help="Whether /metrics needs a key [public]."
         ),
+        restart_on_crash: bool = typer.Option(
+            False, "--restart-on-crash", help="Supervise: restart the server when it dies."
+        ),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API. Clients need an API key
         (`llmhost keys create`) or a JWT, except with --no-auth or --demo."""
+        if restart_on_crash:
+            import sys
+
+            from llmhost.observability.logs import setup_logging
+            from llmhost.ops.supervise import supervise
+
+            setup_logging(log_level or "info", "text")
+            argv = [a for a in sys.argv[1:] if a != "--restart-on-crash"]
+            raise typer.Exit(supervise([sys.executable, "-m", "llmhost", *argv]))
         settings = load_settings(
             model=model,
             host=host,

@@ -1,0 +1,319 @@
+"""A router in front of several OpenAI-compatible upstreams (llmhost replicas, a blue and a
+green deployment, or any other server): each request goes to the healthy upstream with the
+fewest requests outstanding, among those with traffic weight; an upstream that fails its
+health checks is taken out and comes back when it answers again; a request whose upstream
+fails before the first byte of its response is retried on another one, so clients never see
+a replica die unless it dies mid-stream.
+
+Streaming responses pass through chunk by chunk. `/router/status` reports every upstream;
+`PUT /router/weights` (admin token) shifts traffic, as blue-green deployments do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmhost.errors import AuthenticationError, InvalidRequest, NotFound, ServiceUnavailable
+
+log = logging.getLogger("llmhost.router")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+WINDOW = 512  # recent outcomes kept per upstream for error ratio and latency
+
+
+@dataclass
+class Upstream:
+    name: str
+    url: str
+    weight: float = 1.0
+    healthy: bool = False  # in after its first good health check
+    outstanding: int = 0
+    requests: int = 0
+    errors: int = 0
+    consecutive_failures: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # (t, ok, seconds)
+
+    def record(self, ok: bool, seconds: float) -> None:
+        self.requests += 1
+        self.errors += 0 if ok else 1
+        self.recent.append((time.monotonic(), ok, seconds))
+
+    def window(self, seconds: float) -> tuple[int, float, float]:
+        """(requests, error ratio, p99 latency) over the last `seconds`."""
+        since = time.monotonic() - seconds
+        got = [(ok, s) for t, ok, s in self.recent if t >= since]
+        if not got:
+            return 0, 0.0, 0.0
+        lat = sorted(s for _, s in got)
+        errors = sum(1 for ok, _ in got if not ok)
+        return len(got), errors / len(got), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+
+    def status(self) -> dict:
+        n, ratio, p99 = self.window(60)
+        return {
+            "name": self.name,
+            "url": self.url,
+            "weight": self.weight,
+            "healthy": self.healthy,
+            "outstanding": self.outstanding,
+            "requests": self.requests,
+            "errors": self.errors,
+            "last_minute": {
+                "requests": n,
+                "error_ratio": round(ratio, 4),
+                "p99_seconds": round(p99, 4),
+            },
+        }
+
+
+class Pool:
+    def __init__(
+        self,
+        upstreams: list[Upstream],
+        *,
+        check_every: float = 1.0,
+        fail_after: int = 2,
+        check_timeout: float = 2.0,
+    ):
+        if not upstreams:
+            raise InvalidRequest("the router needs at least one upstream")
+        names = [u.name for u in upstreams]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("upstream names must be unique")
+        self.upstreams = upstreams
+        self.check_every = check_every
+        self.fail_after = fail_after
+        self.check_timeout = check_timeout
+        self._rr = itertools.count()
+
+    def get(self, name: str) -> Upstream:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise NotFound(f"no upstream named {name!r}")
+
+    def pick(self, exclude: set[str]) -> Upstream | None:
+        live = [u for u in self.upstreams if u.healthy and u.weight > 0 and u.name not in exclude]
+        if not live:
+            return None
+        # least outstanding relative to weight; rotate among equals so idle replicas share
+        start = next(self._rr)
+        order = live[start % len(live) :] + live[: start % len(live)]
+        return min(order, key=lambda u: (u.outstanding + 1) / u.weight)
+
+    async def check(self, client: httpx.AsyncClient, u: Upstream) -> bool:
+        try:
+            r = await client.get(u.url + "/ready", timeout=self.check_timeout)
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            if not u.healthy:
+                log.info("upstream %s (%s) is in", u.name, u.url)
+            u.healthy, u.consecutive_failures = True, 0
+        else:
+            u.consecutive_failures += 1
+            if u.healthy and u.consecutive_failures >= self.fail_after:
+                log.warning("upstream %s (%s) is out: health checks fail", u.name, u.url)
+                u.healthy = False
+        return ok
+
+    def mark_failed(self, u: Upstream) -> None:
+        """A connection to `u` failed: take it out now; health checks bring it back."""
+        if u.healthy:
+            log.warning("upstream %s (%s) is out: connection failed", u.name, u.url)
+        u.healthy = False
+        u.consecutive_failures = max(u.consecutive_failures, self.fail_after)
+
+    async def run_checks(self, client: httpx.AsyncClient) -> None:
+        while True:
+            await asyncio.gather(*(self.check(client, u) for u in self.upstreams))
+            await asyncio.sleep(self.check_every)
+
+
+def _forward_headers(request: Request) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+
+
+def _error(exc) -> JSONResponse:
+    headers = {"Retry-After": "1"} if isinstance(exc, ServiceUnavailable) else None
+    return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+
+
+def create_router_app(
+    pool: Pool,
+    *,
+    admin_token: str | None = None,
+    retries: int = 2,
+    timeout: float = 600.0,
+) -> Starlette:
+    """The router as an ASGI app. `retries`: other upstreams tried when one fails before its
+    response starts."""
+    state: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
+        state["client"] = client
+        await asyncio.gather(*(pool.check(client, u) for u in pool.upstreams))
+        checker = asyncio.create_task(pool.run_checks(client))
+        try:
+            yield
+        finally:
+            checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checker
+            await client.aclose()
+
+    async def proxy(request: Request) -> Response:
+        client: httpx.AsyncClient = state["client"]
+        body = await request.body()
+        headers = _forward_headers(request)
+        tried: set[str] = set()
+        last_error = "no healthy upstream"
+        for _ in range(retries + 1):
+            u = pool.pick(tried)
+            if u is None:
+                break
+            tried.add(u.name)
+            t0 = time.perf_counter()
+            u.outstanding += 1
+            released = False
+
+            def release(ok: bool, up: Upstream = u, start: float = t0) -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    up.outstanding -= 1
+                    up.record(ok, time.perf_counter() - start)
+
+            try:
+                req = client.build_request(
+                    request.method,
+                    u.url + request.url.path,
+                    params=request.query_params,
+                    headers=headers,
+                    content=body,
+                )
+                resp = await client.send(req, stream=True)
+            except httpx.TransportError as exc:  # nothing reached the client: try another
+                release(False)
+                pool.mark_failed(u)
+                last_error = f"{u.name}: {type(exc).__name__}"
+                continue
+            if resp.status_code in RETRYABLE_STATUS and len(tried) <= retries:
+                await resp.aclose()
+                release(False)
+                last_error = f"{u.name}: HTTP {resp.status_code}"
+                continue
+
+            async def body_iter(
+                resp: httpx.Response = resp, release=release, up: Upstream = u
+            ) -> AsyncIterator[bytes]:
+                ok = resp.status_code < 500
+                try:
+                    async for chunk in resp.aiter_raw():
+                        yield chunk
+                except httpx.TransportError:
+                    ok = False  # the upstream died mid-stream: the client sees the cut
+                    pool.mark_failed(up)
+                    raise
+                finally:
+                    await resp.aclose()
+                    release(ok)
+
+            out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+            out_headers["x-llmhost-upstream"] = u.name
+            return StreamingResponse(body_iter(), status_code=resp.status_code, headers=out_headers)
+        return _error(ServiceUnavailable(f"no upstream could answer ({last_error})"))
+
+    def check_admin(request: Request) -> None:
+        if admin_token is None:
+            raise NotFound("router administration is off (no admin token configured)")
+        got = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(got.encode(), admin_token.encode()):
+            raise AuthenticationError("admin token required")
+
+    async def status(request: Request) -> Response:
+        return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
+
+    async def weights(request: Request) -> Response:
+        try:
+            check_admin(request)
+            try:
+                wanted = await request.json()
+            except ValueError as exc:
+                raise InvalidRequest('body must be JSON: {"name": weight, ...}') from exc
+            if not isinstance(wanted, dict) or not wanted:
+                raise InvalidRequest("body must be an object of upstream name -> weight")
+            for name, w in wanted.items():
+                if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1000:
+                    raise InvalidRequest(f"weight of {name!r} must be a number 0..1000")
+                pool.get(name)
+            for name, w in wanted.items():
+                pool.get(name).weight = float(w)
+        except (InvalidRequest, NotFound, AuthenticationError) as exc:
+            return _error(exc)
+        log.info("weights now %s", {u.name: u.weight for u in pool.upstreams})
+        return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        live = [u.name for u in pool.upstreams if u.healthy and u.weight > 0]
+        return JSONResponse(
+            {"status": "ready" if live else "no upstream", "upstreams": live},
+            status_code=200 if live else 503,
+        )
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+    return Starlette(
+        routes=[
+            Route("/router/status", status, methods=["GET"]),
+            Route("/router/weights", weights, methods=["PUT"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/{path:path}", proxy, methods=methods),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def parse_upstream(text: str, index: int) -> Upstream:
+    """`URL` or `NAME=URL`."""
+    name, sep, url = text.partition("=")
+    if not sep:
+        name, url = f"u{index}", text
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise InvalidRequest(f"upstream {text!r} must be an http(s) URL")
+    return Upstream(name=name, url=url)

@@ -1,0 +1,52 @@
+"""`llmhost router`: one address in front of several llmhost replicas or other servers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from llmhost.errors import ConfigError
+
+
+def router(
+    upstream: list[str] = typer.Option(
+        ..., "--upstream", "-u", help="URL or NAME=URL of an upstream (repeat)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    admin_token_file: Path | None = typer.Option(
+        None, help="File holding the token for PUT /router/weights [LLMHOST_ROUTER_TOKEN]."
+    ),
+    retries: int = typer.Option(2, min=0, max=10, help="Other upstreams tried before failing."),
+    check_every: float = typer.Option(1.0, min=0.1, help="Seconds between health checks."),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Spread requests over upstreams (fewest outstanding first), take out those failing
+    health checks, retry requests that fail before their first byte elsewhere."""
+    import uvicorn
+
+    from llmhost.api.router import Pool, create_router_app, parse_upstream
+    from llmhost.observability.logs import setup_logging
+
+    token = os.environ.get("LLMHOST_ROUTER_TOKEN")
+    if admin_token_file is not None:
+        try:
+            token = admin_token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {admin_token_file}: {exc.strerror}") from exc
+    setup_logging(log_level, "text")
+    pool = Pool([parse_upstream(u, i) for i, u in enumerate(upstream)], check_every=check_every)
+    app = create_router_app(pool, admin_token=token, retries=retries)
+    Console(stderr=True).print(
+        f"router at http://{host}:{port} -> "
+        + ", ".join(f"{u.name}={u.url}" for u in pool.upstreams),
+        highlight=False,
+    )
+    uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=30)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(router)
