@@ -19,7 +19,8 @@ an OpenAI-style error type, so the CLI prints one line and the API answers with 
     ├── InsufficientStorage(OSError)          not enough free disk for a download
     ├── IntegrityError                        a file failed its checksum, layout or authentication
     │   └── DecryptionError                   wrong key, tampered or truncated ciphertext
-    └── BackupError                           a backup is missing, damaged or cannot be restored
+    ├── BackupError                           a backup is missing, damaged or cannot be restored
+    └── DeployError                           a deploy did not go live (smoke test, rollback)
 """
 
 from __future__ import annotations
@@ -142,3 +143,7 @@ class DecryptionError(IntegrityError):
 
 class BackupError(LlmhostError):
     """A backup that is missing, damaged, or cannot be restored as asked."""
+
+
+class DeployError(LlmhostError):
+    """A deploy that did not go live: smoke test failed, rolled back, router unreachable."""

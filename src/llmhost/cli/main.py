@@ -16,6 +16,7 @@ from llmhost.cli import (
     cert,
     crypto,
     demo,
+    deploy,
     doctor,
     keys,
     models,
@@ -45,6 +46,7 @@ plan.register(app)
 doctor.register(app)
 backup.register(app)
 router.register(app)
+deploy.register(app)
 demo.register(app)
 
 
