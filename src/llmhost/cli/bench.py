@@ -72,6 +72,18 @@ COLUMNS = [
 ]
 
 
+def _check_targets(report: list[dict], targets: list) -> int:
+    """Adds each target's value and verdict to its scenario; returns how many were missed."""
+    missed = 0
+    for r in report:
+        r["slo"] = []
+        for t in targets:
+            value, met = t.check(r)
+            r["slo"].append({"target": t.text, "value": value, "met": met})
+            missed += not met
+    return missed
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
@@ -92,6 +104,11 @@ def register(app: typer.Typer) -> None:
         slo_ttft_ms: float | None = typer.Option(None, help="Goodput SLO on TTFT."),
         slo_tpot_ms: float | None = typer.Option(None, help="Goodput SLO on TPOT."),
         slo_e2e_ms: float | None = typer.Option(None, help="Goodput SLO on end-to-end latency."),
+        slo: str | None = typer.Option(
+            None,
+            help="Targets to check, e.g. ttft=300ms,throughput=50,success=99.95% (the guide's); "
+            "exit 1 when one is missed.",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
     ) -> None:
         """Measure TTFT, TPOT, ITL, latency and throughput of an OpenAI-compatible server."""
@@ -103,6 +120,9 @@ def register(app: typer.Typer) -> None:
         if prompt_tokens < 1 or output_tokens < 1 or rounds < 1 or warmup < 0:
             raise ConfigError("token counts and --rounds must be >= 1, --warmup >= 0")
         scenarios = _scenarios(concurrency, rate, requests)
+        from llmhost.ops.bench import parse_slo
+
+        targets = parse_slo(slo) if slo else []
 
         nonce = secrets.token_hex(4)  # A and B get the same prompts, unseen by either
 
@@ -123,13 +143,22 @@ def register(app: typer.Typer) -> None:
         console = Console(width=max(Console().width, 120))
         if compare is None:
             report = asyncio.run(run_scenarios(cfg(url), scenarios, warmup=warmup))
+            missed = _check_targets(report, targets)
             if as_json:
                 typer.echo(json.dumps({"target": url, "results": report}))
-                return
-            table = Table(*COLUMNS, title=f"{url} (ms for latencies)")
-            for r in report:
-                table.add_row(*_row(r["scenario"]["name"], r))
-            console.print(table)
+            else:
+                table = Table(*COLUMNS, title=f"{url} (ms for latencies)")
+                for r in report:
+                    table.add_row(*_row(r["scenario"]["name"], r))
+                console.print(table)
+                for r in report:
+                    for t in r.get("slo", []):
+                        mark = "[green]met[/]" if t["met"] else "[bold red]missed[/]"
+                        console.print(
+                            f"{r['scenario']['name']}: {t['target']} -> {t['value']:.4g} {mark}"
+                        )
+            if missed:
+                raise typer.Exit(1)
             return
         report = asyncio.run(
             run_compare(cfg(compare[0]), cfg(compare[1]), scenarios, rounds=rounds, warmup=warmup)

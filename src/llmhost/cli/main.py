@@ -19,6 +19,7 @@ from llmhost.cli import (
     deploy,
     doctor,
     keys,
+    loadtest,
     models,
     monitoring,
     plan,
@@ -47,6 +48,7 @@ doctor.register(app)
 backup.register(app)
 router.register(app)
 deploy.register(app)
+loadtest.register(app)
 demo.register(app)
 
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import secrets
 import statistics
 import time
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from llmhost.errors import InvalidRequest, ServiceUnavailable
+from llmhost.errors import ConfigError, InvalidRequest, ServiceUnavailable
 
 _WORDS = (
     "the",
@@ -346,3 +347,70 @@ async def compare(
                 }
             )
         return report
+
+
+# --- service-level targets -----------------------------------------------------------------
+
+_LATENCIES = {"ttft": "ttft_ms", "tpot": "tpot_ms", "itl": "itl_ms", "e2e": "e2e_ms"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One figure a run must reach: `path` in a scenario's summary, at most or at least."""
+
+    text: str
+    path: str
+    limit: float
+    at_most: bool
+
+    def check(self, summary: dict) -> tuple[float, bool]:
+        if self.path == "success":
+            done = summary["completed"] + summary["failed"]
+            value = summary["completed"] / done if done else 0.0
+        else:
+            value = _get(summary, self.path)
+        return value, (value <= self.limit if self.at_most else value >= self.limit)
+
+
+def _duration_ms(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)", text.strip())
+    if not m:
+        raise ConfigError(f"{text!r}: a duration such as 300ms or 2s")
+    return float(m.group(1)) * (1.0 if m.group(2) == "ms" else 1000.0)
+
+
+def parse_slo(text: str) -> list[Target]:
+    """`ttft=300ms,tpot_p99=100ms,e2e_p90=5s,throughput=50,success=99.95%`: latencies at p50
+    unless a percentile (p50, p90, p99) is named; throughput in output tokens/s; success as
+    the share of requests that completed."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--slo {part!r}: NAME=VALUE")
+        name, _, pct = key.strip().lower().partition("_")
+        if name in _LATENCIES:
+            pct = pct or "p50"
+            if pct not in ("p50", "p90", "p99", "mean"):
+                raise ConfigError(f"--slo {part!r}: percentile p50, p90, p99 or mean")
+            out.append(Target(part, f"{_LATENCIES[name]}.{pct}", _duration_ms(value), True))
+        elif key == "throughput":
+            try:
+                out.append(Target(part, "output_throughput", float(value), False))
+            except ValueError as exc:
+                raise ConfigError(f"--slo {part!r}: output tokens/s, e.g. 50") from exc
+        elif key == "success":
+            try:
+                share = float(value.rstrip("%")) / (100.0 if value.endswith("%") else 1.0)
+            except ValueError as exc:
+                raise ConfigError(f"--slo {part!r}: a share such as 99.95%") from exc
+            if not 0 < share <= 1:
+                raise ConfigError(f"--slo {part!r}: a share between 0 and 100%")
+            out.append(Target(part, "success", share, False))
+        else:
+            raise ConfigError(
+                f"--slo {part!r}: one of ttft, tpot, itl, e2e (with _p90/_p99), throughput, success"
+            )
+    if not out:
+        raise ConfigError("--slo names no target")
+    return out
