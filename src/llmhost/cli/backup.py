@@ -16,19 +16,27 @@ from rich.table import Table
 from llmhost.config import load_settings
 from llmhost.errors import BackupError, ConfigError
 
-DEST_HELP = "Backup folder [$LLMHOST_HOME/backups]."
+DEST_HELP = "Backup folder or s3://bucket/prefix [$LLMHOST_HOME/backups]."
 KEY_HELP = "Encrypt with (or read with) this key file (the model key, 0600)."
 
 
-def _backups(to: Path | None, key_file: Path | None, key_command: str | None = None):
-    from llmhost.ops.backup import Backups
+def _backups(to: str | None, key_file: Path | None, key_command: str | None = None):
+    """The backups, and for an s3:// destination the bucket whose local cache they use."""
+    import os
+
+    from llmhost.ops.backup import Backups, S3Remote
     from llmhost.store import crypto
 
     settings = load_settings()
-    if to is not None and str(to).startswith("s3://"):
-        raise ConfigError("backups go to a folder; sync it to object storage with your tool")
     key = crypto.load_key(key_file, key_command) if (key_file or key_command) else None
-    return Backups(settings.home, (to or settings.home / "backups").expanduser(), key), settings
+    remote = None
+    if to is not None and to.startswith("s3://"):
+        remote = S3Remote(to, dict(os.environ))
+        dest = settings.home / "backups" / ".s3" / remote.bucket / remote.prefix
+        remote.sync_records(dest)
+    else:
+        dest = Path(to).expanduser() if to else settings.home / "backups"
+    return Backups(settings.home, dest, key), settings, remote
 
 
 def _size(n: int) -> str:
@@ -38,7 +46,7 @@ def _size(n: int) -> str:
 def create(
     full: bool = typer.Option(False, "--full", help="Everything (the default)."),
     incremental: bool = typer.Option(False, "--incremental", help="State changed since the last."),
-    to: Path | None = typer.Option(None, help=DEST_HELP),
+    to: str | None = typer.Option(None, help=DEST_HELP),
     key_file: Path | None = typer.Option(None, help=KEY_HELP),
     key_command: str | None = typer.Option(None, help="Command printing the key."),
 ) -> None:
@@ -46,12 +54,16 @@ def create(
     every stored model (files kept once across backups, by sha256)."""
     if full and incremental:
         raise ConfigError("--full or --incremental, not both")
-    b, settings = _backups(to, key_file, key_command)
+    b, settings, remote = _backups(to, key_file, key_command)
+    if remote is not None:
+        b.known_blobs = {k.rsplit("/", 1)[-1] for k in remote.list_keys("blobs/")}
     if settings.audit_url:
         Console(stderr=True).print(
             "[yellow]The audit log is in PostgreSQL: back it up with pg_dump.[/]"
         )
     info = b.create("incremental" if incremental else "full")
+    if remote is not None:
+        remote.push(b.dest, b.new_files)
     for note in info.notes:
         Console(stderr=True).print(f"[yellow]{note}[/]", highlight=False)
     typer.echo(info.id)
@@ -65,11 +77,11 @@ def create(
 
 
 def list_cmd(
-    to: Path | None = typer.Option(None, help=DEST_HELP),
+    to: str | None = typer.Option(None, help=DEST_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Backups, oldest first."""
-    b, _ = _backups(to, None)
+    b, _, _ = _backups(to, None)
     items = b.list()
     if as_json:
         typer.echo(json.dumps([asdict(i) for i in items]))
@@ -91,13 +103,15 @@ def list_cmd(
 
 def verify(
     backup_id: str | None = typer.Argument(None, help="A backup id [all]."),
-    to: Path | None = typer.Option(None, help=DEST_HELP),
+    to: str | None = typer.Option(None, help=DEST_HELP),
     key_file: Path | None = typer.Option(None, help=KEY_HELP),
     key_command: str | None = typer.Option(None, help="Command printing the key."),
 ) -> None:
     """Check archives and model blobs against their recorded sha256; exit 1 on any problem."""
-    b, _ = _backups(to, key_file, key_command)
+    b, _, remote = _backups(to, key_file, key_command)
     items = [b.get(backup_id)] if backup_id else b.list()
+    if remote is not None:
+        remote.pull(b.dest, b.referenced(items))
     if not items:
         raise BackupError(f"no backups in {b.dest}")
     bad = 0
@@ -115,7 +129,7 @@ def verify(
 
 def restore(
     backup_id: str | None = typer.Argument(None, help="A backup id [the newest]."),
-    to: Path | None = typer.Option(None, help=DEST_HELP),
+    to: str | None = typer.Option(None, help=DEST_HELP),
     home: Path | None = typer.Option(None, help="Restore into this home [$LLMHOST_HOME]."),
     force: bool = typer.Option(False, "--force", help="Replace the state the home has."),
     key_file: Path | None = typer.Option(None, help=KEY_HELP),
@@ -123,26 +137,33 @@ def restore(
 ) -> None:
     """Rebuild the home as it was at a backup (its full backup, then its incrementals);
     every file is checked against its sha256 before anything is replaced."""
-    b, settings = _backups(to, key_file, key_command)
+    b, settings, remote = _backups(to, key_file, key_command)
     info = b.get(backup_id)
+    if remote is not None:
+        remote.pull(b.dest, b.referenced(b.chain(info)))
     done = b.restore(info, (home or settings.home).expanduser(), force=force)
     typer.echo(f"restored {info.id}: {len(done)} items")
 
 
 def prune(
     keep: int = typer.Option(..., "--keep", min=1, help="Full backups to keep (newest)."),
-    to: Path | None = typer.Option(None, help=DEST_HELP),
+    to: str | None = typer.Option(None, help=DEST_HELP),
 ) -> None:
     """Remove all but the newest N full backups (with their incrementals) and unused blobs."""
-    b, _ = _backups(to, None)
+    b, _, remote = _backups(to, None)
     for removed in b.prune(keep):
         typer.echo(f"removed {removed}")
+    if remote is not None:
+        kept = b.referenced(b.list())
+        remote.delete(
+            {k for k in remote.list_keys() if k.startswith(("llmhost-", "blobs/"))} - kept
+        )
 
 
 def schedule(
     hour: int = typer.Option(2, help="Hour of the daily full backup (local time)."),
     keep: int = typer.Option(7, min=1, help="Full backups to keep."),
-    to: Path | None = typer.Option(None, help=DEST_HELP),
+    to: str | None = typer.Option(None, help=DEST_HELP),
     out: Path | None = typer.Option(
         None, help="Write the systemd units here (e.g. /etc/systemd/system) [print them]."
     ),
@@ -153,7 +174,7 @@ def schedule(
 
     settings = load_settings()
     exe = shutil.which("llmhost") or f"{sys.executable} -m llmhost"
-    units = schedule_units(hour, keep, exe, settings.home, to or settings.home / "backups")
+    units = schedule_units(hour, keep, exe, settings.home, to or str(settings.home / "backups"))
     if cron:
         typer.echo(units["cron"])
         return

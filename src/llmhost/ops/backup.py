@@ -109,6 +109,8 @@ class Backups:
         self.dest = dest
         self.key = key
         self.blobs = dest / "blobs" / "sha256"
+        self.new_files: list[Path] = []  # what `create` wrote, for a remote copy to upload
+        self.known_blobs: set[str] = set()  # blob names kept elsewhere (a bucket)
 
     # --- listing ---------------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class Backups:
 
     def _store_blob(self, src: Path, sha: str) -> None:
         target = self._blob_path(sha)
-        if target.exists():
+        if target.exists() or target.name in self.known_blobs:
             return  # deduplicated: this content is already kept
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.plain")
@@ -198,6 +200,7 @@ class Backups:
                 crypto.encrypt_file(tmp, target, self.key)
             else:
                 os.replace(tmp, target)
+            self.new_files.append(target)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -259,7 +262,20 @@ class Backups:
             os.replace(tmp / name, final)
         fsync_dir(self.dest)
         atomic_write(self.dest / f"{backup_id}.json", json.dumps(asdict(info), indent=1).encode())
+        self.new_files += [final, self.dest / f"{backup_id}.json"]
         return info
+
+    def referenced(self, items: list[BackupInfo]) -> set[str]:
+        """Every file name (relative to the folder) that `items` need."""
+        out = set()
+        for b in items:
+            out |= {b.archive, f"{b.id}.json"}
+            out |= {
+                f"blobs/sha256/{sha}{'.enc' if b.encrypted else ''}"
+                for rel, sha in b.models.items()
+                if not rel.endswith(MANIFEST_NAME)
+            }
+        return out
 
     @staticmethod
     def _pack(archive: Path, state: dict[str, Path], manifests: dict[str, Path], meta: dict):
@@ -463,7 +479,7 @@ class Backups:
         return removed
 
 
-def schedule_units(hour: int, keep: int, exe: str, home: Path, dest: Path) -> dict[str, str]:
+def schedule_units(hour: int, keep: int, exe: str, home: Path, dest: Path | str) -> dict[str, str]:
     """A systemd service + timer: a full backup daily at `hour`, then prune."""
     if not 0 <= hour <= 23:
         raise ConfigError("--hour is 0..23")
@@ -484,3 +500,64 @@ def schedule_units(hour: int, keep: int, exe: str, home: Path, dest: Path) -> di
         f"{exe} backup prune --keep {keep} --to {dest}"
     )
     return {"llmhost-backup.service": service, "llmhost-backup.timer": timer, "cron": cron}
+
+
+class S3Remote:
+    """A backup folder kept in an S3-compatible bucket (`s3://bucket/prefix`); a local folder
+    caches what is read and stages what is written."""
+
+    def __init__(self, url: str, env: dict[str, str]):
+        from llmhost.store.sources import s3_client
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ConfigError(f"{url}: s3://BUCKET[/PREFIX]")
+        self.bucket, self.prefix = bucket, (prefix.strip("/") + "/") if prefix.strip("/") else ""
+        self.s3 = s3_client(env)
+
+    def list_keys(self, under: str = "") -> set[str]:
+        out = set()
+        pages = self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + under
+        )
+        try:
+            for page in pages:
+                out |= {o["Key"][len(self.prefix) :] for o in page.get("Contents", [])}
+        except Exception as exc:  # botocore's errors: no such bucket, denied, unreachable
+            raise BackupError(f"s3://{self.bucket}/{self.prefix}: {exc}") from exc
+        return out
+
+    def pull(self, local: Path, names: set[str] | list[str]) -> None:
+        for name in names:
+            target = safe_join(local, name)
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            try:
+                self.s3.download_file(self.bucket, self.prefix + name, str(tmp))
+            except Exception as exc:
+                tmp.unlink(missing_ok=True)
+                raise BackupError(f"cannot fetch {name} from s3://{self.bucket}: {exc}") from exc
+            os.replace(tmp, target)
+
+    def push(self, local: Path, paths: list[Path]) -> None:
+        for p in paths:
+            name = p.relative_to(local).as_posix()
+            try:
+                self.s3.upload_file(str(p), self.bucket, self.prefix + name)
+            except Exception as exc:
+                raise BackupError(f"cannot upload {name} to s3://{self.bucket}: {exc}") from exc
+
+    def delete(self, names: set[str]) -> None:
+        for name in sorted(names):
+            self.s3.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+
+    def sync_records(self, local: Path) -> None:
+        """Make the local folder's backup records those of the bucket."""
+        remote = {k for k in self.list_keys() if k.startswith("llmhost-") and k.endswith(".json")}
+        local.mkdir(parents=True, exist_ok=True)
+        for stale in local.glob("llmhost-*.json"):
+            if stale.name not in remote:
+                stale.unlink()
+        self.pull(local, remote)

@@ -156,7 +156,7 @@ def _from_list(source: str, opts: SourceOptions) -> Resolved:
 # --- S3-compatible stores ------------------------------------------------------------------
 
 
-def _s3_client(env: Mapping[str, str]):
+def s3_client(env: Mapping[str, str]):
     try:
         import boto3
         from botocore.config import Config
@@ -181,7 +181,7 @@ def _from_s3(source: str, opts: SourceOptions) -> Resolved:
     bucket, prefix = parts.netloc, parts.path.lstrip("/")
     if not bucket:
         raise ConfigError(f"{source}: expected s3://bucket/prefix")
-    client = _s3_client(opts.env)
+    client = s3_client(opts.env)
     try:
         objects = []
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
