@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     )
     audit_retention_days: float = Field(90.0, ge=0, description="0 keeps audit records forever.")
     audit_redact_ip: bool = Field(False, description="Also redact IP addresses in prompts.")
+    upstream_url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible server the openai engine fronts."
+    )
+    upstream_api_key: str | None = Field(None, description="Key the upstream expects.")
+    upstream_timeout: float = Field(600.0, gt=0, description="Seconds one upstream call may take.")
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Serve /metrics on this port only (same host)."

@@ -27,12 +27,15 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: a rendered prompt (text or token ids) and how to sample it."""
+    """One generation: a rendered prompt (text or token ids) and how to sample it. A chat
+    request also carries its messages, for engines that apply the template themselves (a
+    remote server); the others use the prompt, rendered from the model's template."""
 
     prompt: str | list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     add_special: bool = True
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -277,6 +277,7 @@ class OpenAIServing:
             prompt=self.render(req),
             sampling=self.sampling(req, req.token_budget),
             request_id=request_id,
+            messages=tuple({"role": m.role, "content": m.text()} for m in req.messages),
         )
         return await self._respond(req, gen, model, CHAT, {} if notes is None else notes)
 

@@ -14,6 +14,8 @@ from llmhost.config import Settings, load_settings
 from llmhost.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger("llmhost.serve")
+# Engines whose model is a name on another server, not a file here.
+REMOTE_ENGINES = frozenset({"openai"})
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -142,6 +144,9 @@ def register(app: typer.Typer) -> None:
         metrics_auth: bool | None = typer.Option(
             None, "--metrics-auth/--metrics-public", help="Whether /metrics needs a key [public]."
         ),
+        upstream_url: str | None = typer.Option(
+            None, help="With --engine openai: the server to front, e.g. http://10.0.0.7:8000"
+        ),
         restart_on_crash: bool = typer.Option(
             False, "--restart-on-crash", help="Supervise: restart the server when it dies."
         ),
@@ -177,6 +182,7 @@ def register(app: typer.Typer) -> None:
             ssl_keyfile=ssl_keyfile,
             metrics_port=metrics_port,
             metrics_auth=metrics_auth,
+            upstream_url=upstream_url,
         )
         from llmhost.security.tls import check_server_files
 
@@ -195,7 +201,11 @@ def register(app: typer.Typer) -> None:
                 "Pass a GGUF path to serve a real model.",
                 highlight=False,
             )
-        elif settings.model and not Path(settings.model).expanduser().exists():
+        elif (
+            settings.model
+            and settings.engine not in REMOTE_ENGINES
+            and not Path(settings.model).expanduser().exists()
+        ):
             from llmhost.store.registry import ModelStore
 
             try:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 BUILTIN_ENGINES: dict[str, str] = {
     "llamacpp": "llmhost.engines.llamacpp:LlamaCppEngine",
     "fake": "llmhost.engines.fake:FakeEngine",
+    "openai": "llmhost.engines.openai_upstream:OpenAIUpstreamEngine",
 }
 
 
