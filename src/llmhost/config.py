@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     )
     upstream_api_key: str | None = Field(None, description="Key the upstream expects.")
     upstream_timeout: float = Field(600.0, gt=0, description="Seconds one upstream call may take.")
+    vllm_command: str = Field("vllm", description="The vllm executable (vllm engine).")
+    tensor_parallel: int = Field(1, ge=1, le=64, description="GPUs one model is split over.")
+    pipeline_parallel: int = Field(1, ge=1, le=64, description="Pipeline stages (nodes).")
+    distributed_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM's executor: ray for several nodes."
+    )
+    quantization: str | None = Field(None, description="vLLM --quantization (awq, fp8, ...).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU share for vLLM.")
+    vllm_args: str = Field("", description="More `vllm serve` flags.")
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Serve /metrics on this port only (same host)."

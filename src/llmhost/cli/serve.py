@@ -109,6 +109,26 @@ def _warn_about_auth(settings: Settings) -> None:
                 err.print("Authentication is on and every API key is revoked or expired.")
 
 
+def _plan_settings(path: Path, gpu: str | None, settings: Settings) -> dict:
+    """Tensor-parallel degree (and context) from a saved `llmhost plan --json`."""
+    import json
+
+    try:
+        plan = json.loads(path.read_text())
+        rows = plan["gpus"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not the JSON of `llmhost plan --json` ({exc})") from exc
+    if gpu is None:
+        raise ConfigError("--from-plan needs --plan-gpu NAME (a row of the plan)")
+    match = [r for r in rows if gpu.lower() in str(r.get("gpu", "")).lower()]
+    if len(match) != 1:
+        raise ConfigError(f"--plan-gpu {gpu!r} matches {len(match)} rows of the plan")
+    need = match[0].get("gpus_needed")
+    if not need:
+        raise ConfigError(f"the plan says the model does not fit on {match[0]['gpu']}")
+    return {"tensor_parallel": int(need), "ctx_size": settings.ctx_size or int(plan["ctx"])}
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -147,6 +167,16 @@ def register(app: typer.Typer) -> None:
         upstream_url: str | None = typer.Option(
             None, help="With --engine openai: the server to front, e.g. http://10.0.0.7:8000"
         ),
+        tensor_parallel: int | None = typer.Option(None, help="vllm: GPUs per model [1]."),
+        pipeline_parallel: int | None = typer.Option(None, help="vllm: pipeline stages [1]."),
+        distributed_backend: str | None = typer.Option(None, help="vllm: mp or ray."),
+        quantization: str | None = typer.Option(None, help="vllm: awq, gptq, fp8, ..."),
+        gpu_memory_utilization: float | None = typer.Option(None, help="vllm: GPU share [0.9]."),
+        vllm_args: str | None = typer.Option(None, help="vllm: more `vllm serve` flags."),
+        from_plan: Path | None = typer.Option(
+            None, help="vllm: JSON of `llmhost plan --json`; its GPU count sets --tensor-parallel."
+        ),
+        plan_gpu: str | None = typer.Option(None, help="With --from-plan: which GPU row."),
         restart_on_crash: bool = typer.Option(
             False, "--restart-on-crash", help="Supervise: restart the server when it dies."
         ),
@@ -183,7 +213,15 @@ def register(app: typer.Typer) -> None:
             metrics_port=metrics_port,
             metrics_auth=metrics_auth,
             upstream_url=upstream_url,
+            tensor_parallel=tensor_parallel,
+            pipeline_parallel=pipeline_parallel,
+            distributed_backend=distributed_backend,
+            quantization=quantization,
+            gpu_memory_utilization=gpu_memory_utilization,
+            vllm_args=vllm_args,
         )
+        if from_plan is not None:
+            settings = settings.model_copy(update=_plan_settings(from_plan, plan_gpu, settings))
         from llmhost.security.tls import check_server_files
 
         check_server_files(settings.ssl_certfile, settings.ssl_keyfile)
@@ -211,13 +249,17 @@ def register(app: typer.Typer) -> None:
             try:
                 found = ModelStore(settings.models_dir).resolve(settings.model)
             except LookupError as exc:
-                raise ConfigError(f"model not found: {settings.model} ({exc})") from exc
-            settings = settings.model_copy(
-                update={
-                    "model": str(found),
-                    "model_name": settings.model_name or settings.model.replace("@", ":"),
-                }
-            )
+                if settings.engine == "vllm":  # a Hugging Face id: vLLM fetches it itself
+                    found = None
+                else:
+                    raise ConfigError(f"model not found: {settings.model} ({exc})") from exc
+            if found is not None:
+                settings = settings.model_copy(
+                    update={
+                        "model": str(found),
+                        "model_name": settings.model_name or settings.model.replace("@", ":"),
+                    }
+                )
         _warn_about_auth(settings)
         Console(stderr=True).print(
             f"OpenAI-compatible API at {'https' if settings.ssl_certfile else 'http'}://"

@@ -17,6 +17,7 @@ BUILTIN_ENGINES: dict[str, str] = {
     "llamacpp": "llmhost.engines.llamacpp:LlamaCppEngine",
     "fake": "llmhost.engines.fake:FakeEngine",
     "openai": "llmhost.engines.openai_upstream:OpenAIUpstreamEngine",
+    "vllm": "llmhost.engines.vllm:VllmEngine",
 }
 
 
