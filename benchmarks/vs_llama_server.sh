@@ -3,6 +3,8 @@
 #
 #   ./benchmarks/vs_llama_server.sh            # TinyLlama-1.1B-shaped Q4_0 model (full run)
 #   ./benchmarks/vs_llama_server.sh --smoke    # the tiny demo model, few requests
+#   ./benchmarks/vs_llama_server.sh --upstream # llmhost (--engine openai) in front of
+#                                              # llama-server vs llama-server direct
 #
 # Builds llama-server and llama-bench once into $LLMHOST_BENCH_CACHE (default
 # ~/.cache/llmhost-bench) from the llama.cpp sources vendored in the llama-cpp-python sdist of
@@ -13,7 +15,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SMOKE=0; [ "${1:-}" = "--smoke" ] && SMOKE=1
+SMOKE=0; UPSTREAM=0
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) SMOKE=1 ;;
+        --upstream) UPSTREAM=1 ;;
+        *) echo "unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
 THREADS="${THREADS:-2}"
 PARALLEL="${PARALLEL:-8}"
 CTX="${CTX:-1024}"              # context per sequence, both servers
@@ -72,8 +81,17 @@ trap cleanup EXIT
 "$BIN/llama-server" -m "$MODEL" -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" \
     -c $((PARALLEL * CTX)) --host 127.0.0.1 --port "$P_LS" > "$CACHE/llama-server.log" 2>&1 &
 pids+=($!)
-LLMHOST_HOME="$CACHE/home" $LLMHOST serve "$MODEL" --threads "$THREADS" --parallel "$PARALLEL" \
-    --ctx-size "$CTX" --port "$P_LH" --log-level warning > "$CACHE/llmhost.log" 2>&1 &
+if [ "$UPSTREAM" = 1 ]; then
+    curl_wait() { for _ in $(seq 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.5; done; }
+    curl_wait "http://127.0.0.1:$P_LS/health"
+    LLMHOST_HOME="$CACHE/home" $LLMHOST serve --engine openai \
+        --upstream-url "http://127.0.0.1:$P_LS" --port "$P_LH" --no-auth --log-level warning \
+        > "$CACHE/llmhost.log" 2>&1 &
+else
+    LLMHOST_HOME="$CACHE/home" $LLMHOST serve "$MODEL" --threads "$THREADS" \
+        --parallel "$PARALLEL" --ctx-size "$CTX" --port "$P_LH" --log-level warning \
+        > "$CACHE/llmhost.log" 2>&1 &
+fi
 pids+=($!)
 
 wait_ok() {
@@ -94,10 +112,10 @@ run_compare() {  # $1 concurrency, $2 requests
 log "concurrency 1"; C1=$(run_compare 1 "$REQ1")
 log "concurrency $PARALLEL"; C8=$(run_compare "$PARALLEL" "$REQ8")
 
-$PY - "$BENCH_JSON" "$C1" "$C8" "$SHAPE" "$THREADS" "$PARALLEL" "$CTX" <<'PYEOF'
+$PY - "$BENCH_JSON" "$C1" "$C8" "$SHAPE" "$THREADS" "$PARALLEL" "$CTX" "$UPSTREAM" <<'PYEOF'
 import json, sys
 bench, c1, c8 = (json.loads(a) for a in sys.argv[1:4])
-shape, threads, parallel, ctx = sys.argv[4], *map(int, sys.argv[5:8])
+shape, threads, parallel, ctx, upstream = sys.argv[4], *map(int, sys.argv[5:9])
 tg = next(b["avg_ts"] for b in bench if b.get("n_gen", 0) > 0)
 pp = next(b["avg_ts"] for b in bench if b.get("n_prompt", 0) > 0)
 r1, r8 = c1["results"][0], c8["results"][0]
@@ -138,5 +156,18 @@ out["targets_met"] = {
     "c1_tok_s>=0.85x_tg": r["c1_tok_s_vs_llama_bench_tg"] >= 0.85,
     "c1_decode_tok_s>=0.85x_tg": r["c1_decode_tok_s_vs_llama_bench_tg"] >= 0.85,
 }
+if upstream:  # llmhost only forwards: what it costs on top of llama-server
+    out["mode"] = "llmhost --engine openai in front of llama-server vs llama-server direct"
+    out["upstream_overhead"] = {
+        "c1_tok_s_loss": 1 - r["c1_tok_s_vs_llama_server"],
+        f"c{parallel}_tok_s_loss": 1 - r[f"c{parallel}_tok_s_vs_llama_server"],
+        "c1_ttft_added_ms_p50": lh1["ttft_ms_p50"] - ls1["ttft_ms_p50"],
+        f"c{parallel}_ttft_added_ms_p50": lh8["ttft_ms_p50"] - ls8["ttft_ms_p50"],
+    }
+    out["targets_met"] = {
+        "tok_s_loss<=2%": max(out["upstream_overhead"]["c1_tok_s_loss"],
+                              out["upstream_overhead"][f"c{parallel}_tok_s_loss"]) <= 0.02,
+        "ttft_added<=5ms": out["upstream_overhead"]["c1_ttft_added_ms_p50"] <= 5,
+    }
 print(json.dumps(out))
 PYEOF

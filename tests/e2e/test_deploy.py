@@ -71,9 +71,9 @@ def stack(tiny_model, tmp_path):
     assert p.returncode == 0, p.stderr
     yield blue, router, home
     router.stop()
-    p = deploy(home, "status")
-    for colour in json.loads(p.stdout)["colours"].values() if p.returncode == 0 else []:
-        if colour["pid"]:
+    state = json.loads((home / "deploy.json").read_text())
+    for colour in state["colours"].values():  # the colour a deploy left live
+        if colour["pid"] and colour["pid"] != blue.proc.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(colour["pid"], 15)
     if blue.proc.poll() is None:
