@@ -89,7 +89,7 @@ if [ "$UPSTREAM" = 1 ]; then
         > "$CACHE/llmhost.log" 2>&1 &
 else
     LLMHOST_HOME="$CACHE/home" $LLMHOST serve "$MODEL" --threads "$THREADS" \
-        --parallel "$PARALLEL" --ctx-size "$CTX" --port "$P_LH" --log-level warning \
+        --parallel "$PARALLEL" --ctx-size "$CTX" --port "$P_LH" --no-auth --log-level warning \
         > "$CACHE/llmhost.log" 2>&1 &
 fi
 pids+=($!)
@@ -104,8 +104,9 @@ wait_ok() {
 wait_ok "http://127.0.0.1:$P_LS/health"
 wait_ok "http://127.0.0.1:$P_LH/ready"
 
+SAME=(); [ "$UPSTREAM" = 1 ] && SAME=(--same-backend)
 run_compare() {  # $1 concurrency, $2 requests
-    $LLMHOST bench --compare "http://127.0.0.1:$P_LH" "http://127.0.0.1:$P_LS" \
+    $LLMHOST bench --compare "http://127.0.0.1:$P_LH" "http://127.0.0.1:$P_LS" "${SAME[@]}" \
         --concurrency "$1" --requests "$2" --rounds "$ROUNDS" --output-tokens "$OUT_TOKENS" \
         --prompt-tokens "$PROMPT_TOKENS" --warmup 1 --json
 }

@@ -17,11 +17,11 @@ import pytest
 
 from llmhost.audit.store import AuditRecord, open_store
 from llmhost.errors import BackupError, ConfigError, NotFound
-from llmhost.ops.backup import Backups, schedule_units
+from llmhost.ops.backup import Backups
+from llmhost.ops.backup_remote import schedule_units
 from llmhost.security.auth import KeyStore
 from llmhost.store import crypto
 from llmhost.store.registry import ModelStore
-from tests.conftest import require
 from tests.unit.test_store import add
 
 
@@ -234,89 +234,66 @@ def test_schedule_units(tmp_path):
         schedule_units(24, 5, "x", Path("/h"), Path("/b"))
 
 
-def test_backups_in_an_s3_bucket(home, tmp_path):
+def test_backups_in_an_s3_bucket(home, tmp_path, s3_server):
     """The same drill against an S3-compatible server (moto): create, incremental, list,
     verify from an empty cache, prune deleting objects, restore into an empty home."""
-    require("boto3")
-    moto_server = require("moto.server").server
-    import socket
-
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    srv.start()
-    try:
-        env = {
-            **os.environ,
-            "LLMHOST_HOME": str(home),
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "t",
-            "AWS_SECRET_ACCESS_KEY": "t",
-            "AWS_REGION": "us-east-1",
-        }
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            region_name="us-east-1",
-            aws_access_key_id="t",
-            aws_secret_access_key="t",
-        )
-        s3.create_bucket(Bucket="llmhost-backups")
-        url = "s3://llmhost-backups/site-a"
+    env = {**os.environ, **s3_server, "LLMHOST_HOME": str(home)}
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    s3.create_bucket(Bucket="llmhost-backups")
+    url = "s3://llmhost-backups/site-a"
 
-        def cli(*args, ok=True, home_dir=home):
-            p = subprocess.run(
-                [sys.executable, "-m", "llmhost", "backup", *args, "--to", url],
-                env={**env, "LLMHOST_HOME": str(home_dir)},
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert (p.returncode == 0) == ok, p.stdout + p.stderr
-            return p
-
-        ids = [cli("create", "--full").stdout.strip() for _ in range(2)]
-        audit(home, 5, user="carol")
-        cli("create", "--incremental")
-        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="llmhost-backups")["Contents"]}
-        assert all(k.startswith("site-a/") for k in keys)
-        blobs = [k for k in keys if "/blobs/" in k]
-        assert len(blobs) == len(
-            {
-                sha(p)
-                for p in (home / "models").rglob("*")
-                if p.is_file() and p.name != ".manifest.json"
-            }
-        )
-        assert f"site-a/{ids[0]}.json" in keys
-        # a fresh machine: nothing cached locally
-        fresh = tmp_path / "fresh-home"
-        fresh.mkdir()
-        assert "ok" in cli("verify", home_dir=fresh).stdout
-        assert [i["kind"] for i in json.loads(cli("list", "--json", home_dir=fresh).stdout)] == [
-            "full",
-            "full",
-            "incremental",
-        ]
-        assert f"removed {ids[0]}" in cli("prune", "--keep", "1", home_dir=fresh).stdout
-        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="llmhost-backups")["Contents"]}
-        assert f"site-a/{ids[0]}.json" not in keys and f"site-a/{ids[1]}.json" in keys
-        before = snapshot(home)
-        target = tmp_path / "restored"
-        cli("restore", "--home", str(target), home_dir=fresh)
-        assert snapshot(target) == before
-        store = open_store(None, target / "audit.db")
-        assert store.count() == 55 and store.verify().ok
-        store.close()
+    def cli(*args, ok=True, home_dir=home):
         p = subprocess.run(
-            [sys.executable, "-m", "llmhost", "backup", "list", "--to", "s3://missing-bucket/x"],
-            env=env,
+            [sys.executable, "-m", "llmhost", "backup", *args, "--to", url],
+            env={**env, "LLMHOST_HOME": str(home_dir)},
             capture_output=True,
             text=True,
+            timeout=120,
         )
-        assert p.returncode != 0 and "Traceback" not in p.stderr
-    finally:
-        srv.stop()
+        assert (p.returncode == 0) == ok, p.stdout + p.stderr
+        return p
+
+    ids = [cli("create", "--full").stdout.strip() for _ in range(2)]
+    audit(home, 5, user="carol")
+    cli("create", "--incremental")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="llmhost-backups")["Contents"]}
+    assert all(k.startswith("site-a/") for k in keys)
+    blobs = [k for k in keys if "/blobs/" in k]
+    assert len(blobs) == len(
+        {sha(p) for p in (home / "models").rglob("*") if p.is_file() and p.name != ".manifest.json"}
+    )
+    assert f"site-a/{ids[0]}.json" in keys
+    # a fresh machine: nothing cached locally
+    fresh = tmp_path / "fresh-home"
+    fresh.mkdir()
+    assert "ok" in cli("verify", home_dir=fresh).stdout
+    assert [i["kind"] for i in json.loads(cli("list", "--json", home_dir=fresh).stdout)] == [
+        "full",
+        "full",
+        "incremental",
+    ]
+    assert f"removed {ids[0]}" in cli("prune", "--keep", "1", home_dir=fresh).stdout
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="llmhost-backups")["Contents"]}
+    assert f"site-a/{ids[0]}.json" not in keys and f"site-a/{ids[1]}.json" in keys
+    before = snapshot(home)
+    target = tmp_path / "restored"
+    cli("restore", "--home", str(target), home_dir=fresh)
+    assert snapshot(target) == before
+    store = open_store(None, target / "audit.db")
+    assert store.count() == 55 and store.verify().ok
+    store.close()
+    p = subprocess.run(
+        [sys.executable, "-m", "llmhost", "backup", "list", "--to", "s3://missing-bucket/x"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode != 0 and "Traceback" not in p.stderr

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from llmhost.store.pull import pull
 from llmhost.store.registry import ModelStore
 from llmhost.store.sources import SourceOptions
 from llmhost.store.verify import verify_folder
-from tests.conftest import require
 from tests.fileserver import serve
 
 MB = 1 << 20
@@ -278,27 +276,6 @@ def test_hugging_face_listing_with_unsafe_path_is_refused(tmp_path):
 
 
 # --- S3 ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def s3_server():
-    require("boto3")
-    moto_server = require("moto.server").server
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    srv.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_REGION": "us-east-1",
-    }
-    try:
-        yield env
-    finally:
-        srv.stop()
 
 
 def test_pull_from_s3_compatible_store(s3_server, tiny_model, tmp_path):

@@ -29,6 +29,27 @@ def stored_prompt(text: str | None, mode: PromptMode, redactor: Redactor) -> str
     return redactor.redact(text)
 
 
+class ResponseOutcome:
+    """Passes an app's messages on and remembers its status and whether the last byte of the
+    body went out; a response cut short (client gone) counts as 499."""
+
+    def __init__(self, send: Send):
+        self.send = send
+        self.status = 500
+        self.done = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.done = True
+
+    @property
+    def final_status(self) -> int:
+        return CLIENT_CLOSED if not self.done and self.status < 400 else self.status
+
+
 class AuditMiddleware:
     def __init__(
         self,
@@ -49,23 +70,11 @@ class AuditMiddleware:
         t0 = time.time()
         state = scope.setdefault("state", {})
         notes: dict[str, Any] = state.setdefault("audit", {})
-        status = 500
-        done = False
-
-        async def audited_send(message: Message) -> None:
-            nonlocal status, done
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                done = True
-
+        outcome = ResponseOutcome(send)
         try:
-            await self.app(scope, receive, audited_send)
+            await self.app(scope, receive, outcome)
         finally:
-            if not done and status < 400:
-                status = CLIENT_CLOSED
-            self._record(scope, state, notes, status, t0)
+            self._record(scope, state, notes, outcome.final_status, t0)
 
     def _record(self, scope: Scope, state: dict, notes: dict, status: int, t0: float) -> None:
         principal = state.get("principal")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmhost.api.audit import AUDITED, CLIENT_CLOSED
+from llmhost.api.audit import AUDITED, ResponseOutcome
 from llmhost.observability.metrics import Metrics
 
 METRICS_PATH = "/metrics"
@@ -31,26 +31,15 @@ class MetricsMiddleware:
         route = path if path in self.routes else "other"
         generation = path in AUDITED
         t0 = time.perf_counter()
-        status = 500
-        done = False
-
-        async def measured_send(message: Message) -> None:
-            nonlocal status, done
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                done = True
-
+        outcome = ResponseOutcome(send)
         if generation:
             self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, measured_send)
+            await self.app(scope, receive, outcome)
         finally:
             if generation:
                 self.metrics.in_flight.dec()
-            if not done and status < 400:
-                status = CLIENT_CLOSED
+            status = outcome.final_status
             notes = scope.get("state", {}).get("audit") or {}
             model = notes.get("model", "")
             stream = "true" if notes.get("stream") else "false"

@@ -24,7 +24,8 @@ def _backups(to: str | None, key_file: Path | None, key_command: str | None = No
     """The backups, and for an s3:// destination the bucket whose local cache they use."""
     import os
 
-    from llmhost.ops.backup import Backups, S3Remote
+    from llmhost.ops.backup import Backups
+    from llmhost.ops.backup_remote import S3Remote
     from llmhost.store import crypto
 
     settings = load_settings()
@@ -170,7 +171,7 @@ def schedule(
     cron: bool = typer.Option(False, "--cron", help="Print a crontab line instead."),
 ) -> None:
     """A daily full backup with pruning, as a systemd timer or a cron line."""
-    from llmhost.ops.backup import schedule_units
+    from llmhost.ops.backup_remote import schedule_units
 
     settings = load_settings()
     exe = shutil.which("llmhost") or f"{sys.executable} -m llmhost"

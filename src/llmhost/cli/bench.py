@@ -104,6 +104,12 @@ def register(app: typer.Typer) -> None:
         slo_ttft_ms: float | None = typer.Option(None, help="Goodput SLO on TTFT."),
         slo_tpot_ms: float | None = typer.Option(None, help="Goodput SLO on TPOT."),
         slo_e2e_ms: float | None = typer.Option(None, help="Goodput SLO on end-to-end latency."),
+        same_backend: bool = typer.Option(
+            False,
+            "--same-backend",
+            help="With --compare: A and B reach one backend (a gateway in front of it), so each "
+            "side gets prompts of its own and neither answers from the other's prompt cache.",
+        ),
         slo: str | None = typer.Option(
             None,
             help="Targets to check, e.g. ttft=300ms,throughput=50,success=99.95% (the guide's); "
@@ -127,6 +133,7 @@ def register(app: typer.Typer) -> None:
         nonce = secrets.token_hex(4)  # A and B get the same prompts, unseen by either
 
         def cfg(u: str) -> BenchConfig:
+            salt = f"{nonce}-{u}" if same_backend else nonce
             return BenchConfig(
                 url=u,
                 model=model,
@@ -137,7 +144,7 @@ def register(app: typer.Typer) -> None:
                 slo_ttft_ms=slo_ttft_ms,
                 slo_tpot_ms=slo_tpot_ms,
                 slo_e2e_ms=slo_e2e_ms,
-                nonce=nonce,
+                nonce=salt,
             )
 
         console = Console(width=max(Console().width, 120))

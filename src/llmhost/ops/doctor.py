@@ -4,16 +4,12 @@ SELinux, the service port), each pass, warn or fail with a reason and a fix."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes.util
-import mmap
-import os
 import platform
 import re
 import shutil
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError
@@ -25,6 +21,7 @@ import psutil
 
 from llmhost.config import Settings
 from llmhost.observability.gpu import Nvml
+from llmhost.ops.diskspeed import sequential_read
 
 Status = Literal["pass", "warn", "fail"]
 MIN_DRIVER = (525, 85, 12)
@@ -320,54 +317,10 @@ class Doctor:
         size = self.io_bytes
         if shutil.disk_usage(folder).free < size * 2:
             return Check("disk-read", "warn", "not enough free space to measure", "")
-        path = folder / f".llmhost-doctor-{os.getpid()}"
-        block = 4 << 20
         try:
-            buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-            buf.write(os.urandom(block))
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                for _ in range(size // block):
-                    os.write(fd, buf)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            direct = True
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-            except OSError:
-                direct = False
-                fd = os.open(path, os.O_RDONLY)
-            try:
-                if not direct or not hasattr(os, "O_DIRECT"):
-                    direct = False
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                t0 = time.perf_counter()
-                got = 0
-                while True:
-                    try:
-                        n = os.readv(fd, [buf])
-                    except OSError:  # O_DIRECT refused at read time (tmpfs and some FUSE)
-                        if not direct:
-                            raise
-                        direct = False
-                        os.close(fd)
-                        fd = os.open(path, os.O_RDONLY)
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                        t0, got = time.perf_counter(), 0
-                        continue
-                    if n <= 0:
-                        break
-                    got += n
-                elapsed = time.perf_counter() - t0
-            finally:
-                os.close(fd)
+            mbs, direct = sequential_read(folder, size)
         except OSError as exc:
             return Check("disk-read", "warn", f"could not measure in {folder}: {exc}", "")
-        finally:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        mbs = got / max(elapsed, 1e-9) / 1e6
         how = "O_DIRECT" if direct else "page cache dropped"
         if mbs >= MIN_READ_MBS:
             return Check("disk-read", "pass", f"{mbs:.0f} MB/s sequential read ({how})")
