@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 from importlib import resources
 from pathlib import Path
@@ -48,6 +49,16 @@ def require(module: str):
         if IN_CI:
             pytest.fail(f"{module} is required in CI but missing: {exc}")
         pytest.skip(f"{module} not installed")
+
+
+def require_exe(name: str, package: str) -> str:
+    """A program from a Debian package; in CI a missing one fails loudly instead of skipping."""
+    exe = shutil.which(name)
+    if exe is None:
+        if IN_CI:
+            pytest.fail(f"{name} (Debian package {package}) is required in CI but missing")
+        pytest.skip(f"{name} not installed (apt-get install {package})")
+    return exe
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

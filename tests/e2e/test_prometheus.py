@@ -5,17 +5,15 @@ metric the dashboard reads is one the server exposes."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmhost.observability.assets import ScrapeTarget, export
 from llmhost.observability.metrics import Metrics
-from tests.conftest import IN_CI
+from tests.conftest import require_exe
 from tests.e2e.conftest import Server, free_port
 from tests.integration.test_monitoring import dashboard_exprs, metric_names
 from tests.unit.test_metrics import FakeNvml
@@ -24,12 +22,7 @@ REQUESTS = 5
 
 
 def prometheus_exe() -> str:
-    exe = shutil.which("prometheus")
-    if exe is None:
-        if IN_CI:
-            pytest.fail("prometheus (Debian package) is required in CI but missing")
-        pytest.skip("prometheus not installed (apt-get install prometheus)")
-    return exe
+    return require_exe("prometheus", "prometheus")
 
 
 def exposed_names(text: str) -> set[str]:

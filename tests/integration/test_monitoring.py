@@ -16,18 +16,13 @@ from typer.testing import CliRunner
 from llmhost.cli.main import app as cli_app
 from llmhost.errors import ConfigError
 from llmhost.observability.assets import ScrapeTarget, export, prometheus_config, read_asset
-from tests.conftest import IN_CI
+from tests.conftest import require_exe
 
 TESTS = Path(__file__).parents[1] / "monitoring"
 
 
 def promtool() -> str:
-    exe = shutil.which("promtool")
-    if exe is None:
-        if IN_CI:
-            pytest.fail("promtool (Debian package prometheus) is required in CI but missing")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    return exe
+    return require_exe("promtool", "prometheus")
 
 
 def run(*args: str, cwd: Path) -> str:
