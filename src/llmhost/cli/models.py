@@ -22,6 +22,7 @@ from rich.table import Table
 
 from llmhost.config import load_settings
 from llmhost.errors import ConfigError, IntegrityError
+from llmhost.store.download import DEFAULT_CONNECTIONS
 
 err = Console(stderr=True, highlight=False)
 
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
         revision: str | None = typer.Option(None, help="Hugging Face branch, tag or commit."),
         include: list[str] = typer.Option([], "--include", help="Only files matching a glob."),
         sha256: str | None = typer.Option(None, help="Expected sha256 of a single-URL file."),
-        connections: int = typer.Option(8, "--connections", "-x", min=1, max=64),
+        connections: int = typer.Option(DEFAULT_CONNECTIONS, "--connections", "-x", min=1, max=64),
         allow_pickle: bool = typer.Option(False, help="Accept pickle (.bin/.pt) weights."),
         force: bool = typer.Option(False, help="Replace an existing name:tag."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

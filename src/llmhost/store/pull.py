@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmhost.errors import ConfigError, InsufficientStorage, IntegrityError
-from llmhost.store.download import Downloader, FileResult, Probe, Progress, RemoteFile
+from llmhost.store.download import (
+    DEFAULT_CONNECTIONS,
+    Downloader,
+    FileResult,
+    Probe,
+    Progress,
+    RemoteFile,
+)
 from llmhost.store.manifest import FileEntry, Manifest, atomic_write, detect_format
 from llmhost.store.names import ModelRef, parse_ref, safe_join
 from llmhost.store.registry import ModelStore
@@ -144,7 +151,7 @@ def pull(
     *,
     name: str | None = None,
     opts: SourceOptions | None = None,
-    connections: int = 8,
+    connections: int = DEFAULT_CONNECTIONS,
     force: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
