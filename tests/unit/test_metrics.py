@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmhost.observability.gpu import GpuCollector, Nvml
 from llmhost.observability.metrics import Metrics
-from llmhost.types import Usage
+from llmhost.types import EngineHealth, Usage
 
 
 class FakeNvmlError(Exception):
@@ -127,7 +127,8 @@ def test_tpot_and_tokens_and_engine_stats():
     m.observe_finish("m", 0.9, Usage(prompt_tokens=7, completion_tokens=10))
     m.observe_finish("m", 0.0, Usage(prompt_tokens=3, completion_tokens=1))  # no TPOT from 1
     stats: dict = {"running": 3, "waiting": 1, "slots": 8}
-    m.watch_engine(lambda: stats, lambda: True)
+    health: list = [EngineHealth(ok=True, stats=stats)]
+    m.watch_engine(lambda: health[0])
     found = samples(m)
     assert one(found, "llmhost_time_per_output_token_seconds_count", model="m") == 1
     assert abs(one(found, "llmhost_time_per_output_token_seconds_sum", model="m") - 0.1) < 1e-9
@@ -140,3 +141,6 @@ def test_tpot_and_tokens_and_engine_stats():
     assert "llmhost_engine_kv_cache_usage_ratio" not in found  # this engine does not know it
     stats.clear()
     assert "llmhost_requests_running" not in samples(m)
+    health[0] = None  # loading: down, and no load figures
+    found = samples(m)
+    assert one(found, "llmhost_engine_up") == 0 and "llmhost_engine_slots" not in found

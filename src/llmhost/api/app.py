@@ -195,10 +195,7 @@ def create_app(
             redactor=Redactor(ip=bool(settings and settings.audit_redact_ip)),
         )
     if metrics is not None:
-        metrics.watch_engine(
-            lambda: engine.health().stats if app.state.ready else None,
-            lambda: bool(app.state.ready and engine.health().ok),
-        )
+        metrics.watch_engine(lambda: engine.health() if app.state.ready else None)
         # our router's paths (FastAPI may include routers lazily) and the app's own (docs)
         routes = frozenset(
             p for r in (*router.routes, *app.routes) if isinstance(p := getattr(r, "path", ""), str)

@@ -42,16 +42,19 @@ def _describe(errors: list[dict]) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
+async def llmhost_error_response(_: Request, exc: LlmhostError) -> JSONResponse:
+    """An llmhost error as its OpenAI-style body and status (Retry-After when it has one)."""
+    headers = {}
+    retry = getattr(exc, "retry_after", None)
+    if retry is not None:
+        headers["Retry-After"] = str(max(1, round(retry)))
+    if exc.status_code >= 500:
+        log.error("%s: %s", type(exc).__name__, exc.message)
+    return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(LlmhostError)
-    async def _llmhost(_: Request, exc: LlmhostError) -> JSONResponse:
-        headers = {}
-        retry = getattr(exc, "retry_after", None)
-        if retry is not None:
-            headers["Retry-After"] = str(max(1, round(retry)))
-        if exc.status_code >= 500:
-            log.error("%s: %s", type(exc).__name__, exc.message)
-        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+    app.add_exception_handler(LlmhostError, llmhost_error_response)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

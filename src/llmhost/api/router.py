@@ -26,7 +26,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmhost.errors import AuthenticationError, InvalidRequest, NotFound, ServiceUnavailable
+from llmhost.api.errors import llmhost_error_response
+from llmhost.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    LlmhostError,
+    NotFound,
+    ServiceUnavailable,
+)
 
 log = logging.getLogger("llmhost.router")
 
@@ -162,11 +169,6 @@ def _forward_headers(request: Request) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
 
 
-def _error(exc) -> JSONResponse:
-    headers = {"Retry-After": "1"} if isinstance(exc, ServiceUnavailable) else None
-    return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
-
-
 def create_router_app(
     pool: Pool,
     *,
@@ -253,7 +255,7 @@ def create_router_app(
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
             out_headers["x-llmhost-upstream"] = u.name
             return StreamingResponse(body_iter(), status_code=resp.status_code, headers=out_headers)
-        return _error(ServiceUnavailable(f"no upstream could answer ({last_error})"))
+        raise ServiceUnavailable(f"no upstream could answer ({last_error})", retry_after=1)
 
     def check_admin(request: Request) -> None:
         if admin_token is None:
@@ -266,22 +268,19 @@ def create_router_app(
         return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
 
     async def weights(request: Request) -> Response:
+        check_admin(request)
         try:
-            check_admin(request)
-            try:
-                wanted = await request.json()
-            except ValueError as exc:
-                raise InvalidRequest('body must be JSON: {"name": weight, ...}') from exc
-            if not isinstance(wanted, dict) or not wanted:
-                raise InvalidRequest("body must be an object of upstream name -> weight")
-            for name, w in wanted.items():
-                if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1000:
-                    raise InvalidRequest(f"weight of {name!r} must be a number 0..1000")
-                pool.get(name)
-            for name, w in wanted.items():
-                pool.get(name).weight = float(w)
-        except (InvalidRequest, NotFound, AuthenticationError) as exc:
-            return _error(exc)
+            wanted = await request.json()
+        except ValueError as exc:
+            raise InvalidRequest('body must be JSON: {"name": weight, ...}') from exc
+        if not isinstance(wanted, dict) or not wanted:
+            raise InvalidRequest("body must be an object of upstream name -> weight")
+        for name, w in wanted.items():
+            if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1000:
+                raise InvalidRequest(f"weight of {name!r} must be a number 0..1000")
+            pool.get(name)
+        for name, w in wanted.items():
+            pool.get(name).weight = float(w)
         log.info("weights now %s", {u.name: u.weight for u in pool.upstreams})
         return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
 
@@ -305,6 +304,7 @@ def create_router_app(
             Route("/{path:path}", proxy, methods=methods),
         ],
         lifespan=lifespan,
+        exception_handlers={LlmhostError: llmhost_error_response},
     )
 
 

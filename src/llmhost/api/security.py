@@ -37,7 +37,6 @@ class AuthMiddleware:
         self.authenticator = authenticator  # None: authentication off (--no-auth, --demo)
         self.public = public
         self.metrics = metrics
-        self.failures = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,7 +54,6 @@ class AuthMiddleware:
             try:
                 state["principal"] = self.authenticator.authenticate(header)
             except LlmhostError as exc:
-                self.failures += 1
                 if self.metrics is not None:
                     self.metrics.auth_failures.inc()
                 client = (scope.get("client") or ("?",))[0]

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from llmhost import __version__
 from llmhost.observability.gpu import GpuCollector
-from llmhost.types import Usage
+from llmhost.types import EngineHealth, Usage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,12 +50,40 @@ class _CallbackCollector(Collector):
         return [GaugeMetricFamily(name, doc) for name, _, doc in self.gauges]
 
     def collect(self) -> Iterable[Metric]:
-        stats = self.source()
+        yield from self._gauges(self.source())
+
+    def _gauges(self, stats: Mapping[str, float] | None) -> Iterable[Metric]:
         if not stats:
             return
         for name, key, doc in self.gauges:
             if key in stats:
                 yield GaugeMetricFamily(name, doc, value=float(stats[key]))
+
+
+ENGINE_UP = ("llmhost_engine_up", "1 when the model is loaded and the engine healthy.")
+ENGINE_GAUGES = (
+    ("llmhost_requests_running", "running", "Requests the engine is decoding."),
+    ("llmhost_requests_waiting", "waiting", "Requests queued for a free slot."),
+    ("llmhost_engine_slots", "slots", "Sequences the engine decodes together."),
+    ("llmhost_engine_kv_cache_usage_ratio", "kv_cache_usage", "Share of the KV cache in use."),
+)
+
+
+class _EngineCollector(_CallbackCollector):
+    """Whether the engine is up, and the load its health statistics report, from one read of
+    its health per scrape (None while the model loads)."""
+
+    def __init__(self, health: Callable[[], EngineHealth | None]):
+        super().__init__(lambda: None, ENGINE_GAUGES)
+        self.health = health
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(*ENGINE_UP), *super().describe()]
+
+    def collect(self) -> Iterable[Metric]:
+        h = self.health()
+        yield GaugeMetricFamily(*ENGINE_UP, value=1.0 if h is not None and h.ok else 0.0)
+        yield from self._gauges(None if h is None else h.stats)
 
 
 def host_stats() -> dict[str, float]:
@@ -139,9 +167,6 @@ class Metrics:
             buckets=AUDIT_LAG_BUCKETS,
             registry=r,
         )
-        self.engine_up = Gauge(
-            "llmhost_engine_up", "1 when the model is loaded and the engine healthy.", registry=r
-        )
         build = Gauge(
             "llmhost_build_info",
             "Version of llmhost and of the Python running it.",
@@ -174,24 +199,9 @@ class Metrics:
 
     # --- sources read at scrape time -------------------------------------------------------
 
-    def watch_engine(self, stats: StatsSource, up: Callable[[], bool]) -> None:
-        """Engine load from its health statistics (keys: running, waiting, slots)."""
-        self.engine_up.set_function(lambda: 1.0 if up() else 0.0)
-        self.registry.register(
-            _CallbackCollector(
-                stats,
-                [
-                    ("llmhost_requests_running", "running", "Requests the engine is decoding."),
-                    ("llmhost_requests_waiting", "waiting", "Requests queued for a free slot."),
-                    ("llmhost_engine_slots", "slots", "Sequences the engine decodes together."),
-                    (
-                        "llmhost_engine_kv_cache_usage_ratio",
-                        "kv_cache_usage",
-                        "Share of the KV cache in use.",
-                    ),
-                ],
-            )
-        )
+    def watch_engine(self, health: Callable[[], EngineHealth | None]) -> None:
+        """Engine up/down and load (running, waiting, slots, KV usage) from its health."""
+        self.registry.register(_EngineCollector(health))
 
     def watch_audit_queue(self, length: Callable[[], int]) -> None:
         Gauge(

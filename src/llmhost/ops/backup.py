@@ -42,6 +42,7 @@ from llmhost.errors import BackupError, ConfigError, LlmhostError, NotFound
 from llmhost.store import crypto
 from llmhost.store.manifest import MANIFEST_NAME, atomic_write, fsync_dir, read_manifest
 from llmhost.store.names import safe_join
+from llmhost.store.verify import hash_file
 
 Kind = Literal["full", "incremental"]
 SQLITE_STATE = ("keys.db", "audit.db")
@@ -73,11 +74,7 @@ class BackupInfo:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path)[0]
 
 
 def _copy_hashing(src: Path, dst: Path) -> str:
