@@ -17,11 +17,9 @@ from llmhost.engines.llamacpp_batch import BatchScheduler, Sequence
 from llmhost.engines.llamacpp_threads import ThreadPool
 from llmhost.errors import (
     ConfigError,
-    EngineError,
     EngineNotReady,
     InvalidRequest,
     ModelLoadError,
-    Overloaded,
 )
 from llmhost.store import crypto
 from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
@@ -213,7 +211,7 @@ class LlamaCppEngine(Engine):
     def health(self) -> EngineHealth:
         if self._scheduler is None:
             return EngineHealth(ok=False, detail="not loaded")
-        alive = self._scheduler._thread.is_alive()
+        alive = self._scheduler.alive()
         stats = self._scheduler.stats()
         cells = stats["slots"] * self.model_info.context_length
         stats["kv_cache_usage"] = stats["kv_tokens"] / cells if cells else 0.0
@@ -260,24 +258,9 @@ class LlamaCppEngine(Engine):
             loop=asyncio.get_running_loop(),
             queue=queue,
         )
-        if not scheduler.submit(seq):
-            raise Overloaded(
-                f"all {self.parallel} sequences are busy and {self.max_queue} requests are "
-                "already waiting; retry shortly",
-                retry_after=1,
-            )
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise EngineError(f"generation failed: {item}") from item
-                if item.finish_reason is not None:
-                    finished = True
-                    yield item
-                    return
-                yield item
-        finally:
-            if not finished:  # the client went away: free the sequence now
-                scheduler.cancel(seq)
+        busy = (
+            f"all {self.parallel} sequences are busy and {self.max_queue} requests are "
+            "already waiting; retry shortly"
+        )
+        async for delta in scheduler.run(seq, busy):
+            yield delta

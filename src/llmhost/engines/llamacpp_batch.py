@@ -11,64 +11,40 @@ with `call_soon_threadsafe`; the GIL is released inside every llama.cpp call.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
-import contextlib
 import ctypes
 import heapq
 import logging
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp as C
 
-from llmhost.engines.base import StopMatcher
-from llmhost.types import SamplingParams, TokenDelta, Usage
+from llmhost.engines.batching import BaseSequence, BatchLoop
+from llmhost.types import TokenDelta, Usage
 
 log = logging.getLogger("llmhost.engines.llamacpp")
 
 PENALTY_LAST_N = 64
-BURST_QUIET = 0.004  # seconds without a new arrival that end a burst
-BURST_MAX_WAIT = 0.025  # the longest a burst may delay the first prefill
 
 
 @dataclass(eq=False)
-class Sequence:
-    """One request inside the scheduler; its results go to `queue`, owned by `loop`."""
+class Sequence(BaseSequence):
+    """A request in a llama.cpp sequence slot, with its own sampler chain."""
 
-    prompt: list[int]
-    sampling: SamplingParams
-    budget: int
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
     slot: int = -1
-    n_fed: int = 0  # prompt tokens already in the KV cache
-    n_generated: int = 0
-    last_token: int = -1
     sampler: Any = None
-    cancelled: bool = False
-    stops: StopMatcher = field(init=False)
     decoder: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        self.stops = StopMatcher(self.sampling.stop)
+        super().__post_init__()
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    @property
-    def prefilling(self) -> bool:
-        return self.n_fed < len(self.prompt)
 
-
-def _deliver(items: list[tuple[asyncio.Queue, TokenDelta | BaseException]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class BatchScheduler:
+class BatchScheduler(BatchLoop):
     """Owns the llama.cpp context; all llama_decode calls happen on its thread."""
+
+    thread_name = "llamacpp-batch"
 
     def __init__(
         self,
@@ -81,12 +57,11 @@ class BatchScheduler:
         batch_size: int,
         max_queue: int,
     ):
+        super().__init__(n_slots=n_slots, max_queue=max_queue, log=log)
         self.ctx = ctx
         self.vocab = vocab
         self.n_vocab = n_vocab
-        self.n_slots = n_slots
         self.batch_size = batch_size
-        self.max_queue = max_queue
         self._eog = set(eog_tokens)
         self._eog_bias = (C.llama_logit_bias * len(eog_tokens))(
             *[C.llama_logit_bias(token=t, bias=float("-inf")) for t in eog_tokens]
@@ -94,122 +69,11 @@ class BatchScheduler:
         self._mem = C.llama_get_memory(ctx)
         self._batch = C.llama_batch_init(batch_size, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
-        self._cond = threading.Condition()
-        self._waiting: deque[Sequence] = deque()
-        self._active: list[Sequence] = []
         self._free_slots = list(range(n_slots))  # a min-heap: lowest slot first
-        self._running = True
-        self._outbox: list[tuple[Sequence, TokenDelta | BaseException]] = []
-        self.steps = 0
-        self._thread = threading.Thread(target=self._loop, name="llamacpp-batch", daemon=True)
-        self._thread.start()
+        self.start()
 
-    # --- called from the event loop -------------------------------------------------------
-
-    def submit(self, seq: Sequence) -> bool:
-        """Queue a sequence; False when the wait queue is full."""
-        with self._cond:
-            if not self._running:
-                return False
-            if len(self._waiting) >= len(self._free_slots) + self.max_queue:
-                return False
-            self._waiting.append(seq)
-            self._cond.notify()
-        return True
-
-    def cancel(self, seq: Sequence) -> None:
-        with self._cond:
-            seq.cancelled = True
-            self._cond.notify()
-
-    def stats(self) -> dict[str, float]:
-        with self._cond:
-            return {
-                "running": len(self._active),
-                "waiting": len(self._waiting),
-                "slots": self.n_slots,
-                "steps": self.steps,
-                "kv_tokens": sum(s.n_fed + s.n_generated for s in self._active),
-            }
-
-    def close(self) -> None:
-        with self._cond:
-            self._running = False
-            self._cond.notify()
-        self._thread.join()
+    def _shutdown(self) -> None:
         C.llama_batch_free(self._batch)
-
-    # --- the scheduler thread -------------------------------------------------------------
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                if not self._active:
-                    self._flush()
-                with self._cond:
-                    while self._running and not self._active and not self._waiting:
-                        self._cond.wait()
-                    if not self._running:
-                        break
-                    if not self._active:
-                        self._gather_burst()
-                    self._reap_cancelled()
-                    self._admit()
-                if self._active:
-                    self._step()
-        except Exception as exc:  # a failed decode must not leave clients hanging
-            log.exception("batch scheduler stopped")
-            with self._cond:
-                self._running = False
-            self._fail_all(exc)
-            return
-        self._fail_all(None)
-
-    def _post(self, seq: Sequence, item: TokenDelta | BaseException) -> None:
-        self._outbox.append((seq, item))
-
-    def _flush(self) -> None:
-        """Deliver queued results with one wake-up per event loop."""
-        if not self._outbox:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for seq, item in self._outbox:
-            by_loop.setdefault(seq.loop, []).append((seq.queue, item))
-        self._outbox = []
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
-                loop.call_soon_threadsafe(_deliver, items)
-
-    def _gather_burst(self) -> None:
-        """From idle, wait a moment for requests arriving together (a closed-loop client, a
-        fan-out) so their prompts are prefilled in one step instead of trickling in one
-        step behind each other. Nothing is decoding, so no stream is delayed."""
-        deadline = time.monotonic() + BURST_MAX_WAIT
-        while self._running and len(self._waiting) < len(self._free_slots):
-            seen = len(self._waiting)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._cond.wait(min(BURST_QUIET, left))
-            if len(self._waiting) == seen:
-                return
-
-    def _fail_all(self, exc: BaseException | None) -> None:
-        with self._cond:
-            seqs = list(self._active) + list(self._waiting)
-            self._active.clear()
-            self._waiting.clear()
-        for seq in seqs:
-            self._release(seq)
-            if not seq.cancelled:
-                self._post(seq, exc or RuntimeError("the engine was shut down"))
-        self._flush()
-
-    def _reap_cancelled(self) -> None:
-        if any(s.cancelled for s in self._waiting):
-            self._waiting = deque(s for s in self._waiting if not s.cancelled)
-        for seq in [s for s in self._active if s.cancelled]:
-            self._finish(seq)
 
     def _admit(self) -> None:
         while self._waiting and self._free_slots:
@@ -265,10 +129,6 @@ class BatchScheduler:
         if seq.sampler is not None:
             C.llama_sampler_free(seq.sampler)
             seq.sampler = None
-
-    def _finish(self, seq: Sequence) -> None:
-        self._active.remove(seq)
-        self._release(seq)
 
     def _step(self) -> None:
         # Room first for every decoding sequence (one token each), then prompt chunks in

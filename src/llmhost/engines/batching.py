@@ -1,0 +1,236 @@
+"""What every in-process batching engine shares: one thread owns the model and runs steps over
+all active sequences, requests queue up in between, results return to the asyncio loop in one
+wake-up per step. Engines subclass `BatchLoop` and implement admission, the step and release.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmhost.engines.base import StopMatcher
+from llmhost.errors import EngineError, Overloaded
+from llmhost.types import SamplingParams, TokenDelta
+
+BURST_QUIET = 0.004  # seconds without a new arrival that end a burst
+BURST_MAX_WAIT = 0.025  # the longest a burst may delay the first prefill
+
+
+@dataclass(eq=False)
+class BaseSequence:
+    """One request inside a scheduler; its results go to `queue`, owned by `loop`."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    budget: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    n_fed: int = 0  # prompt tokens already in the KV cache
+    n_generated: int = 0
+    last_token: int = -1
+    cancelled: bool = False
+    stops: StopMatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stops = StopMatcher(self.sampling.stop)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_fed < len(self.prompt)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, TokenDelta | BaseException]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class BatchLoop(abc.ABC):
+    """The scheduler thread and its queues. Subclasses own the model state and implement
+    `_admit` (move waiting sequences into the batch), `_step` (one forward pass over the
+    active ones), `_release` (free what a sequence held) and `_shutdown` (free the rest)."""
+
+    thread_name = "engine-batch"
+
+    def __init__(self, *, n_slots: int, max_queue: int, log: logging.Logger):
+        self.n_slots = n_slots
+        self.max_queue = max_queue
+        self.log = log
+        self._cond = threading.Condition()
+        self._waiting: deque[Any] = deque()
+        self._active: list[Any] = []
+        self._running = True
+        self._outbox: list[tuple[Any, TokenDelta | BaseException]] = []
+        self.steps = 0
+        self._thread = threading.Thread(target=self._main, name=self.thread_name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # --- called from the event loop -------------------------------------------------------
+
+    def free_slots(self) -> int:
+        return self.n_slots - len(self._active)
+
+    def submit(self, seq: Any) -> bool:
+        """Queue a sequence; False when the wait queue is full."""
+        with self._cond:
+            if not self._running:
+                return False
+            if len(self._waiting) >= self.free_slots() + self.max_queue:
+                return False
+            self._waiting.append(seq)
+            self._cond.notify()
+        return True
+
+    def cancel(self, seq: Any) -> None:
+        with self._cond:
+            seq.cancelled = True
+            self._cond.notify()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict[str, float]:
+        with self._cond:
+            return {
+                "running": len(self._active),
+                "waiting": len(self._waiting),
+                "slots": self.n_slots,
+                "steps": self.steps,
+                "kv_tokens": sum(s.n_fed + s.n_generated for s in self._active),
+            }
+
+    def close(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._shutdown()
+
+    async def run(self, seq: Any, busy_message: str):
+        """Submit `seq` and yield its deltas; cancels it if the consumer stops early."""
+        if not self.submit(seq):
+            raise Overloaded(busy_message, retry_after=1)
+        finished = False
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise EngineError(f"generation failed: {item}") from item
+                if item.finish_reason is not None:
+                    finished = True
+                    yield item
+                    return
+                yield item
+        finally:
+            if not finished:  # the client went away: free the sequence now
+                self.cancel(seq)
+
+    # --- the scheduler thread -------------------------------------------------------------
+
+    def _thread_context(self) -> contextlib.AbstractContextManager:
+        """Per-thread state around every step (torch's inference mode, for one)."""
+        return contextlib.nullcontext()
+
+    def _main(self) -> None:
+        try:
+            with self._thread_context():
+                self._serve()
+        except Exception as exc:  # a failed step must not leave clients hanging
+            self.log.exception("batch scheduler stopped")
+            with self._cond:
+                self._running = False
+            self._fail_all(exc)
+            return
+        self._fail_all(None)
+
+    def _serve(self) -> None:
+        while True:
+            if not self._active:
+                self._flush()
+            with self._cond:
+                while self._running and not self._active and not self._waiting:
+                    self._cond.wait()
+                if not self._running:
+                    break
+                if not self._active:
+                    self._gather_burst()
+                self._reap_cancelled()
+                self._admit()
+            if self._active:
+                self._step()
+
+    def _post(self, seq: Any, item: TokenDelta | BaseException) -> None:
+        self._outbox.append((seq, item))
+
+    def _flush(self) -> None:
+        """Deliver queued results with one wake-up per event loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, item in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                loop.call_soon_threadsafe(_deliver, items)
+
+    def _gather_burst(self) -> None:
+        """From idle, wait a moment for requests arriving together (a closed-loop client, a
+        fan-out) so their prompts are prefilled in one step instead of trickling in one
+        step behind each other. Nothing is decoding, so no stream is delayed."""
+        deadline = time.monotonic() + BURST_MAX_WAIT
+        while self._running and len(self._waiting) < self.free_slots():
+            seen = len(self._waiting)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(min(BURST_QUIET, left))
+            if len(self._waiting) == seen:
+                return
+
+    def _fail_all(self, exc: BaseException | None) -> None:
+        with self._cond:
+            seqs = list(self._active) + list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+        for seq in seqs:
+            self._release(seq)
+            if not seq.cancelled:
+                self._post(seq, exc or RuntimeError("the engine was shut down"))
+        self._flush()
+
+    def _reap_cancelled(self) -> None:
+        if any(s.cancelled for s in self._waiting):
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        for seq in [s for s in self._active if s.cancelled]:
+            self._finish(seq)
+
+    def _finish(self, seq: Any) -> None:
+        self._active.remove(seq)
+        self._release(seq)
+
+    @abc.abstractmethod
+    def _admit(self) -> None:
+        """Move waiting sequences into the batch while there is room (lock held)."""
+
+    @abc.abstractmethod
+    def _step(self) -> None:
+        """One forward pass over the active sequences, posting what they produced."""
+
+    @abc.abstractmethod
+    def _release(self, seq: Any) -> None:
+        """Free whatever `seq` holds; called once it leaves the batch."""
+
+    @abc.abstractmethod
+    def _shutdown(self) -> None:
+        """Free the scheduler's own resources after the thread has stopped."""
