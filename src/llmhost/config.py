@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(512, ge=16, le=65536, description="Most tokens per decode step.")
     max_queue: int = Field(64, ge=0, description="Requests that may wait for a free sequence.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' type (transformers engine); auto picks per device."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (transformers engine).")
+    allow_pickle: bool = Field(
+        False, description="Load pickle (.bin) weights, which can run code (transformers)."
+    )
     mmap: bool = Field(True, description="Memory-map model weights instead of reading them.")
     model_key_file: Path | None = Field(None, description="Key of an encrypted model (0600).")
     model_key_command: str | None = Field(None, description="Command printing the model key.")
@@ -106,7 +113,9 @@ class Settings(BaseSettings):
     distributed_backend: Literal["mp", "ray"] | None = Field(
         None, description="vLLM's executor: ray for several nodes."
     )
-    quantization: str | None = Field(None, description="vLLM --quantization (awq, fp8, ...).")
+    quantization: str | None = Field(
+        None, description="transformers: int8 or int4; vLLM: its --quantization (awq, fp8, ...)."
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU share for vLLM.")
     vllm_args: str = Field("", description="More `vllm serve` flags.")
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")

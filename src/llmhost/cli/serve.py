@@ -138,7 +138,9 @@ def register(app: typer.Typer) -> None:
         demo: bool = typer.Option(False, "--demo", help="Serve the built-in demo model."),
         host: str | None = typer.Option(None, help="Address to listen on [127.0.0.1]."),
         port: int | None = typer.Option(None, help="Port [8080]."),
-        engine: str | None = typer.Option(None, help="Engine: llamacpp, ... [llamacpp]."),
+        engine: str | None = typer.Option(
+            None, help="Engine: llamacpp, transformers, vllm, openai, fake [llamacpp]."
+        ),
         model_name: str | None = typer.Option(None, help="Model id clients send."),
         threads: int | None = typer.Option(None, help="CPU threads [physical cores]."),
         ctx_size: int | None = typer.Option(
@@ -170,7 +172,16 @@ def register(app: typer.Typer) -> None:
         tensor_parallel: int | None = typer.Option(None, help="vllm: GPUs per model [1]."),
         pipeline_parallel: int | None = typer.Option(None, help="vllm: pipeline stages [1]."),
         distributed_backend: str | None = typer.Option(None, help="vllm: mp or ray."),
-        quantization: str | None = typer.Option(None, help="vllm: awq, gptq, fp8, ..."),
+        quantization: str | None = typer.Option(
+            None, help="transformers: int8 or int4; vllm: awq, gptq, fp8, ..."
+        ),
+        dtype: str | None = typer.Option(
+            None, help="transformers: auto, float32, bfloat16 or float16 [auto]."
+        ),
+        device: str | None = typer.Option(None, help="transformers: auto, cpu, cuda:N [auto]."),
+        allow_pickle: bool | None = typer.Option(
+            None, "--allow-pickle", help="transformers: accept pickle (.bin) weights."
+        ),
         gpu_memory_utilization: float | None = typer.Option(None, help="vllm: GPU share [0.9]."),
         vllm_args: str | None = typer.Option(None, help="vllm: more `vllm serve` flags."),
         from_plan: Path | None = typer.Option(
@@ -217,6 +228,9 @@ def register(app: typer.Typer) -> None:
             pipeline_parallel=pipeline_parallel,
             distributed_backend=distributed_backend,
             quantization=quantization,
+            dtype=dtype,
+            device=device,
+            allow_pickle=allow_pickle,
             gpu_memory_utilization=gpu_memory_utilization,
             vllm_args=vllm_args,
         )

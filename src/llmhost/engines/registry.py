@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 BUILTIN_ENGINES: dict[str, str] = {
     "llamacpp": "llmhost.engines.llamacpp:LlamaCppEngine",
+    "transformers": "llmhost.engines.transformers:TransformersEngine",
     "fake": "llmhost.engines.fake:FakeEngine",
     "openai": "llmhost.engines.openai_upstream:OpenAIUpstreamEngine",
     "vllm": "llmhost.engines.vllm:VllmEngine",
@@ -38,6 +39,8 @@ def create_engine(name: str, settings: Settings) -> Engine:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
-        extra = {"llamacpp": "llmhost[llamacpp]"}.get(name, f"the package providing {name}")
+        extra = {"llamacpp": "llmhost[llamacpp]", "transformers": "llmhost[transformers]"}.get(
+            name, f"the package providing {name}"
+        )
         raise ConfigError(f"engine {name!r} needs {extra}: {exc}") from exc
     return factory.from_settings(settings)

@@ -1,0 +1,393 @@
+"""Hugging Face causal language models through transformers and torch: safetensors weights
+memory-mapped, CUDA when present (else CPU with the configured threads), optional int8/int4,
+the tokenizer's chat template, and continuous batching (see `transformers_batch`).
+
+Loading: check the folder (config.json, safetensors; pickle `.bin` weights only when allowed)
+-> choose device and dtype -> tokenizer -> model (never with remote code) -> quantize -> start
+the batch thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from llmhost.engines.base import Engine, check_context
+from llmhost.engines.transformers_batch import Sequence, TorchScheduler, batchable, new_cache
+from llmhost.errors import ConfigError, EngineNotReady, InvalidRequest, ModelLoadError
+from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+
+if TYPE_CHECKING:
+    from llmhost.config import Settings
+
+log = logging.getLogger("llmhost.engines.transformers")
+DEFAULT_CTX_CAP = 4096
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("int8", "int4")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX); elsewhere torch emulates
+    it and float32 is faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device, stored: Any, quantization: str | None):
+    """`auto`: bfloat16 on GPUs that have it (else float16); on CPU float32, or bfloat16 when the
+    checkpoint is bfloat16 and the CPU computes it natively. CPU int8 quantizes float32 layers."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; one of auto, {', '.join(DTYPES)}")
+        chosen = DTYPES[dtype]
+        if quantization == "int8" and device.type == "cpu" and chosen != torch.float32:
+            raise ConfigError("int8 on CPU quantizes float32 weights; use --dtype float32 or auto")
+        return chosen
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if quantization is None and str(stored).removeprefix("torch.") == "bfloat16":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def check_folder(path: Path, allow_pickle: bool) -> bool:
+    """Validate a model folder; True when its weights are safetensors."""
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{path} is not a folder; the transformers engine loads a Hugging Face model folder "
+            "(config.json, tokenizer files, *.safetensors)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    if any(path.glob("*.safetensors")):
+        return True
+    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if not pickled:
+        raise ModelLoadError(f"{path} holds no weights (*.safetensors)")
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{path} has only pickle weights ({', '.join(pickled[:3])}); loading pickle can run "
+            "code. Convert them to safetensors, or pass --allow-pickle if you trust the source."
+        )
+    return False
+
+
+def quantize_cpu_int8(model: Any) -> Any:
+    """Dynamic int8 quantization of every Linear layer: int8 weights with a scale per output
+    channel, activations quantized per batch at run time, int8 GEMMs through FBGEMM. (torchao's
+    CPU int8 paths ran 4-10 x slower than this on the same model and machine.)"""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(
+            model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+        )
+
+
+class OneDnnLinear(torch.nn.Module):
+    """A Linear layer computed by oneDNN on the same weight tensor (no copy). torch's default
+    CPU GEMM (MKL) handles the few-row products of batched decoding poorly, worst on AMD CPUs;
+    oneDNN keeps a step over 8 sequences close to the cost of one."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def onednn_linear_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build has oneDNN's linear for `dtype` and it agrees with F.linear."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(64, 32, generator=gen).to(dtype)
+        x = torch.randn(3, 2, 32, generator=gen).to(dtype)
+        got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    want = torch.nn.functional.linear(x, w)
+    return bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
+
+
+def use_onednn_linears(model: torch.nn.Module) -> int:
+    """Swap every float nn.Linear for OneDnnLinear; returns how many were swapped."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, OneDnnLinear(child))
+                swapped += 1
+    return swapped
+
+
+def own_memory(model: torch.nn.Module) -> None:
+    """Copy parameters still backed by the memory-mapped checkpoint into memory of their own,
+    so that once quantization has replaced most weights the file's mapping (and the pages
+    read from it) can go."""
+    for param in model.parameters():
+        param.data = param.data.clone()
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"{quantization} on CUDA needs bitsandbytes: pip install bitsandbytes"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+    )
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        model_id: str | None = None,
+        threads: int = 1,
+        ctx_size: int = 0,
+        parallel: int = 4,
+        batch_size: int = 512,
+        max_queue: int = 64,
+        dtype: str = "auto",
+        device: str = "auto",
+        quantization: str | None = None,
+        allow_pickle: bool = False,
+    ):
+        if quantization in ("", "none"):
+            quantization = None
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"the transformers engine quantizes to {' or '.join(QUANTIZATIONS)}, "
+                f"not {quantization!r}"
+            )
+        self.path = Path(model_path)
+        self._model_id = model_id or self.path.name
+        self.threads = threads
+        self.ctx_size = ctx_size
+        self.parallel = parallel
+        self.batch_size = batch_size
+        self.max_queue = max_queue
+        self.dtype = dtype
+        self.device = device
+        self.quantization = quantization
+        self.allow_pickle = allow_pickle
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._scheduler: TorchScheduler | None = None
+        self._n_vocab = 0
+        self.model_info = ModelInfo(id=self._model_id, context_length=0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TransformersEngine:
+        if not settings.model:
+            raise ConfigError("no model given: pass a Hugging Face model folder")
+        return cls(
+            settings.model,
+            model_id=settings.model_name,
+            threads=settings.threads,
+            ctx_size=settings.ctx_size,
+            parallel=settings.parallel,
+            batch_size=settings.batch_size,
+            max_queue=settings.max_queue,
+            dtype=settings.dtype,
+            device=settings.device,
+            quantization=settings.quantization,
+            allow_pickle=settings.allow_pickle,
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        safetensors = check_folder(self.path, self.allow_pickle)
+        device = resolve_device(self.device)
+        if self.quantization == "int4" and device.type != "cuda":
+            raise ConfigError("int4 needs a CUDA device and bitsandbytes; on CPU use int8")
+        if device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        try:
+            config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"transformers could not read {self.path}: {exc}") from exc
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = resolve_dtype(self.dtype, device, stored, self.quantization)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
+            kwargs: dict[str, Any] = {
+                "dtype": dtype,
+                "use_safetensors": safetensors,
+                "trust_remote_code": False,
+            }
+            if self.quantization and device.type == "cuda":
+                kwargs["quantization_config"] = bnb_config(self.quantization, dtype)
+                kwargs["device_map"] = {"": device.index or 0}
+            transformers.utils.logging.disable_progress_bar()
+            model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"transformers could not load {self.path}: {exc}") from exc
+        if "quantization_config" not in kwargs:
+            model = model.to(device)
+        model.eval()
+        if device.type == "cpu":
+            if self.quantization == "int8":
+                model = quantize_cpu_int8(model)
+                own_memory(model)
+            elif onednn_linear_works(dtype):
+                log.debug("oneDNN linear layers: %d", use_onednn_linears(model))
+        self._install(model, tokenizer, config, device, dtype)
+
+    def _install(self, model: Any, tokenizer: Any, config: Any, device, dtype) -> None:
+        n_ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
+        per_seq = min(self.ctx_size, n_ctx) if self.ctx_size else min(n_ctx, DEFAULT_CTX_CAP)
+        gen = getattr(model, "generation_config", None)
+        eos: set[int] = set()
+        for src in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(src, int):
+                eos.add(src)
+            elif src:
+                eos.update(int(t) for t in src)
+        params = inspect.signature(model.forward).parameters
+        cache_arg = "cache" if "cache" in params else "past_key_values"
+        probe = new_cache(config)
+        parallel = self.parallel
+        if not batchable(probe):
+            log.warning(
+                "%s uses a sliding-window or recurrent cache; serving one sequence at a time",
+                config.model_type,
+            )
+            parallel = 1
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+
+            def decode(ids: list[int]) -> str:
+                return backend.decode(ids, skip_special_tokens=True)
+        else:
+
+            def decode(ids: list[int]) -> str:
+                return tokenizer.decode(
+                    ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                )
+
+        self.model, self.tokenizer = model, tokenizer
+        self._n_vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+        self.model_info = ModelInfo(id=self._model_id, context_length=per_seq)
+        template = getattr(tokenizer, "chat_template", None)
+        self.chat_template = template if isinstance(template, str) else None
+        self.bos_token = tokenizer.bos_token or ""
+        self.eos_token = tokenizer.eos_token or ""
+        self._scheduler = TorchScheduler(
+            model,
+            decode,
+            eos,
+            n_slots=parallel,
+            batch_size=self.batch_size,
+            max_queue=self.max_queue,
+            cache_arg=cache_arg,
+            config=config,
+        )
+        log.info(
+            "loaded %s with transformers %s on %s (%s%s): context %d per sequence x %d, %d threads",
+            self.path.name,
+            transformers.__version__,
+            device,
+            str(dtype).removeprefix("torch."),
+            f", {self.quantization}" if self.quantization else "",
+            per_seq,
+            parallel,
+            torch.get_num_threads(),
+        )
+
+    async def close(self) -> None:
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
+            self._scheduler = None
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def health(self) -> EngineHealth:
+        if self._scheduler is None:
+            return EngineHealth(ok=False, detail="not loaded")
+        alive = self._scheduler.alive()
+        stats = self._scheduler.stats()
+        cells = stats["slots"] * self.model_info.context_length
+        stats["kv_cache_usage"] = stats["kv_tokens"] / cells if cells else 0.0
+        return EngineHealth(ok=alive, detail="" if alive else "scheduler stopped", stats=stats)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise EngineNotReady("the model is not loaded")
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        scheduler = self._scheduler
+        if scheduler is None:
+            raise EngineNotReady("the model is not loaded", retry_after=5)
+        if isinstance(request.prompt, list):
+            prompt = list(request.prompt)
+            bad = [t for t in prompt if not 0 <= t < self._n_vocab]
+            if bad:
+                raise InvalidRequest(
+                    f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})",
+                    param="prompt",
+                )
+        else:
+            prompt = self.tokenize(request.prompt, request.add_special)
+        budget = check_context(
+            len(prompt), request.sampling.max_tokens, self.model_info.context_length
+        )
+        seq = Sequence(
+            prompt=prompt,
+            sampling=request.sampling,
+            budget=budget,
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+        )
+        busy = (
+            f"all {scheduler.n_slots} sequences are busy and {self.max_queue} requests are "
+            "already waiting; retry shortly"
+        )
+        async for delta in scheduler.run(seq, busy):
+            yield delta

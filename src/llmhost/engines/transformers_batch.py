@@ -1,0 +1,379 @@
+"""Continuous batching for transformers models: one thread owns the model and decodes every
+running sequence in one forward pass per step, over one KV cache whose rows are sequences.
+
+Rows have different lengths, so the cache is left-padded: row i holds its tokens in the last
+`kv_len` columns and a 0/1 mask hides the rest; every row gets its own position ids, so rotary
+embeddings see true positions. Each step: drop finished and cancelled rows (and the columns no
+row uses any more), prefill newly admitted prompts together in one left-padded pass (a prompt
+longer than the batch budget is fed alone, chunk by chunk, between decode steps), merge their
+caches into the running one, decode one token for every row, and sample each row with its own
+settings and generator. Torch releases the GIL inside its kernels, so the event loop sends the
+previous step's tokens while the next forward pass runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from llmhost.engines.batching import BaseSequence, BatchLoop
+from llmhost.types import SamplingParams, TokenDelta, Usage
+
+log = logging.getLogger("llmhost.engines.transformers")
+
+PENALTY_LAST_N = 64  # the same window as the llama.cpp engine's penalties
+DETOKENIZE_CONTEXT = 4  # prompt tokens decoded with the output, so word boundaries come out right
+
+
+class Detokenizer:
+    """Incremental text from token ids: decodes a short window twice per token and emits the
+    difference, holding back text that ends in an incomplete UTF-8 sequence."""
+
+    def __init__(self, decode, context: list[int]):
+        self._decode = decode
+        self._ids = list(context)
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def add(self, token: int) -> str:
+        self._ids.append(token)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :]
+
+
+@dataclass(eq=False)
+class Sequence(BaseSequence):
+    """A request in the transformers batch."""
+
+    kv_len: int = 0  # tokens of this sequence in the KV cache
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    cache: Any = None  # its own cache while a long prompt is fed in chunks
+    detok: Detokenizer | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.sampling.temperature <= 0.0
+
+    @property
+    def penalised(self) -> bool:
+        sp = self.sampling
+        return sp.repeat_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+
+
+def new_cache(config: Any) -> Any:
+    return DynamicCache(config=config)
+
+
+def cache_kv(cache: Any) -> list[DynamicLayer]:
+    return list(cache.layers)
+
+
+def batchable(cache: Any) -> bool:
+    """Whether rows of this cache type can be merged and dropped (plain full-attention
+    layers); sliding-window or recurrent caches are served one sequence at a time."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def apply_penalties(logits: torch.Tensor, history: list[int], sp: SamplingParams) -> None:
+    """llama.cpp's penalties, in place: repeat divides positive logits and multiplies negative
+    ones; frequency and presence subtract per occurrence and once, over the last 64 tokens."""
+    if not history:
+        return
+    ids, counts = torch.tensor(history[-PENALTY_LAST_N:], device=logits.device).unique(
+        return_counts=True
+    )
+    vals = logits[ids]
+    if sp.repeat_penalty != 1.0:
+        vals = torch.where(vals > 0, vals / sp.repeat_penalty, vals * sp.repeat_penalty)
+    vals = vals - counts.to(vals.dtype) * sp.frequency_penalty - sp.presence_penalty
+    logits[ids] = vals
+
+
+def sample_token(logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator) -> int:
+    """top-k -> top-p -> min-p -> temperature -> draw, in the llama.cpp engine's order."""
+    if 0 < sp.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sp.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sp.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = cum - sorted_logits.softmax(-1) >= sp.top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    if sp.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < sp.min_p * probs.max(), float("-inf"))
+    probs = (logits / sp.temperature).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TorchScheduler(BatchLoop):
+    """Owns the model; every forward pass happens on its thread."""
+
+    thread_name = "transformers-batch"
+
+    def __init__(
+        self,
+        model: Any,
+        decode: Any,
+        eos_ids: set[int],
+        *,
+        n_slots: int,
+        batch_size: int,
+        max_queue: int,
+        cache_arg: str,
+        config: Any,
+    ):
+        super().__init__(n_slots=n_slots, max_queue=max_queue, log=log)
+        self.model = model
+        self.decode = decode
+        self.eos_ids = set(eos_ids)
+        self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long)
+        self.batch_size = batch_size
+        self.device = model.device
+        self._cache_arg = cache_arg
+        self._config = config
+        self._pending: list[Sequence] = []  # admitted; prompt not (fully) in a cache yet
+        self._rows: list[Sequence] = []  # the running cache's rows, in order
+        self._dead: set[Sequence] = set()
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [rows, columns], 1 where a row has a token
+        self.start()
+
+    def _thread_context(self):
+        return torch.inference_mode()
+
+    def _shutdown(self) -> None:
+        self._cache = self._mask = None
+        self._rows.clear()
+        self._pending.clear()
+
+    # --- admission and release --------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self._waiting and self.free_slots() > 0:
+            seq: Sequence = self._waiting.popleft()
+            seed = secrets.randbits(63) if seq.sampling.seed is None else seq.sampling.seed
+            if not seq.greedy:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+            seq.detok = Detokenizer(self.decode, seq.prompt[-DETOKENIZE_CONTEXT:])
+            self._active.append(seq)
+            self._pending.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self._pending:
+            self._pending.remove(seq)
+        seq.cache = None
+        if seq in self._rows:
+            self._dead.add(seq)
+
+    # --- the step ------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        self._compact()
+        # Hand over the previous step's tokens now: the event loop formats and sends them
+        # while the forward pass runs with the GIL released.
+        self._flush()
+        if self._pending:
+            self._prefill()
+            self._compact()
+        if self._rows:
+            self._decode()
+            self._compact()
+        self.steps += 1
+
+    def _forward(self, ids: torch.Tensor, mask, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self) -> None:
+        first = self._pending[0]
+        if first.n_fed or len(first.prompt) > self.batch_size:
+            self._prefill_chunk(first)
+            return
+        group: list[Sequence] = []
+        width = 0
+        for seq in self._pending:
+            if seq.n_fed or len(seq.prompt) > self.batch_size:
+                break
+            w = max(width, len(seq.prompt))
+            if group and w * (len(group) + 1) > self.batch_size:
+                break
+            group.append(seq)
+            width = w
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, seq in enumerate(group):
+            n = len(seq.prompt)
+            ids[i, width - n :] = torch.tensor(seq.prompt)
+            mask[i, width - n :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        padded = bool((mask == 0).any())
+        cache = new_cache(self._config)
+        logits = self._forward(
+            ids.to(self.device),
+            mask.to(self.device) if padded else None,
+            pos.to(self.device),
+            cache,
+        )
+        for seq in group:
+            seq.n_fed = seq.kv_len = len(seq.prompt)
+            self._pending.remove(seq)
+        self._join(group, cache, mask.to(self.device))
+        self._sample(group, logits)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        take = min(self.batch_size, len(seq.prompt) - seq.n_fed)
+        if seq.cache is None:
+            seq.cache = new_cache(self._config)
+        ids = torch.tensor([seq.prompt[seq.n_fed : seq.n_fed + take]], device=self.device)
+        pos = torch.arange(seq.n_fed, seq.n_fed + take, device=self.device)[None]
+        logits = self._forward(ids, None, pos, seq.cache)
+        seq.n_fed += take
+        if seq.prefilling:
+            return
+        self._pending.remove(seq)
+        seq.kv_len = len(seq.prompt)
+        cache, seq.cache = seq.cache, None
+        self._join([seq], cache, torch.ones((1, seq.kv_len), dtype=torch.long, device=self.device))
+        self._sample([seq], logits)
+
+    def _decode(self) -> None:
+        rows = self._rows
+        ids = torch.tensor([[s.last_token] for s in rows], device=self.device)
+        pos = torch.tensor([[s.kv_len] for s in rows], device=self.device)
+        assert self._mask is not None
+        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        padded = bool((mask == 0).any())
+        logits = self._forward(ids, mask if padded else None, pos, self._cache)
+        self._mask = mask
+        for s in rows:
+            s.kv_len += 1
+        self._sample(list(rows), logits)
+
+    # --- the batch cache -----------------------------------------------------------------
+
+    def _join(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor) -> None:
+        """Append `cache`'s rows to the running cache, left-padding the shorter one."""
+        if self._cache is None or not self._rows:
+            self._cache, self._mask, self._rows = cache, mask, list(seqs)
+            return
+        assert self._mask is not None
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+            return F.pad(t, (0, 0, n, 0)) if n else t
+
+        a_pad = width - self._mask.shape[1]
+        b_pad = width - mask.shape[1]
+        for mine, theirs in zip(cache_kv(self._cache), cache_kv(cache), strict=True):
+            mine.keys = torch.cat([pad(mine.keys, a_pad), pad(theirs.keys, b_pad)])
+            mine.values = torch.cat([pad(mine.values, a_pad), pad(theirs.values, b_pad)])
+        self._mask = torch.cat([F.pad(self._mask, (a_pad, 0)), F.pad(mask, (b_pad, 0))])
+        self._rows.extend(seqs)
+
+    def _compact(self) -> None:
+        """Drop rows whose sequences left, then columns that no remaining row uses."""
+        if not self._dead:
+            return
+        keep = [i for i, s in enumerate(self._rows) if s not in self._dead]
+        self._dead.clear()
+        if not keep:
+            self._cache = self._mask = None
+            self._rows = []
+            return
+        assert self._mask is not None
+        idx = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, idx)
+        start = int(mask.any(0).nonzero()[0])
+        for layer in cache_kv(self._cache):
+            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        self._mask = mask[:, start:]
+        self._rows = [self._rows[i] for i in keep]
+
+    # --- sampling and output -------------------------------------------------------------
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        greedy = (
+            logits.argmax(-1).tolist() if all(s.greedy and not s.penalised for s in seqs) else None
+        )
+        for i, seq in enumerate(seqs):
+            if seq.cancelled:
+                continue
+            if greedy is not None and not seq.sampling.ignore_eos:
+                token = greedy[i]
+            else:
+                token = self._pick(seq, logits[i])
+            self._accept(seq, token)
+
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+        sp = seq.sampling
+        if sp.ignore_eos and len(self._eos_index):
+            logits[self._eos_index.to(logits.device)] = float("-inf")
+        if seq.penalised:
+            apply_penalties(logits, seq.prompt[-PENALTY_LAST_N:] + seq.generated, sp)
+        if seq.greedy:
+            return int(logits.argmax())
+        assert seq.generator is not None
+        return sample_token(logits, sp, seq.generator)
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        assert seq.detok is not None
+        seq.last_token = token
+        if token in self.eos_ids and not seq.sampling.ignore_eos:
+            self._done(seq, "stop", self._tail(seq))
+            return
+        seq.n_generated += 1
+        seq.generated.append(token)
+        text, hit = seq.stops.feed(seq.detok.add(token))
+        if hit:
+            self._done(seq, "stop", text, (token,))
+        elif seq.n_generated >= seq.budget:
+            self._done(seq, "length", text + self._tail(seq), (token,))
+        else:
+            self._post(seq, TokenDelta(text=text, token_ids=(token,)))
+
+    @staticmethod
+    def _tail(seq: Sequence) -> str:
+        """Text still held back (an unfinished character, a possible stop string)."""
+        assert seq.detok is not None
+        text, hit = seq.stops.feed(seq.detok.flush())
+        return text if hit else text + seq.stops.flush()
+
+    def _done(self, seq: Sequence, reason: str, text: str, ids: tuple[int, ...] = ()) -> None:
+        with self._cond:
+            self._finish(seq)
+        self._post(
+            seq,
+            TokenDelta(
+                text=text,
+                token_ids=ids,
+                finish_reason=reason,  # type: ignore[arg-type]
+                usage=Usage(len(seq.prompt), seq.n_generated),
+            ),
+        )
