@@ -292,3 +292,29 @@ async def test_cuda_engine_matches_cpu(tiny_model, reference):
         assert ids == generate(reference, PROMPTS[0], 8)
     finally:
         await e.close()
+
+
+async def test_encrypted_folder_loads_from_memory_only(tiny_model, tmp_path, reference):
+    from llmhost.store import crypto
+
+    folder = tmp_path / "sealed"
+    shutil.copytree(tiny_model.hf_dir, folder)
+    key = bytes(range(32))
+    crypto.encrypt_file(folder / "model.safetensors", folder / "model.safetensors.enc", key)
+    (folder / "model.safetensors").unlink()
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    with pytest.raises(ModelLoadError, match="no key source"):
+        await TransformersEngine(folder, decrypt_dir=shm).start()
+    wrong = TransformersEngine(folder, key_loader=lambda: bytes(32), decrypt_dir=shm)
+    with pytest.raises(Exception, match="(?i)authentic|key"):
+        await wrong.start()
+    assert list(shm.iterdir()) == []
+    e = TransformersEngine(folder, key_loader=lambda: key, decrypt_dir=shm, threads=2)
+    await e.start()
+    try:
+        assert list(shm.iterdir()) == []  # the plaintext is gone once loaded
+        _, ids, _, _, _ = await run(e, PROMPTS[0], max_tokens=8)
+        assert ids == generate(reference, PROMPTS[0], 8)
+    finally:
+        await e.close()

@@ -10,9 +10,10 @@ the batch thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llmhost.engines.base import Engine, check_context
 from llmhost.engines.transformers_batch import Sequence, TorchScheduler, batchable, new_cache
 from llmhost.errors import ConfigError, EngineNotReady, InvalidRequest, ModelLoadError
+from llmhost.store import crypto
 from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
 
 if TYPE_CHECKING:
@@ -81,9 +83,9 @@ def check_folder(path: Path, allow_pickle: bool) -> bool:
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model folder?")
-    if any(path.glob("*.safetensors")):
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.enc")):
         return True
-    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    pickled = sorted(p.name for pat in ("*.bin", "*.pt", "*.bin.enc") for p in path.glob(pat))
     if not pickled:
         raise ModelLoadError(f"{path} holds no weights (*.safetensors)")
     if not allow_pickle:
@@ -155,6 +157,9 @@ def own_memory(model: torch.nn.Module) -> None:
     read from it) can go."""
     for param in model.parameters():
         param.data = param.data.clone()
+    # the replaced float layers sit in reference cycles; collect them now, not at some later
+    # allocation, so the checkpoint's mapping is released before the first request
+    gc.collect()
 
 
 def bnb_config(quantization: str, compute_dtype: torch.dtype):
@@ -190,6 +195,8 @@ class TransformersEngine(Engine):
         device: str = "auto",
         quantization: str | None = None,
         allow_pickle: bool = False,
+        key_loader: Callable[[], bytes] | None = None,
+        decrypt_dir: Path | str = "/dev/shm",
     ):
         if quantization in ("", "none"):
             quantization = None
@@ -209,6 +216,8 @@ class TransformersEngine(Engine):
         self.device = device
         self.quantization = quantization
         self.allow_pickle = allow_pickle
+        self.key_loader = key_loader
+        self.decrypt_dir = Path(decrypt_dir)
         self.model: Any = None
         self.tokenizer: Any = None
         self._scheduler: TorchScheduler | None = None
@@ -231,28 +240,43 @@ class TransformersEngine(Engine):
             device=settings.device,
             quantization=settings.quantization,
             allow_pickle=settings.allow_pickle,
+            key_loader=lambda: crypto.load_key(settings.model_key_file, settings.model_key_command),
+            decrypt_dir=settings.decrypt_dir,
         )
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        check_folder(self.path, self.allow_pickle)
+        if not any(crypto.is_encrypted(p) for p in self.path.glob("*.enc")):
+            await asyncio.to_thread(self._load, self.path)
+            return
+        if self.key_loader is None:
+            raise ModelLoadError(f"{self.path} is encrypted and no key source is configured")
+        key = self.key_loader()
+        # The decrypted weights live in tmpfs only while they are loaded: the folder is removed
+        # right after, and the mapped pages stay with the process alone.
+        await asyncio.to_thread(self._load_encrypted, key)
 
-    def _load(self) -> None:
-        safetensors = check_folder(self.path, self.allow_pickle)
+    def _load_encrypted(self, key: bytes) -> None:
+        with crypto.decrypted_folder_in_memory(self.path, key, self.decrypt_dir) as plain:
+            self._load(plain)
+
+    def _load(self, path: Path) -> None:
+        safetensors = check_folder(path, self.allow_pickle)
         device = resolve_device(self.device)
         if self.quantization == "int4" and device.type != "cuda":
             raise ConfigError("int4 needs a CUDA device and bitsandbytes; on CPU use int8")
         if device.type == "cpu":
             torch.set_num_threads(self.threads)
         try:
-            config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"transformers could not read {self.path}: {exc}") from exc
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         dtype = resolve_dtype(self.dtype, device, stored, self.quantization)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             kwargs: dict[str, Any] = {
                 "dtype": dtype,
                 "use_safetensors": safetensors,
@@ -262,7 +286,7 @@ class TransformersEngine(Engine):
                 kwargs["quantization_config"] = bnb_config(self.quantization, dtype)
                 kwargs["device_map"] = {"": device.index or 0}
             transformers.utils.logging.disable_progress_bar()
-            model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"transformers could not load {self.path}: {exc}") from exc
         if "quantization_config" not in kwargs:

@@ -331,7 +331,10 @@ def clean_stale(folder: Path | str = "/dev/shm") -> list[Path]:
             continue
         if pid != os.getpid() and not _alive(pid):
             with contextlib.suppress(OSError):
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed.append(p)
     return removed
 
@@ -346,6 +349,54 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _check_tmpfs(folder: Path, need: int) -> None:
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{folder} does not exist; an encrypted model is decrypted only into "
+            "memory (tmpfs), never to disk"
+        )
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ConfigError(f"{folder} has {free >> 20} MiB free; the model needs {need >> 20}")
+
+
+def plaintext_size(path: Path) -> int:
+    with path.open("rb") as f:
+        header = f.read(HEADER_SIZE)
+    if len(header) == HEADER_SIZE and header[: len(MAGIC)] == MAGIC:
+        return _HEADER.unpack(header)[-1]
+    return 0
+
+
+@contextlib.contextmanager
+def decrypted_folder_in_memory(
+    src: Path | str, key: bytes, folder: Path | str = "/dev/shm"
+) -> Iterator[Path]:
+    """A model folder whose weight files are sealed (`X.enc`, as `llmhost encrypt` leaves a
+    stored model): a private tmpfs folder with each weight decrypted under its plain name and
+    links to the other files (config, tokenizer). Removed on exit; load inside the block."""
+    src, folder = Path(src), Path(folder)
+    sealed = [p for p in sorted(src.iterdir()) if p.is_file() and is_encrypted(p)]
+    clean_stale(folder)
+    _check_tmpfs(folder, sum(plaintext_size(p) for p in sealed))
+    target = folder / f"{DECRYPT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    target.mkdir(mode=0o700)
+    try:
+        for p in sorted(src.iterdir()):
+            if p in sealed:
+                out = target / p.name.removesuffix(".enc")
+                fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    decrypt_into_fd(p, fd, key)
+                finally:
+                    os.close(fd)
+            elif not (target / p.name).exists():
+                (target / p.name).symlink_to(p.resolve())
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def decrypted_in_memory(
     src: Path | str, key: bytes, folder: Path | str = "/dev/shm"
@@ -354,19 +405,8 @@ def decrypted_in_memory(
     model inside the block: a memory-mapped model keeps its pages after the name is gone, so
     no plaintext outlives the load, even if the process is later killed."""
     src, folder = Path(src), Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(
-            f"{folder} does not exist; an encrypted model is decrypted only into "
-            "memory (tmpfs), never to disk"
-        )
     clean_stale(folder)
-    with src.open("rb") as f:
-        header = f.read(HEADER_SIZE)
-    if len(header) == HEADER_SIZE and header[: len(MAGIC)] == MAGIC:
-        need = _HEADER.unpack(header)[-1]
-        free = shutil.disk_usage(folder).free
-        if need > free:
-            raise ConfigError(f"{folder} has {free >> 20} MiB free; the model needs {need >> 20}")
+    _check_tmpfs(folder, plaintext_size(src))
     target = folder / f"{DECRYPT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{src.suffix}"
     fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
