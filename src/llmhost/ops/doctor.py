@@ -122,13 +122,14 @@ class Doctor:
                     "pip install 'llmhost[transformers]'",
                 )
             )
-        elif _version_tuple(tf) < (4, 30):
+        elif _version_tuple(tf) < (4, 56):
             out.append(
                 Check(
                     "transformers",
                     "fail",
-                    f"{tf} < 4.30 (no dynamic quantization)",
-                    "pip install -U 'transformers>=4.30'",
+                    f"{tf} < 4.56 (the guide asks for >= 4.30; llmhost's transformers engine "
+                    "needs the per-layer KV cache of 4.56)",
+                    "pip install -U 'transformers>=4.56'",
                 )
             )
         else:
