@@ -275,16 +275,16 @@ class TransformersEngine(Engine):
             raise ModelLoadError(f"transformers could not read {self.path}: {exc}") from exc
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         dtype = resolve_dtype(self.dtype, device, stored, self.quantization)
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "use_safetensors": safetensors,
+            "trust_remote_code": False,
+        }
+        if self.quantization and device.type == "cuda":
+            kwargs["quantization_config"] = bnb_config(self.quantization, dtype)
+            kwargs["device_map"] = {"": device.index or 0}
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            kwargs: dict[str, Any] = {
-                "dtype": dtype,
-                "use_safetensors": safetensors,
-                "trust_remote_code": False,
-            }
-            if self.quantization and device.type == "cuda":
-                kwargs["quantization_config"] = bnb_config(self.quantization, dtype)
-                kwargs["device_map"] = {"": device.index or 0}
             transformers.utils.logging.disable_progress_bar()
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
