@@ -12,6 +12,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 from llmhost.engines.openai_upstream import _error_for
@@ -92,6 +93,30 @@ def test_same_text_through_the_gateway(pair):
     plain = direct.completions.create(model="tiny", prompt="Once upon", max_tokens=8, temperature=0)
     assert text == plain.choices[0].text
     assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_upstream_connections_are_reused(pair):
+    upstream, front = pair
+    headers = {"Authorization": f"Bearer {front.key}"}
+    body = {"model": "gateway-tiny", "prompt": "hi", "max_tokens": 2, "stream": True}
+
+    def closed_by_front() -> int:
+        # the side that closes a TCP connection holds it in TIME_WAIT
+        return sum(
+            1
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_TIME_WAIT and c.raddr and c.raddr.port == upstream.port
+        )
+
+    before = closed_by_front()
+    with httpx.Client(timeout=30) as client:
+        for _ in range(12):
+            with client.stream(
+                "POST", front.url + "/v1/completions", json=body, headers=headers
+            ) as r:
+                assert r.status_code == 200
+                r.read()
+    assert closed_by_front() - before <= 1
 
 
 def test_errors_auth_and_audit(pair):

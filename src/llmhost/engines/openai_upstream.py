@@ -238,13 +238,17 @@ class OpenAIUpstreamEngine(Engine):
         try:
             if resp.status_code != 200:
                 raise _error_for(resp.status_code, await resp.aread())
-            finish, usage, n_chunks = None, None, 0
+            finish, usage, n_chunks, done = None, None, 0, False
             async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
+                # Read on past [DONE] to the end of the body: a response read to its end
+                # returns its connection to the pool, one closed early costs a new TCP
+                # connection (and its set-up on both servers) for the next request.
+                if done or not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    done = True
+                    continue
                 chunk = json.loads(data)
                 if "error" in chunk:
                     err = chunk["error"]
