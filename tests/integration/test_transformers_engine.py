@@ -130,6 +130,34 @@ async def test_concurrent_requests_match_their_solo_runs(make_engine):
     assert e._scheduler.steps > 0
 
 
+async def test_rows_leaving_mid_batch_do_not_disturb_the_others(make_engine):
+    # cancelled streams (one mid-decode, one during a chunked prefill) and early finishers
+    # drop their rows and columns from the shared cache; the survivors must not notice
+    e = await make_engine(parallel=4, batch_size=16)
+    long_prompt = PROMPTS[3] * 2  # > 16 tokens: fed in chunks
+    solo = [(await run(e, p, max_tokens=n))[1] for p, n in ((PROMPTS[0], 30), (PROMPTS[4], 3))]
+
+    async def abandon(prompt: str, after: int) -> None:
+        agen = e.stream(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=200)))
+        for _ in range(after):
+            await agen.__anext__()
+        await agen.aclose()
+
+    results = await asyncio.gather(
+        run(e, PROMPTS[0], max_tokens=30),
+        abandon(PROMPTS[1], 4),
+        run(e, PROMPTS[4], max_tokens=3),
+        abandon(long_prompt, 1),
+    )
+    assert [results[0][1], results[2][1]] == solo
+    for _ in range(100):
+        if e.health().stats["running"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert e.health().stats == {**e.health().stats, "running": 0, "waiting": 0, "kv_tokens": 0}
+    assert e._scheduler._cache is None
+
+
 async def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
     e = await make_engine(parallel=4)
     kw = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 7}
