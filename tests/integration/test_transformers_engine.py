@@ -279,7 +279,7 @@ async def test_bad_settings_and_folders(tmp_path, tiny_model):
 
 
 def test_onednn_linear_matches_torch_linear(tiny_model):
-    from llmhost.engines.transformers import OneDnnLinear, onednn_linear_works
+    from llmhost.engines.torch_setup import OneDnnLinear, onednn_linear_works
 
     if not onednn_linear_works(torch.float32):
         pytest.skip("this torch build has no oneDNN linear")
@@ -290,7 +290,7 @@ def test_onednn_linear_matches_torch_linear(tiny_model):
 
 
 async def test_cpu_float32_uses_onednn_layers(make_engine):
-    from llmhost.engines.transformers import OneDnnLinear, onednn_linear_works
+    from llmhost.engines.torch_setup import OneDnnLinear, onednn_linear_works
 
     e = await make_engine()
     up = e.model.model.layers[0].mlp.up_proj
