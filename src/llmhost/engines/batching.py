@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmhost.engines.base import StopMatcher
-from llmhost.errors import EngineError, Overloaded
-from llmhost.types import SamplingParams, TokenDelta
+from llmhost.engines.base import Engine, StopMatcher, check_context
+from llmhost.errors import EngineError, EngineNotReady, InvalidRequest, Overloaded
+from llmhost.types import EngineHealth, GenerationRequest, SamplingParams, TokenDelta, Usage
 
 BURST_QUIET = 0.004  # seconds without a new arrival that end a burst
 BURST_MAX_WAIT = 0.025  # the longest a burst may delay the first prefill
@@ -219,6 +220,46 @@ class BatchLoop(abc.ABC):
         self._active.remove(seq)
         self._release(seq)
 
+    # --- output: the same finish rules for every engine ---------------------------------------
+
+    def _emit(self, seq: Any, token: int, is_eos: bool) -> None:
+        """A sampled token ends the stream at EOS (unless ignored), a stop string or the
+        budget; otherwise its text goes out."""
+        seq.last_token = token
+        if is_eos and not seq.sampling.ignore_eos:
+            self._done(seq, "stop", self._tail(seq))
+            return
+        seq.n_generated += 1
+        text, hit = seq.stops.feed(self._take(seq, token))
+        if hit:
+            self._done(seq, "stop", text, (token,))
+        elif seq.n_generated >= seq.budget:
+            self._done(seq, "length", text + self._tail(seq), (token,))
+        else:
+            self._post(seq, TokenDelta(text=text, token_ids=(token,)))
+
+    def _done(self, seq: Any, reason: str, text: str, ids: tuple[int, ...] = ()) -> None:
+        with self._cond:
+            self._finish(seq)
+        self._post(
+            seq,
+            TokenDelta(
+                text=text,
+                token_ids=ids,
+                finish_reason=reason,  # type: ignore[arg-type]
+                usage=Usage(len(seq.prompt), seq.n_generated),
+            ),
+        )
+
+    @abc.abstractmethod
+    def _take(self, seq: Any, token: int) -> str:
+        """Record an accepted (non-EOS) token and return the text it completes."""
+
+    @abc.abstractmethod
+    def _tail(self, seq: Any) -> str:
+        """Text still held back when the stream ends (an unfinished character, a possible
+        stop string)."""
+
     @abc.abstractmethod
     def _admit(self) -> None:
         """Move waiting sequences into the batch while there is room (lock held)."""
@@ -234,3 +275,53 @@ class BatchLoop(abc.ABC):
     @abc.abstractmethod
     def _shutdown(self) -> None:
         """Free the scheduler's own resources after the thread has stopped."""
+
+
+class BatchedEngine(Engine):
+    """An engine whose generations run in a BatchLoop: prompt checks, streaming and health
+    are the same for each. Subclasses set `sequence_type`, and `_scheduler` and `_n_vocab`
+    once loaded."""
+
+    sequence_type: type[BaseSequence] = BaseSequence
+    _scheduler: BatchLoop | None = None
+    _n_vocab: int = 0
+
+    def health(self) -> EngineHealth:
+        if self._scheduler is None:
+            return EngineHealth(ok=False, detail="not loaded")
+        alive = self._scheduler.alive()
+        stats = self._scheduler.stats()
+        cells = stats["slots"] * self.model_info.context_length
+        stats["kv_cache_usage"] = stats["kv_tokens"] / cells if cells else 0.0
+        return EngineHealth(ok=alive, detail="" if alive else "scheduler stopped", stats=stats)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        scheduler = self._scheduler
+        if scheduler is None:
+            raise EngineNotReady("the model is not loaded", retry_after=5)
+        if isinstance(request.prompt, list):
+            prompt = list(request.prompt)
+            bad = [t for t in prompt if not 0 <= t < self._n_vocab]
+            if bad:
+                raise InvalidRequest(
+                    f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})",
+                    param="prompt",
+                )
+        else:
+            prompt = self.tokenize(request.prompt, request.add_special)
+        budget = check_context(
+            len(prompt), request.sampling.max_tokens, self.model_info.context_length
+        )
+        seq = self.sequence_type(
+            prompt=prompt,
+            sampling=request.sampling,
+            budget=budget,
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+        )
+        busy = (
+            f"all {scheduler.n_slots} sequences are busy and {scheduler.max_queue} requests "
+            "are already waiting; retry shortly"
+        )
+        async for delta in scheduler.run(seq, busy):
+            yield delta

@@ -6,23 +6,22 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import llama_cpp as C
 
-from llmhost.engines.base import Engine, check_context
+from llmhost.engines.batching import BatchedEngine
 from llmhost.engines.llamacpp_batch import BatchScheduler, Sequence
 from llmhost.engines.llamacpp_threads import ThreadPool
 from llmhost.errors import (
     ConfigError,
     EngineNotReady,
-    InvalidRequest,
     ModelLoadError,
 )
 from llmhost.store import crypto
-from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+from llmhost.types import ModelInfo
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
@@ -54,8 +53,9 @@ def resolve_gguf(path: Path) -> Path:
     return path
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(BatchedEngine):
     name = "llamacpp"
+    sequence_type = Sequence
 
     def __init__(
         self,
@@ -208,15 +208,6 @@ class LlamaCppEngine(Engine):
             C.llama_model_free(self._model)
             self._model = None
 
-    def health(self) -> EngineHealth:
-        if self._scheduler is None:
-            return EngineHealth(ok=False, detail="not loaded")
-        alive = self._scheduler.alive()
-        stats = self._scheduler.stats()
-        cells = stats["slots"] * self.model_info.context_length
-        stats["kv_cache_usage"] = stats["kv_tokens"] / cells if cells else 0.0
-        return EngineHealth(ok=alive, detail="" if alive else "scheduler stopped", stats=stats)
-
     # --- requests -----------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -231,36 +222,3 @@ class LlamaCppEngine(Engine):
             buf = (C.llama_token * cap)()
             n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
         return list(buf[:n])
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        scheduler = self._scheduler
-        if scheduler is None:
-            raise EngineNotReady("the model is not loaded", retry_after=5)
-        if isinstance(request.prompt, list):
-            prompt = list(request.prompt)
-            bad = [t for t in prompt if not 0 <= t < self._n_vocab]
-            if bad:
-                raise InvalidRequest(
-                    f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})",
-                    param="prompt",
-                )
-        else:
-            prompt = self.tokenize(request.prompt, request.add_special)
-        budget = check_context(
-            len(prompt), request.sampling.max_tokens, self.model_info.context_length
-        )
-        queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
-
-        seq = Sequence(
-            prompt=prompt,
-            sampling=request.sampling,
-            budget=budget,
-            loop=asyncio.get_running_loop(),
-            queue=queue,
-        )
-        busy = (
-            f"all {self.parallel} sequences are busy and {self.max_queue} requests are "
-            "already waiting; retry shortly"
-        )
-        async for delta in scheduler.run(seq, busy):
-            yield delta

@@ -21,7 +21,6 @@ from typing import Any
 import llama_cpp as C
 
 from llmhost.engines.batching import BaseSequence, BatchLoop
-from llmhost.types import TokenDelta, Usage
 
 log = logging.getLogger("llmhost.engines.llamacpp")
 
@@ -185,31 +184,11 @@ class BatchScheduler(BatchLoop):
         if seq.cancelled:
             return
         token = C.llama_sampler_sample(seq.sampler, self.ctx, idx)
-        seq.last_token = token
-        if token in self._eog and not seq.sampling.ignore_eos:
-            self._done(seq, "stop", seq.stops.flush() + seq.decoder.decode(b"", final=True))
-            return
-        seq.n_generated += 1
-        n = C.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        raw = self._piece.raw[:n] if n > 0 else b""
-        text, hit = seq.stops.feed(seq.decoder.decode(raw))
-        if hit:
-            self._done(seq, "stop", text, (token,))
-        elif seq.n_generated >= seq.budget:
-            tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
-            self._done(seq, "length", text + tail, (token,))
-        else:
-            self._post(seq, TokenDelta(text=text, token_ids=(token,)))
+        self._emit(seq, token, token in self._eog)
 
-    def _done(self, seq: Sequence, reason: str, text: str, ids: tuple[int, ...] = ()) -> None:
-        with self._cond:
-            self._finish(seq)
-        self._post(
-            seq,
-            TokenDelta(
-                text=text,
-                token_ids=ids,
-                finish_reason=reason,  # type: ignore[arg-type]
-                usage=Usage(len(seq.prompt), seq.n_generated),
-            ),
-        )
+    def _take(self, seq: Sequence, token: int) -> str:
+        n = C.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        return seq.decoder.decode(self._piece.raw[:n] if n > 0 else b"")
+
+    def _tail(self, seq: Sequence) -> str:
+        return seq.stops.flush() + seq.decoder.decode(b"", final=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llmhost.engines.base import Engine, check_context
+from llmhost.engines.batching import BatchedEngine
 from llmhost.engines.torch_setup import (
     bnb_config,
     onednn_linear_works,
@@ -31,9 +31,9 @@ from llmhost.engines.torch_setup import (
     use_onednn_linears,
 )
 from llmhost.engines.transformers_batch import Sequence, TorchScheduler, batchable, new_cache
-from llmhost.errors import ConfigError, EngineNotReady, InvalidRequest, ModelLoadError
+from llmhost.errors import ConfigError, EngineNotReady, ModelLoadError
 from llmhost.store import crypto
-from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+from llmhost.types import ModelInfo
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
@@ -65,8 +65,9 @@ def check_folder(path: Path, allow_pickle: bool) -> bool:
     return False
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(BatchedEngine):
     name = "transformers"
+    sequence_type = Sequence
 
     def __init__(
         self,
@@ -256,49 +257,9 @@ class TransformersEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def health(self) -> EngineHealth:
-        if self._scheduler is None:
-            return EngineHealth(ok=False, detail="not loaded")
-        alive = self._scheduler.alive()
-        stats = self._scheduler.stats()
-        cells = stats["slots"] * self.model_info.context_length
-        stats["kv_cache_usage"] = stats["kv_tokens"] / cells if cells else 0.0
-        return EngineHealth(ok=alive, detail="" if alive else "scheduler stopped", stats=stats)
-
     # --- requests -----------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise EngineNotReady("the model is not loaded")
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        scheduler = self._scheduler
-        if scheduler is None:
-            raise EngineNotReady("the model is not loaded", retry_after=5)
-        if isinstance(request.prompt, list):
-            prompt = list(request.prompt)
-            bad = [t for t in prompt if not 0 <= t < self._n_vocab]
-            if bad:
-                raise InvalidRequest(
-                    f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})",
-                    param="prompt",
-                )
-        else:
-            prompt = self.tokenize(request.prompt, request.add_special)
-        budget = check_context(
-            len(prompt), request.sampling.max_tokens, self.model_info.context_length
-        )
-        seq = Sequence(
-            prompt=prompt,
-            sampling=request.sampling,
-            budget=budget,
-            loop=asyncio.get_running_loop(),
-            queue=asyncio.Queue(),
-        )
-        busy = (
-            f"all {scheduler.n_slots} sequences are busy and {self.max_queue} requests are "
-            "already waiting; retry shortly"
-        )
-        async for delta in scheduler.run(seq, busy):
-            yield delta

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from llmhost.engines.batching import BaseSequence, BatchLoop
-from llmhost.types import SamplingParams, TokenDelta, Usage
+from llmhost.types import SamplingParams
 
 log = logging.getLogger("llmhost.engines.transformers")
 
@@ -329,7 +329,7 @@ class TorchScheduler(BatchLoop):
                 token = greedy[i]
             else:
                 token = self._pick(seq, logits[i])
-            self._accept(seq, token)
+            self._emit(seq, token, token in self.eos_ids)
 
     def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
         sp = seq.sampling
@@ -342,38 +342,12 @@ class TorchScheduler(BatchLoop):
         assert seq.generator is not None
         return sample_token(logits, sp, seq.generator)
 
-    def _accept(self, seq: Sequence, token: int) -> None:
+    def _take(self, seq: Sequence, token: int) -> str:
         assert seq.detok is not None
-        seq.last_token = token
-        if token in self.eos_ids and not seq.sampling.ignore_eos:
-            self._done(seq, "stop", self._tail(seq))
-            return
-        seq.n_generated += 1
         seq.generated.append(token)
-        text, hit = seq.stops.feed(seq.detok.add(token))
-        if hit:
-            self._done(seq, "stop", text, (token,))
-        elif seq.n_generated >= seq.budget:
-            self._done(seq, "length", text + self._tail(seq), (token,))
-        else:
-            self._post(seq, TokenDelta(text=text, token_ids=(token,)))
+        return seq.detok.add(token)
 
-    @staticmethod
-    def _tail(seq: Sequence) -> str:
-        """Text still held back (an unfinished character, a possible stop string)."""
+    def _tail(self, seq: Sequence) -> str:
         assert seq.detok is not None
         text, hit = seq.stops.feed(seq.detok.flush())
         return text if hit else text + seq.stops.flush()
-
-    def _done(self, seq: Sequence, reason: str, text: str, ids: tuple[int, ...] = ()) -> None:
-        with self._cond:
-            self._finish(seq)
-        self._post(
-            seq,
-            TokenDelta(
-                text=text,
-                token_ids=ids,
-                finish_reason=reason,  # type: ignore[arg-type]
-                usage=Usage(len(seq.prompt), seq.n_generated),
-            ),
-        )
