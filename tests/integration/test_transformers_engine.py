@@ -74,6 +74,16 @@ def generate(reference, prompt: str, n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
+async def assert_generates_like_reference(engine, reference) -> None:
+    """Start `engine`, check its greedy tokens against model.generate, close it."""
+    await engine.start()
+    try:
+        _, ids, _, _, _ = await run(engine, PROMPTS[0], max_tokens=8)
+        assert ids == generate(reference, PROMPTS[0], 8)
+    finally:
+        await engine.close()
+
+
 @pytest.fixture
 async def make_engine(tiny_model):
     engines = []
@@ -252,13 +262,9 @@ async def test_pickle_weights_need_allow_pickle(tiny_model, tmp_path, make_engin
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="--allow-pickle"):
         await TransformersEngine(folder).start()
-    e = TransformersEngine(folder, allow_pickle=True, threads=2)
-    await e.start()
-    try:
-        _, ids, _, _, _ = await run(e, PROMPTS[0], max_tokens=8)
-        assert ids == generate(reference, PROMPTS[0], 8)
-    finally:
-        await e.close()
+    await assert_generates_like_reference(
+        TransformersEngine(folder, allow_pickle=True, threads=2), reference
+    )
 
 
 async def test_bad_settings_and_folders(tmp_path, tiny_model):
@@ -314,13 +320,9 @@ def test_sampling_rules():
 async def test_cuda_engine_matches_cpu(tiny_model, reference):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    e = TransformersEngine(tiny_model.hf_dir, device="cuda", dtype="float32")
-    await e.start()
-    try:
-        _, ids, _, _, _ = await run(e, PROMPTS[0], max_tokens=8)
-        assert ids == generate(reference, PROMPTS[0], 8)
-    finally:
-        await e.close()
+    await assert_generates_like_reference(
+        TransformersEngine(tiny_model.hf_dir, device="cuda", dtype="float32"), reference
+    )
 
 
 async def test_encrypted_folder_loads_from_memory_only(tiny_model, tmp_path, reference):

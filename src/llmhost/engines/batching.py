@@ -14,11 +14,15 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmhost.engines.base import Engine, StopMatcher, check_context
 from llmhost.errors import EngineError, EngineNotReady, InvalidRequest, Overloaded
+from llmhost.store import crypto
 from llmhost.types import EngineHealth, GenerationRequest, SamplingParams, TokenDelta, Usage
+
+if TYPE_CHECKING:
+    from llmhost.config import Settings
 
 BURST_QUIET = 0.004  # seconds without a new arrival that end a burst
 BURST_MAX_WAIT = 0.025  # the longest a burst may delay the first prefill
@@ -275,6 +279,20 @@ class BatchLoop(abc.ABC):
     @abc.abstractmethod
     def _shutdown(self) -> None:
         """Free the scheduler's own resources after the thread has stopped."""
+
+
+def engine_settings(settings: Settings) -> dict[str, Any]:
+    """The constructor arguments every in-process batched engine takes from the settings."""
+    return {
+        "model_id": settings.model_name,
+        "threads": settings.threads,
+        "ctx_size": settings.ctx_size,
+        "parallel": settings.parallel,
+        "batch_size": settings.batch_size,
+        "max_queue": settings.max_queue,
+        "key_loader": lambda: crypto.load_key(settings.model_key_file, settings.model_key_command),
+        "decrypt_dir": settings.decrypt_dir,
+    }
 
 
 class BatchedEngine(Engine):

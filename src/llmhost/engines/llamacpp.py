@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import llama_cpp as C
 
-from llmhost.engines.batching import BatchedEngine
+from llmhost.engines.batching import BatchedEngine, engine_settings
 from llmhost.engines.llamacpp_batch import BatchScheduler, Sequence
 from llmhost.engines.llamacpp_threads import ThreadPool
 from llmhost.errors import (
@@ -93,18 +93,7 @@ class LlamaCppEngine(BatchedEngine):
     def from_settings(cls, settings: Settings) -> LlamaCppEngine:
         if not settings.model:
             raise ConfigError("no model given: pass a GGUF path, set LLMHOST_MODEL, or use --demo")
-        return cls(
-            settings.model,
-            model_id=settings.model_name,
-            threads=settings.threads,
-            ctx_size=settings.ctx_size,
-            parallel=settings.parallel,
-            batch_size=settings.batch_size,
-            max_queue=settings.max_queue,
-            mmap=settings.mmap,
-            key_loader=lambda: crypto.load_key(settings.model_key_file, settings.model_key_command),
-            decrypt_dir=settings.decrypt_dir,
-        )
+        return cls(settings.model, mmap=settings.mmap, **engine_settings(settings))
 
     # --- lifecycle --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llmhost.engines.batching import BatchedEngine
+from llmhost.engines.batching import BatchedEngine, engine_settings
 from llmhost.engines.torch_setup import (
     bnb_config,
     onednn_linear_works,
@@ -118,18 +118,11 @@ class TransformersEngine(BatchedEngine):
             raise ConfigError("no model given: pass a Hugging Face model folder")
         return cls(
             settings.model,
-            model_id=settings.model_name,
-            threads=settings.threads,
-            ctx_size=settings.ctx_size,
-            parallel=settings.parallel,
-            batch_size=settings.batch_size,
-            max_queue=settings.max_queue,
             dtype=settings.dtype,
             device=settings.device,
             quantization=settings.quantization,
             allow_pickle=settings.allow_pickle,
-            key_loader=lambda: crypto.load_key(settings.model_key_file, settings.model_key_command),
-            decrypt_dir=settings.decrypt_dir,
+            **engine_settings(settings),
         )
 
     # --- lifecycle --------------------------------------------------------------------------

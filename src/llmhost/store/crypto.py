@@ -349,6 +349,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _decrypt_new(src: Path, out: Path, key: bytes) -> None:
+    """Decrypt `src` into `out`, a new file only this user can read."""
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        decrypt_into_fd(src, fd, key)
+    finally:
+        os.close(fd)
+
+
 def _check_tmpfs(folder: Path, need: int) -> None:
     if not folder.is_dir():
         raise ConfigError(
@@ -384,12 +393,7 @@ def decrypted_folder_in_memory(
     try:
         for p in sorted(src.iterdir()):
             if p in sealed:
-                out = target / p.name.removesuffix(".enc")
-                fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    decrypt_into_fd(p, fd, key)
-                finally:
-                    os.close(fd)
+                _decrypt_new(p, target / p.name.removesuffix(".enc"), key)
             elif not (target / p.name).exists():
                 (target / p.name).symlink_to(p.resolve())
         yield target
@@ -408,12 +412,8 @@ def decrypted_in_memory(
     clean_stale(folder)
     _check_tmpfs(folder, plaintext_size(src))
     target = folder / f"{DECRYPT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{src.suffix}"
-    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        try:
-            decrypt_into_fd(src, fd, key)
-        finally:
-            os.close(fd)
+        _decrypt_new(src, target, key)
         yield target
     finally:
         target.unlink(missing_ok=True)
