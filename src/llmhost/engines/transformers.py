@@ -128,23 +128,24 @@ class TransformersEngine(BatchedEngine):
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        check_folder(self.path, self.allow_pickle)
+        # sealed weights keep their kind in the name (model.safetensors.enc), so one check of
+        # the folder as stored holds for its decrypted copy too
+        safetensors = check_folder(self.path, self.allow_pickle)
         if not any(crypto.is_encrypted(p) for p in self.path.glob("*.enc")):
-            await asyncio.to_thread(self._load, self.path)
+            await asyncio.to_thread(self._load, self.path, safetensors)
             return
         if self.key_loader is None:
             raise ModelLoadError(f"{self.path} is encrypted and no key source is configured")
         key = self.key_loader()
         # The decrypted weights live in tmpfs only while they are loaded: the folder is removed
         # right after, and the mapped pages stay with the process alone.
-        await asyncio.to_thread(self._load_encrypted, key)
+        await asyncio.to_thread(self._load_encrypted, key, safetensors)
 
-    def _load_encrypted(self, key: bytes) -> None:
+    def _load_encrypted(self, key: bytes, safetensors: bool) -> None:
         with crypto.decrypted_folder_in_memory(self.path, key, self.decrypt_dir) as plain:
-            self._load(plain)
+            self._load(plain, safetensors)
 
-    def _load(self, path: Path) -> None:
-        safetensors = check_folder(path, self.allow_pickle)
+    def _load(self, path: Path, safetensors: bool) -> None:
         device = resolve_device(self.device)
         if self.quantization == "int4" and device.type != "cuda":
             raise ConfigError("int4 needs a CUDA device and bitsandbytes; on CPU use int8")
