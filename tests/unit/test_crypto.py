@@ -8,6 +8,7 @@ import pytest
 
 from llmhost.errors import ConfigError, DecryptionError
 from llmhost.store import crypto as cr
+from llmhost.store import in_memory
 
 KEY = bytes(range(32))
 CHUNK = 1024
@@ -133,19 +134,19 @@ def test_decrypted_copy_lives_only_inside_the_block(tmp_path):
     src = tmp_path / "m.gguf"
     src.write_bytes(b"GGUF" + secrets.token_bytes(5000))
     e = cr.encrypt_file(src, tmp_path / "m.enc.gguf", KEY, chunk_size=1024)
-    with cr.decrypted_in_memory(e, KEY, shm) as plain:
+    with in_memory.decrypted_in_memory(e, KEY, shm) as plain:
         assert plain.read_bytes() == src.read_bytes()
         assert oct(plain.stat().st_mode & 0o777) == "0o600"
     assert list(shm.iterdir()) == []
-    with pytest.raises(RuntimeError), cr.decrypted_in_memory(e, KEY, shm):
+    with pytest.raises(RuntimeError), in_memory.decrypted_in_memory(e, KEY, shm):
         raise RuntimeError("load failed")
     assert list(shm.iterdir()) == []
-    with pytest.raises(DecryptionError), cr.decrypted_in_memory(e, bytes(32), shm):
+    with pytest.raises(DecryptionError), in_memory.decrypted_in_memory(e, bytes(32), shm):
         pass
     assert list(shm.iterdir()) == []
     with (
         pytest.raises(ConfigError, match="never to disk"),
-        cr.decrypted_in_memory(e, KEY, tmp_path / "nope"),
+        in_memory.decrypted_in_memory(e, KEY, tmp_path / "nope"),
     ):
         pass
 
@@ -153,12 +154,12 @@ def test_decrypted_copy_lives_only_inside_the_block(tmp_path):
 def test_stale_copies_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f"{cr.DECRYPT_PREFIX}{dead.pid}-abcd.gguf"
-    mine = tmp_path / f"{cr.DECRYPT_PREFIX}{os.getpid()}-abcd.gguf"
+    stale = tmp_path / f"{in_memory.DECRYPT_PREFIX}{dead.pid}-abcd.gguf"
+    mine = tmp_path / f"{in_memory.DECRYPT_PREFIX}{os.getpid()}-abcd.gguf"
     other = tmp_path / "unrelated.gguf"
     for p in (stale, mine, other):
         p.write_bytes(b"x")
-    assert cr.clean_stale(tmp_path) == [stale]
+    assert in_memory.clean_stale(tmp_path) == [stale]
     assert mine.exists() and other.exists() and not stale.exists()
 
 
@@ -188,3 +189,13 @@ def test_file_path_refuses_truncated_padded_and_tampered(tmp_path):
         with pytest.raises(DecryptionError, match=message):
             cr.decrypt_file(bad, tmp_path / "out", KEY)
         assert not (tmp_path / "out").exists()
+
+
+def test_stale_folders_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{in_memory.DECRYPT_PREFIX}{dead.pid}-abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x")
+    assert in_memory.clean_stale(tmp_path) == [stale]
+    assert not stale.exists()

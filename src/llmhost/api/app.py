@@ -28,7 +28,7 @@ from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import authenticator_from_settings
 from llmhost.security.ratelimit import RateLimiter
 from llmhost.security.redact import Redactor
-from llmhost.store import crypto
+from llmhost.store import in_memory
 
 log = logging.getLogger("llmhost.api")
 
@@ -65,7 +65,7 @@ async def sweep_decrypted(settings: Settings, every: float = 600.0) -> None:
     """Periodically remove decrypted model copies left in tmpfs by killed processes."""
     while True:
         if settings.decrypt_dir.is_dir():
-            for path in await asyncio.to_thread(crypto.clean_stale, settings.decrypt_dir):
+            for path in await asyncio.to_thread(in_memory.clean_stale, settings.decrypt_dir):
                 log.warning("removed stale decrypted model copy %s", path)
         await asyncio.sleep(every)
 

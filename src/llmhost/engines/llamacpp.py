@@ -20,7 +20,7 @@ from llmhost.errors import (
     EngineNotReady,
     ModelLoadError,
 )
-from llmhost.store import crypto
+from llmhost.store import crypto, in_memory
 from llmhost.types import ModelInfo
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class LlamaCppEngine(BatchedEngine):
         # The plaintext exists only in tmpfs and only while llama.cpp maps it in: once loaded
         # its name is removed and the mapping alone holds the pages, so no plaintext file
         # outlives the load, whatever happens to the process later.
-        with crypto.decrypted_in_memory(self.path, key, self.decrypt_dir) as plain:
+        with in_memory.decrypted_in_memory(self.path, key, self.decrypt_dir) as plain:
             self._load(plain)
 
     def _load(self, path: Path) -> None:

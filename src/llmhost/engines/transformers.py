@@ -32,7 +32,7 @@ from llmhost.engines.torch_setup import (
 )
 from llmhost.engines.transformers_batch import Sequence, TorchScheduler, batchable, new_cache
 from llmhost.errors import ConfigError, EngineNotReady, ModelLoadError
-from llmhost.store import crypto
+from llmhost.store import crypto, in_memory
 from llmhost.types import ModelInfo
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class TransformersEngine(BatchedEngine):
         await asyncio.to_thread(self._load_encrypted, key, safetensors)
 
     def _load_encrypted(self, key: bytes, safetensors: bool) -> None:
-        with crypto.decrypted_folder_in_memory(self.path, key, self.decrypt_dir) as plain:
+        with in_memory.decrypted_folder_in_memory(self.path, key, self.decrypt_dir) as plain:
             self._load(plain, safetensors)
 
     def _load(self, path: Path, safetensors: bool) -> None:
