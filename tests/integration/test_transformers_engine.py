@@ -148,7 +148,9 @@ async def test_rows_leaving_mid_batch_do_not_disturb_the_others(make_engine):
     solo = [(await run(e, p, max_tokens=n))[1] for p, n in ((PROMPTS[0], 30), (PROMPTS[4], 3))]
 
     async def abandon(prompt: str, after: int) -> None:
-        agen = e.stream(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=200)))
+        # seeded and EOS-proof: the stream must still be running when it is abandoned
+        sampling = SamplingParams(max_tokens=200, seed=1, ignore_eos=True)
+        agen = e.stream(GenerationRequest(prompt=prompt, sampling=sampling))
         for _ in range(after):
             await agen.__anext__()
         await agen.aclose()
@@ -205,7 +207,9 @@ async def test_eos_ends_the_stream_unless_ignored(make_engine):
 
 async def test_cancel_frees_the_row(make_engine):
     e = await make_engine(parallel=2)
-    agen = e.stream(GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=500)))
+    agen = e.stream(
+        GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=500, ignore_eos=True))
+    )
     await agen.__anext__()
     await agen.aclose()
     for _ in range(100):
@@ -218,7 +222,9 @@ async def test_cancel_frees_the_row(make_engine):
 
 async def test_full_queue_is_overloaded(make_engine):
     e = await make_engine(parallel=1, max_queue=0)
-    agen = e.stream(GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=200)))
+    agen = e.stream(
+        GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=200, ignore_eos=True))
+    )
     await agen.__anext__()
     with pytest.raises(Overloaded):
         await run(e, "second", max_tokens=2)
