@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     rate_limit_rps: int = Field(100, ge=0, description="Requests/s per instance; 0 = off.")
     rate_limit_rpm: int = Field(0, ge=0, description="Default requests/min per user; 0 = off.")
     rate_limit_tpm: int = Field(0, ge=0, description="Default tokens/min per user; 0 = off.")
+    auth_failures_per_minute: int = Field(
+        30, ge=0, description="Failed authentications per client IP per minute; 0 = off."
+    )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=0, description="Largest request body (413 above); 0 = no limit."
+    )
     redis_url: str | None = Field(None, description="Share rate limits through this Redis.")
     audit: bool = Field(True, description="Write one audit record per generation request.")
     audit_url: str | None = Field(
@@ -102,6 +108,9 @@ class Settings(BaseSettings):
     )
     audit_retention_days: float = Field(90.0, ge=0, description="0 keeps audit records forever.")
     audit_redact_ip: bool = Field(False, description="Also redact IP addresses in prompts.")
+    audit_prompt_max_chars: int = Field(
+        32768, ge=256, le=16 * 1024 * 1024, description="Prompt characters an audit record keeps."
+    )
     upstream_url: str | None = Field(
         None, description="Base URL of the OpenAI-compatible server the openai engine fronts."
     )

@@ -7,6 +7,8 @@ an OpenAI-style error type, so the CLI prints one line and the API answers with 
     │   └── ContextLengthExceeded             400 code=context_length_exceeded
     ├── AuthenticationError                   401 authentication_error
     ├── PermissionDenied                      403 permission_error
+    │   ├── PayloadTooLarge                   413 code=request_too_large
+    │   └── UriTooLong                        414 code=uri_too_long
     ├── NotFound(LookupError)                 404 not_found_error
     │   └── ModelNotFound                     404 code=model_not_found
     ├── RateLimited                           429 rate_limit_error (retry_after seconds)
@@ -66,6 +68,16 @@ class InvalidRequest(LlmhostError, ValueError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
+class UriTooLong(InvalidRequest):
+    status_code = 414
+    code = "uri_too_long"
 
 
 class AuthenticationError(LlmhostError):

@@ -50,8 +50,8 @@ class Usage:
 
 @dataclass(frozen=True)
 class TokenDelta:
-    """One step of a stream: new text (may be empty), and on the last delta the finish reason
-    and usage."""
+    """One step of a stream: new text (may be empty), the usage so far where the engine
+    knows it, and on the last delta the finish reason and the final usage."""
 
     text: str
     token_ids: tuple[int, ...] = ()

@@ -13,12 +13,17 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmhost import __version__
-from llmhost.api.audit import AuditMiddleware
+from llmhost.api.audit import AuditMiddleware, InFlight, PromptPolicy
 from llmhost.api.errors import install_error_handlers
 from llmhost.api.metrics import METRICS_PATH, MetricsMiddleware
 from llmhost.api.routes import router
-from llmhost.api.security import PUBLIC_PATHS, AuthMiddleware, RateLimitMiddleware
-from llmhost.api.serving import OpenAIServing
+from llmhost.api.security import (
+    PUBLIC_PATHS,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    RateLimitMiddleware,
+)
+from llmhost.api.serving import Drain, OpenAIServing
 from llmhost.audit.store import open_store
 from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
@@ -95,10 +100,17 @@ def create_app(
     metrics = Metrics(engine_name=engine.name) if settings is None or settings.metrics else None
     audit = None
     if settings is not None and settings.audit:
+        policy = PromptPolicy(
+            mode=settings.audit_prompt_mode,
+            redactor=Redactor(ip=settings.audit_redact_ip),
+            max_chars=settings.audit_prompt_max_chars,
+        )
         audit = AuditWriter(
             open_store(settings.audit_url, settings.audit_db),
             retention_days=settings.audit_retention_days,
             on_write=metrics.observe_audit_write if metrics is not None else None,
+            on_drop=metrics.audit_dropped.inc if metrics is not None else None,
+            prepare=policy.prepare,
         )
         if metrics is not None:
             metrics.watch_audit_queue(audit.queue.qsize)
@@ -114,10 +126,11 @@ def create_app(
                 if on_fatal is not None:
                     on_fatal()
                 return
-            app.state.serving = OpenAIServing(engine, metrics)
+            app.state.serving = OpenAIServing(engine, metrics, app.state.drain)
             app.state.ready = True
             log.info("ready: serving %s with engine %s", engine.model_info.id, engine.name)
 
+        app.state.drain.loop = asyncio.get_running_loop()
         if audit is not None:
             audit.start()
         metrics_server = None
@@ -140,7 +153,10 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await loader
             if audit is not None:
-                await audit.close()  # in-flight requests have finished: nothing is lost
+                # Requests still running past the graceful timeout are ended here, so their
+                # records are submitted before the writer drains: nothing is lost.
+                await in_flight.finish()
+                await audit.close()
                 audit.store.close()
             if authenticator is not None and authenticator.keys is not None:
                 authenticator.keys.close()
@@ -158,6 +174,9 @@ def create_app(
     app.state.ready = False
     app.state.load_error = None
     app.state.audit = audit
+    app.state.drain = Drain()  # a graceful shutdown's deadline, for streams to end in-band
+    in_flight = InFlight()
+    app.state.in_flight = in_flight
     app.state.limiter = None
     app.state.metrics = metrics
     # /metrics lives on the main port unless a port of its own is configured.
@@ -181,19 +200,24 @@ def create_app(
             instance_rps=settings.rate_limit_rps,
             default_rpm=settings.rate_limit_rpm,
             default_tpm=settings.rate_limit_tpm,
+            auth_failures_per_minute=settings.auth_failures_per_minute if settings.auth else 0,
             redis_url=settings.redis_url,
         )
         app.add_middleware(
             RateLimitMiddleware, limiter=app.state.limiter, public=public, metrics=metrics
         )
-    app.add_middleware(AuthMiddleware, authenticator=authenticator, public=public, metrics=metrics)
+    app.add_middleware(
+        AuthMiddleware,
+        authenticator=authenticator,
+        public=public,
+        metrics=metrics,
+        limiter=app.state.limiter,
+    )
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_request_bytes if settings else 4 << 20
+    )
     if audit is not None:
-        app.add_middleware(
-            AuditMiddleware,
-            writer=audit,
-            prompt_mode=settings.audit_prompt_mode if settings else "redacted",
-            redactor=Redactor(ip=bool(settings and settings.audit_redact_ip)),
-        )
+        app.add_middleware(AuditMiddleware, writer=audit, tracker=in_flight)
     if metrics is not None:
         metrics.watch_engine(lambda: engine.health() if app.state.ready else None)
         # our router's paths (FastAPI may include routers lazily) and the app's own (docs)

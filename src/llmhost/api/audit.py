@@ -1,15 +1,22 @@
 """One audit record per generation request, written when its response ends (last byte sent,
 error, or client gone). The serving layer leaves what it knows (model, prompt, usage, length
-of the text) in the request's `audit` notes; this middleware adds who, where, status and time."""
+of the text) in the request's `audit` notes; this middleware adds who, where, status and time.
+
+The request path only captures the raw prompt (text or token ids); redaction, hashing and the
+length cap run in the audit writer's thread (`PromptPolicy.prepare`), off the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import time
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmhost.api.serving import usage_noted
 from llmhost.audit.store import AuditRecord
 from llmhost.audit.writer import AuditWriter
 from llmhost.security.redact import Redactor
@@ -17,30 +24,75 @@ from llmhost.security.redact import Redactor
 PromptMode = Literal["redacted", "full", "hash", "none"]
 AUDITED = frozenset({"/v1/completions", "/v1/chat/completions", "/generate"})
 CLIENT_CLOSED = 499
+DEFAULT_PROMPT_CHARS = 32768
 
 
-def stored_prompt(text: str | None, mode: PromptMode, redactor: Redactor) -> str | None:
-    if text is None or mode == "none":
+def _truncated(text: str, dropped: int) -> str:
+    return f"{text}…[truncated: {dropped} more characters]" if dropped else text
+
+
+def stored_prompt(
+    prompt: str | list[int] | None,
+    mode: PromptMode,
+    redactor: Redactor,
+    max_chars: int = DEFAULT_PROMPT_CHARS,
+) -> str | None:
+    """The prompt as the audit log keeps it. Text is redacted (or kept, or hashed) and cut at
+    `max_chars` with the cut recorded; token ids are kept as ids (`token_ids:[1,2,3]`), never
+    redacted, and cut the same way."""
+    if prompt is None or mode == "none":
         return None
-    if mode == "full":
-        return text
+    if isinstance(prompt, list):
+        text = "token_ids:" + json.dumps(prompt, separators=(",", ":"))
+        if mode == "hash":
+            return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+        return _truncated(text[:max_chars], max(0, len(text) - max_chars))
     if mode == "hash":
-        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-    return redactor.redact(text)
+        return "sha256:" + hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+    if mode == "full":
+        return _truncated(prompt[:max_chars], max(0, len(prompt) - max_chars))
+    done = redactor.run(prompt, limit=max_chars)
+    return _truncated(done.text, done.truncated)
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    """A record whose prompt is still raw: `PromptPolicy.prepare` finishes it."""
+
+    record: AuditRecord
+    raw_prompt: str | list[int] | None
+
+
+@dataclass(frozen=True)
+class PromptPolicy:
+    mode: PromptMode = "redacted"
+    redactor: Redactor | None = None
+    max_chars: int = DEFAULT_PROMPT_CHARS
+
+    def prepare(self, item: PendingRecord | AuditRecord) -> AuditRecord:
+        if isinstance(item, AuditRecord):
+            return item
+        prompt = stored_prompt(
+            item.raw_prompt, self.mode, self.redactor or Redactor(), self.max_chars
+        )
+        return replace(item.record, prompt=prompt)
 
 
 class ResponseOutcome:
     """Passes an app's messages on and remembers its status and whether the last byte of the
-    body went out; a response cut short (client gone) counts as 499."""
+    body went out; a response cut short (client gone) counts as 499. A send that fails (the
+    client went away) is remembered rather than raised past the audit record."""
 
     def __init__(self, send: Send):
         self.send = send
         self.status = 500
+        self.started = False
         self.done = False
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            self.started = True
         await self.send(message)
         if message["type"] == "http.response.body" and not message.get("more_body"):
             self.done = True
@@ -51,17 +103,14 @@ class ResponseOutcome:
 
 
 class AuditMiddleware:
-    def __init__(
-        self,
-        app: ASGIApp,
-        writer: AuditWriter,
-        prompt_mode: PromptMode = "redacted",
-        redactor: Redactor | None = None,
-    ):
+    """Submits exactly one record per audited request, whatever happens to the request. The
+    requests in flight are tracked, so a shutdown can end them and still record them
+    (`finish_in_flight`)."""
+
+    def __init__(self, app: ASGIApp, writer: AuditWriter, tracker: InFlight | None = None):
         self.app = app
         self.writer = writer
-        self.prompt_mode = prompt_mode
-        self.redactor = redactor or Redactor()
+        self.tracker = tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in AUDITED:
@@ -71,28 +120,55 @@ class AuditMiddleware:
         state = scope.setdefault("state", {})
         notes: dict[str, Any] = state.setdefault("audit", {})
         outcome = ResponseOutcome(send)
+        task = asyncio.current_task()
+        if self.tracker is not None and task is not None:
+            self.tracker.add(task)
         try:
             await self.app(scope, receive, outcome)
         finally:
+            if self.tracker is not None and task is not None:
+                self.tracker.discard(task)
             self._record(scope, state, notes, outcome.final_status, t0)
 
     def _record(self, scope: Scope, state: dict, notes: dict, status: int, t0: float) -> None:
         principal = state.get("principal")
-        usage = notes.get("usage") or {}
+        usage = usage_noted(notes)
+        status = int(notes.get("status") or status)
         client = scope.get("client") or ("", 0)
-        self.writer.submit(
-            AuditRecord(
-                ts=t0,
-                request_id=state.get("request_id", ""),
-                client_ip=client[0],
-                user_id=getattr(principal, "user_id", None) or "anonymous",
-                route=scope["path"],
-                status=status,
-                model=notes.get("model", ""),
-                prompt=stored_prompt(notes.get("prompt"), self.prompt_mode, self.redactor),
-                response_length=notes.get("chars", 0),
-                prompt_tokens=usage.get("prompt_tokens", 0),
-                completion_tokens=usage.get("completion_tokens", 0),
-                latency_ms=(time.time() - t0) * 1000,
-            )
+        record = AuditRecord(
+            ts=t0,
+            request_id=str(state.get("request_id", "")),
+            client_ip=str(client[0]),
+            user_id=str(getattr(principal, "user_id", None) or "anonymous"),
+            route=scope["path"],
+            status=status,
+            model=str(notes.get("model", "")),
+            prompt=None,
+            response_length=int(notes.get("chars", 0)),
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            latency_ms=(time.time() - t0) * 1000,
         )
+        self.writer.submit(PendingRecord(record, notes.get("prompt")))
+
+
+class InFlight:
+    """The tasks of audited requests still running, so a shutdown can cancel them (their
+    records are then submitted by the middleware) before the audit writer closes."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+
+    def add(self, task: asyncio.Task) -> None:
+        self.tasks.add(task)
+
+    def discard(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+
+    async def finish(self, timeout: float = 5.0) -> None:
+        """Cancel what is still running and wait (bounded) for the records to be submitted."""
+        pending = [t for t in self.tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)

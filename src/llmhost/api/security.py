@@ -1,14 +1,23 @@
-"""Authentication at the edge of the app: every route but the public ones needs a Bearer API
-key or JWT; the Principal lands in the request state for the handlers, limits and audit."""
+"""The edge of the app: request size limits (before a body is read whole), authentication
+(every route but the public ones needs a Bearer API key or JWT; the Principal lands in the
+request state for the handlers, limits and audit), a per-client-IP limit on failed
+authentication that refuses before any credential is checked, and rate limits."""
 
 from __future__ import annotations
 
 import json
 import logging
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmhost.errors import LlmhostError, RateLimited
+from llmhost.api.serving import usage_noted
+from llmhost.errors import (
+    InvalidRequest,
+    LlmhostError,
+    PayloadTooLarge,
+    RateLimited,
+    UriTooLong,
+)
 from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import ANONYMOUS, Authenticator
 from llmhost.security.ratelimit import RateLimiter
@@ -25,6 +34,76 @@ async def send_error(send: Send, exc: LlmhostError, headers: dict[str, str] | No
     await send({"type": "http.response.body", "body": body})
 
 
+MAX_URL_BYTES = 8192  # path and query string together, as nginx's default header buffer
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class BodyLimitMiddleware:
+    """Refuses a body over `max_bytes` with 413 before it is read whole: at once when its
+    Content-Length says so, else as soon as the bytes received pass the limit. A URL over
+    8 KiB gets 414. The body, once within the limit, is handed on in one piece."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        url_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if url_bytes > MAX_URL_BYTES:
+            await send_error(send, UriTooLong(f"the URL is longer than {MAX_URL_BYTES} bytes"))
+            return
+        if self.max_bytes <= 0 or scope.get("method") not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                declared = v
+                break
+        if declared is not None:
+            if not declared.isdigit() or len(declared) > 18:
+                await send_error(send, InvalidRequest("Content-Length is not a number"))
+                return
+            if int(declared) > self.max_bytes:
+                await send_error(send, self._too_large(int(declared)))
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await send_error(send, self._too_large(None))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int | None) -> PayloadTooLarge:
+        said = f" ({size} bytes)" if size is not None else ""
+        return PayloadTooLarge(
+            f"the request body{said} is over this server's limit of {self.max_bytes} bytes "
+            "(max_request_bytes)"
+        )
+
+
 class AuthMiddleware:
     def __init__(
         self,
@@ -32,11 +111,13 @@ class AuthMiddleware:
         authenticator: Authenticator | None,
         public: frozenset[str] = PUBLIC_PATHS,
         metrics: Metrics | None = None,
+        limiter: RateLimiter | None = None,
     ):
         self.app = app
         self.authenticator = authenticator  # None: authentication off (--no-auth, --demo)
         self.public = public
         self.metrics = metrics
+        self.limiter = limiter  # refuses clients with too many recent failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,6 +127,22 @@ class AuthMiddleware:
         if self.authenticator is None:
             state["principal"] = ANONYMOUS
         elif scope["path"] not in self.public:
+            client = str((scope.get("client") or ("?",))[0])
+            if self.limiter is not None:
+                blocked = await self.limiter.auth_failures_exceeded(client)
+                if blocked is not None:
+                    if self.metrics is not None:
+                        self.metrics.rate_limited.labels(blocked.scope).inc()
+                    await send_error(
+                        send,
+                        RateLimited(
+                            f"too many failed authentications from {client} ({blocked.reason}); "
+                            "retry later",
+                            code="auth_failures",
+                        ),
+                        blocked.headers(),
+                    )
+                    return
             header = None
             for k, v in scope.get("headers", ()):
                 if k == b"authorization":
@@ -56,8 +153,9 @@ class AuthMiddleware:
             except LlmhostError as exc:
                 if self.metrics is not None:
                     self.metrics.auth_failures.inc()
-                client = (scope.get("client") or ("?",))[0]
-                log.warning("authentication failed from %s: %s", client, exc.message)
+                if self.limiter is not None:
+                    await self.limiter.note_auth_failure(client)
+                log.warning("authentication failed from %s: %s", client[:64], exc.message[:200])
                 await send_error(send, exc, {"WWW-Authenticate": 'Bearer realm="llmhost"'})
                 return
         await self.app(scope, receive, send)
@@ -105,7 +203,7 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            usage = (state.get("audit") or {}).get("usage") or {}
-            used = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+            usage = usage_noted(state.get("audit") or {})
+            used = usage["prompt_tokens"] + usage["completion_tokens"]
             if used:
                 await self.limiter.charge_tokens(principal, used)

@@ -3,6 +3,7 @@ and shape the result as a JSON body or an SSE stream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -21,13 +22,53 @@ from llmhost.api.protocol import (
 )
 from llmhost.engines.base import Engine
 from llmhost.engines.chat_template import render_chat
-from llmhost.errors import ContextLengthExceeded, LlmhostError, ModelNotFound
+from llmhost.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    LlmhostError,
+    ModelNotFound,
+    ServiceUnavailable,
+)
 from llmhost.observability.metrics import Metrics
 from llmhost.types import GenerationRequest, SamplingParams, TokenDelta, Usage
 
 log = logging.getLogger("llmhost.api")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def check_text(text: str, param: str) -> None:
+    """Refuse text no tokenizer can take: lone surrogates (JSON allows `\\ud800`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{param} holds a lone surrogate (U+{ord(exc.object[exc.start]):04X} at character "
+            f"{exc.start}), which is not valid Unicode text",
+            param=param,
+        ) from None
+
+
+class Drain:
+    """A graceful shutdown in progress: streams still running when its time is nearly up end
+    in-band (an error event, then [DONE]) instead of being cut, so clients and the audit log
+    see why. `begin` may be called from a signal handler."""
+
+    def __init__(self) -> None:
+        self.expired = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._armed = False
+
+    def begin(self, timeout: float) -> None:
+        if self._armed or self.loop is None:
+            return
+        self._armed = True
+        # Leave the last fifth of the grace (at most a second) for the ends to be sent.
+        grace = max(0.0, timeout - min(1.0, timeout * 0.2))
+        self.loop.call_soon_threadsafe(self.loop.call_later, grace, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
 
 
 def _usage(u: Usage | None) -> dict[str, int]:
@@ -37,6 +78,17 @@ def _usage(u: Usage | None) -> dict[str, int]:
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
     }
+
+
+def usage_noted(notes: dict[str, Any]) -> dict[str, int]:
+    """The usage a request's notes hold: the final usage, else what was produced so far (a
+    stream dropped midway, a request cut by shutdown), else zeros."""
+    if notes.get("usage"):
+        return notes["usage"]
+    so_far = notes.get("usage_so_far")
+    if so_far is not None:
+        return _usage(so_far)
+    return _usage(Usage(0, int(notes.get("tokens_sent", 0))))
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -126,9 +178,10 @@ class _Measured:
 class OpenAIServing:
     """Turns API requests into engine requests and engine deltas into API responses."""
 
-    def __init__(self, engine: Engine, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, drain: Drain | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.drain = drain or Drain()
 
     @property
     def model_id(self) -> str:
@@ -164,6 +217,10 @@ class OpenAIServing:
         """Run the engine up to its first delta, so request errors surface before any byte of
         the response is sent. With metrics, the stream observes TTFT, TPOT and tokens."""
         t0 = time.perf_counter()
+        if isinstance(gen.prompt, str):
+            check_text(gen.prompt, "messages" if gen.messages is not None else "prompt")
+            for stop in gen.sampling.stop:
+                check_text(stop, "stop")
         stream = self.engine.stream(gen)
         try:
             first = await anext(stream)
@@ -175,13 +232,18 @@ class OpenAIServing:
         return first, stream
 
     @staticmethod
-    async def _collect(first: TokenDelta, stream: AsyncIterator[TokenDelta]) -> TokenDelta:
+    async def _collect(
+        first: TokenDelta, stream: AsyncIterator[TokenDelta], notes: dict[str, Any]
+    ) -> TokenDelta:
         parts = [first.text]
         last = first
+        notes["usage_so_far"] = first.usage
         try:
             while last.finish_reason is None:
                 last = await anext(stream)
                 parts.append(last.text)
+                if last.usage is not None:
+                    notes["usage_so_far"] = last.usage
         finally:
             await stream.aclose()
         return TokenDelta(text="".join(parts), finish_reason=last.finish_reason, usage=last.usage)
@@ -204,7 +266,7 @@ class OpenAIServing:
             "model": model,
         }
         if not req.stream:
-            done = await self._collect(first, stream)
+            done = await self._collect(first, stream, notes)
             notes.update(usage=_usage(done.usage), chars=len(done.text))
             return {
                 **head,
@@ -217,10 +279,15 @@ class OpenAIServing:
         async def body() -> AsyncIterator[bytes]:
             delta, opening = first, True
             chars = 0
+            drain = self.drain
             try:
                 while True:
                     chars += len(delta.text)
                     notes["chars"] = chars
+                    if delta.usage is not None:
+                        notes["usage_so_far"] = delta.usage
+                    elif delta.token_ids:  # an engine that reports usage only at the end
+                        notes["tokens_sent"] = notes.get("tokens_sent", 0) + len(delta.token_ids)
                     choice = kind.chunk_choice(delta, opening)
                     if choice is not None:
                         opening = False
@@ -231,6 +298,11 @@ class OpenAIServing:
                     if delta.finish_reason is not None:
                         notes["usage"] = _usage(delta.usage)
                         break
+                    if drain.expired:
+                        raise ServiceUnavailable(
+                            "the server is shutting down; this stream was ended early",
+                            code="shutting_down",
+                        )
                     delta = await anext(stream)
                 if include_usage:
                     yield _sse(
@@ -244,6 +316,7 @@ class OpenAIServing:
             except LlmhostError as exc:
                 # The status line is gone already; the error travels in-band as OpenAI does.
                 log.warning("stream %s failed: %s", gen.request_id, exc.message)
+                notes["status"] = exc.status_code
                 yield _sse(exc.to_openai())
             finally:
                 await stream.aclose()
@@ -306,7 +379,7 @@ class OpenAIServing:
             GenerationRequest(prompt=req.prompt, sampling=sampling, request_id=request_id),
             self.model_id,
         )
-        done = await self._collect(first, stream)
+        done = await self._collect(first, stream, notes)
         notes.update(usage=_usage(done.usage), chars=len(done.text))
         return {"text": done.text, "finish_reason": done.finish_reason, "usage": _usage(done.usage)}
 

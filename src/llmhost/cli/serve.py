@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -37,7 +38,11 @@ def _graceful_server_class():
         """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would die
         "killed by signal"; a shutdown that drained cleanly should exit 0 instead."""
 
+        on_exit: Callable[[], None] | None = None
+
         def handle_exit(self, sig, frame) -> None:
+            if self.on_exit is not None:
+                self.on_exit()
             super().handle_exit(sig, frame)
             captured = getattr(self, "_captured_signals", None)
             if isinstance(captured, list):
@@ -78,6 +83,8 @@ def serve_settings(settings: Settings) -> None:
         timeout_keep_alive=30,
     )
     server = _GracefulServer(config)
+    # Streams still running near the end of the grace period end with an in-band error.
+    server.on_exit = lambda: app.state.drain.begin(settings.shutdown_timeout)
     server.run()
     if app.state.load_error is not None:
         raise ModelLoadError(f"the model failed to load: {app.state.load_error}")

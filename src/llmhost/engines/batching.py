@@ -24,6 +24,7 @@ from llmhost.types import EngineHealth, GenerationRequest, SamplingParams, Token
 if TYPE_CHECKING:
     from llmhost.config import Settings
 
+THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a thread
 BURST_QUIET = 0.004  # seconds without a new arrival that end a burst
 BURST_MAX_WAIT = 0.025  # the longest a burst may delay the first prefill
 
@@ -240,7 +241,13 @@ class BatchLoop(abc.ABC):
         elif seq.n_generated >= seq.budget:
             self._done(seq, "length", text + self._tail(seq), (token,))
         else:
-            self._post(seq, TokenDelta(text=text, token_ids=(token,)))
+            # Usage so far on every delta: a stream dropped midway is charged what it got.
+            self._post(
+                seq,
+                TokenDelta(
+                    text=text, token_ids=(token,), usage=Usage(len(seq.prompt), seq.n_generated)
+                ),
+            )
 
     def _done(self, seq: Any, reason: str, text: str, ids: tuple[int, ...] = ()) -> None:
         with self._cond:
@@ -325,6 +332,9 @@ class BatchedEngine(Engine):
                     f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})",
                     param="prompt",
                 )
+        elif len(request.prompt) > THREAD_TOKENIZE_CHARS:
+            # The tokenizers release the GIL: a huge prompt never holds up the event loop.
+            prompt = await asyncio.to_thread(self.tokenize, request.prompt, request.add_special)
         else:
             prompt = self.tokenize(request.prompt, request.add_special)
         budget = check_context(

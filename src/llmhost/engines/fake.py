@@ -93,7 +93,7 @@ class FakeEngine(Engine):
                     if text:
                         yield TokenDelta(text=text, token_ids=(produced,))
                     break
-                yield TokenDelta(text=text, token_ids=(produced,))
+                yield TokenDelta(text=text, token_ids=(produced,), usage=Usage(n_prompt, produced))
             tail = "" if finish == "stop" else stops.flush()
             yield TokenDelta(text=tail, finish_reason=finish, usage=Usage(n_prompt, produced))
         except (asyncio.CancelledError, GeneratorExit):

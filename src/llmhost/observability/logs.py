@@ -8,6 +8,8 @@ import json
 import logging
 import time
 
+MAX_LINE_CHARS = 4096  # a log line is cut here (a 64 KB URL in an access line, say)
+
 
 class RedactingFilter(logging.Filter):
     def __init__(self) -> None:
@@ -18,7 +20,8 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = self.redactor.redact(message)
+        done = self.redactor.run(message, limit=MAX_LINE_CHARS)
+        clean = done.text + (f"…[{done.truncated} more characters]" if done.truncated else "")
         if clean != message:
             record.msg, record.args = clean, ()
         return True

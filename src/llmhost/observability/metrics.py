@@ -153,13 +153,18 @@ class Metrics:
             ["limit"],
             registry=r,
         )
-        for scope in ("instance", "user_requests", "user_tokens"):
+        for scope in ("instance", "user_requests", "user_tokens", "auth_failures"):
             self.rate_limited.labels(scope)  # present at 0, so rate() sees the first refusal
         self.auth_failures = Counter(
             "llmhost_auth_failures", "Requests refused with 401.", registry=r
         )
         self.audit_records = Counter(
             "llmhost_audit_records_written", "Audit records written.", registry=r
+        )
+        self.audit_dropped = Counter(
+            "llmhost_audit_records_dropped",
+            "Audit records that could not be written after every retry (each is logged).",
+            registry=r,
         )
         self.audit_lag = Histogram(
             "llmhost_audit_write_lag_seconds",

@@ -47,6 +47,7 @@ class RateLimiter:
         instance_rps: int = 100,
         default_rpm: int = 0,
         default_tpm: int = 0,
+        auth_failures_per_minute: int = 0,
         redis_url: str | None = None,
         namespace: str = "llmhost",
     ):
@@ -62,6 +63,11 @@ class RateLimiter:
         self.instance = RateLimitItemPerSecond(instance_rps) if instance_rps > 0 else None
         self.default_rpm = default_rpm
         self.default_tpm = default_tpm
+        self.auth_failures = (
+            RateLimitItemPerMinute(auth_failures_per_minute)
+            if auth_failures_per_minute > 0
+            else None
+        )
         self.rejected = 0
 
     async def _refusal(self, item, key: str, reason: str, scope: str) -> Decision:
@@ -106,6 +112,25 @@ class RateLimiter:
             if not best.limit or mine.remaining < best.remaining:
                 best = mine
         return best
+
+    async def auth_failures_exceeded(self, client: str) -> Decision | None:
+        """A refusal when `client` (an IP address) failed authentication too often in the last
+        minute, checked before its credentials are: a flood of bad keys costs nothing."""
+        if self.auth_failures is None:
+            return None
+        key = "authfail:" + client
+        if await self.window.test(self.auth_failures, key):
+            return None
+        return await self._refusal(
+            self.auth_failures,
+            key,
+            f"{self.auth_failures.amount} failures/min per client",
+            "auth_failures",
+        )
+
+    async def note_auth_failure(self, client: str) -> None:
+        if self.auth_failures is not None:
+            await self.window.hit(self.auth_failures, "authfail:" + client)
 
     async def _stats(self, item, key: str) -> Decision:
         stats = await self.window.get_window_stats(item, key)
