@@ -176,3 +176,61 @@ def test_schemathesis_finds_no_server_errors(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_streams_cut_by_the_shutdown_timeout_end_in_band_and_are_audited(tmp_path):
+    """Streams still running when the grace period is nearly up end with an error event and
+    [DONE] (not a cut connection), and each leaves its audit record with what it received."""
+    port = free_port()
+    env = {**os.environ, "LLMHOST_HOME": str(tmp_path), "LLMHOST_SHUTDOWN_TIMEOUT": "1"}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "llmhost", "serve", "--demo", "--port", str(port)),
+            *("--parallel", "4", "--ctx-size", "8192", "--threads", "2", "--log-level", "warning"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    texts: dict[int, str] = {}
+    started = threading.Barrier(5)
+
+    def stream(i: int) -> None:
+        body = {"prompt": f"tell {i}", "max_tokens": 8000, "stream": True, "ignore_eos": True}
+        seen = []
+        with (
+            httpx.Client(base_url=url, timeout=60) as c,
+            c.stream("POST", "/v1/completions", json=body) as r,
+        ):
+            for n, line in enumerate(r.iter_lines()):
+                seen.append(line)
+                if n == 20:
+                    started.wait(timeout=60)
+        texts[i] = "\n".join(seen)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    for t in threads:
+        t.join(timeout=30)
+    assert len(texts) == 4
+    for text in texts.values():
+        events = [x for x in text.splitlines() if x.startswith("data: ")]
+        assert events[-1] == "data: [DONE]", events[-3:]
+        assert json.loads(events[-2][6:])["error"]["code"] == "shutting_down"
+    records = [
+        json.loads(x) for x in cli(tmp_path, "audit", "search", "--json").stdout.splitlines()
+    ]
+    assert sorted(r["status"] for r in records) == [503] * 4
+    assert all(r["completion_tokens"] >= 20 for r in records), records
