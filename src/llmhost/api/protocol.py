@@ -2,39 +2,92 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_STRINGS = 16
 
 
+def _not_bool(v: Any) -> Any:
+    # JSON Schema's numbers are not booleans; pydantic's lax mode would read true as 1.
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not a boolean")
+    return v
+
+
+# Request fields take the JSON types their schema names: a number where a number is due
+# (1.0 is the integer 1, as JSON Schema has it; true is not), and a boolean only as true/false.
+JsonInt = Annotated[int, BeforeValidator(_not_bool)]
+JsonFloat = Annotated[float, BeforeValidator(_not_bool)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_not_bool)]
+
+
+def _stop_schema(schema: dict[str, Any]) -> None:
+    """What `stop` takes on the wire: a string, a list of up to 16, or null."""
+    text = {"type": "string", "minLength": 1}
+    schema.pop("type", None)
+    schema.pop("items", None)
+    schema["anyOf"] = [
+        text,
+        {"type": "array", "items": text, "maxItems": MAX_STOP_STRINGS},
+        {"type": "null"},
+    ]
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
     # Unknown fields are ignored, as OpenAI clients send many that do not affect generation.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "dependentSchemas": {
+                "stream_options": {
+                    "properties": {"stream": {"const": True}},
+                    "required": ["stream"],
+                }
+            }
+        },
+    )
 
     model: str | None = Field(None, description="Model id; defaults to the served model.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1, description="Extension: keep the k likeliest; -1 or 0: off.")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Extension.")
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: list[str] = Field(default_factory=list, description="A string or up to 16 strings.")
-    stream: bool = False
+    temperature: JsonFloat = Field(1.0, ge=0.0, le=2.0)
+    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
+    top_k: JsonInt = Field(-1, ge=-1, description="Extension: keep the k likeliest; -1 or 0: off.")
+    min_p: JsonFloat = Field(0.0, ge=0.0, le=1.0, description="Extension.")
+    seed: JsonInt | None = Field(None, description="Any integer; used modulo 2**64.")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="A string or up to 16 strings.",
+        json_schema_extra=_stop_schema,
+    )
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, description="Only 1 is supported.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension.")
-    ignore_eos: bool = Field(False, description="Extension: generate max_tokens regardless of EOS.")
-    logprobs: bool | int | None = None
-    logit_bias: dict[str, float] | None = None
+    n: JsonInt = Field(
+        1, ge=1, description="Only 1 is supported.", json_schema_extra={"maximum": 1}
+    )
+    presence_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: JsonFloat = Field(1.0, gt=0.0, le=10.0, description="Extension.")
+    ignore_eos: StrictBool = Field(
+        False, description="Extension: generate max_tokens regardless of EOS."
+    )
+    # Refused when set (see _unsupported); the schema says so, so clients and fuzzers know.
+    logprobs: bool | int | None = Field(None, json_schema_extra={"enum": [False, 0, None]})
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
     user: str | None = None
 
     @field_validator("stop", mode="before")
@@ -69,10 +122,22 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] = Field(..., description="Text, [text] or token ids.")
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate; null: fill context.")
-    echo: bool = False
-    suffix: str | None = None
+    prompt: str | list[str] | list[JsonInt] = Field(
+        ...,
+        description="Text, [text] or token ids.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            ]
+        },
+    )
+    max_tokens: PositiveInt | None = Field(
+        16, description="Tokens to generate; null: fill context."
+    )
+    echo: StrictBool = Field(False, json_schema_extra={"enum": [False]})
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
 
     @field_validator("prompt")
     @classmethod
@@ -117,8 +182,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of the below.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: PositiveInt | None = Field(None, description="Deprecated alias of the below.")
+    max_completion_tokens: PositiveInt | None = Field(None)
 
     @property
     def token_budget(self) -> int | None:
@@ -132,11 +197,11 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1)
-    max_length: int = Field(50, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    max_length: JsonInt = Field(50, ge=1)
+    max_new_tokens: PositiveInt | None = Field(None)
+    temperature: JsonFloat = Field(0.0, ge=0.0, le=2.0)
+    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
+    seed: JsonInt | None = None
 
 
 class UsageInfo(BaseModel):
@@ -199,3 +264,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body, as OpenAI's API shapes it."""
+
+    error: ErrorDetail

@@ -13,6 +13,7 @@ from llmhost.api.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     ModelList,
@@ -21,7 +22,20 @@ from llmhost.api.serving import OpenAIServing
 from llmhost.errors import EngineNotReady, NotFound, PermissionDenied
 from llmhost.observability.metrics import CONTENT_TYPE
 
-router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": why}
+    for status, why in (
+        (400, "Invalid request: a field names what is wrong"),
+        (401, "No valid API key or JWT"),
+        (403, "Not allowed for this key or token"),
+        (404, "No such model or resource"),
+        (413, "Request body over the server's limit"),
+        (414, "URL over 8 KiB"),
+        (429, "A rate limit was reached (Retry-After)"),
+        (503, "The model is loading, overloaded or the server is shutting down"),
+    )
+}
+router = APIRouter(responses=_ERRORS)
 
 _STREAM_DOC = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}

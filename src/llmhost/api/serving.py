@@ -203,7 +203,7 @@ class OpenAIServing:
             top_p=req.top_p,
             top_k=max(req.top_k, 0),
             min_p=req.min_p,
-            seed=req.seed,
+            seed=None if req.seed is None else req.seed % 2**64,
             stop=tuple(req.stop or ()),
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,

@@ -56,7 +56,8 @@ class FakeEngine(Engine):
         self.started = False
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return [hash(w) & 0xFFFF for w in text.split()]
+        # Text without words is one token, as a real tokenizer's BOS makes it.
+        return [hash(w) & 0xFFFF for w in text.split()] or [0]
 
     def health(self) -> EngineHealth:
         return EngineHealth(ok=self.started, stats={"active": self.active})
