@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     )
     audit_retention_days: float = Field(90.0, ge=0, description="0 keeps audit records forever.")
     audit_redact_ip: bool = Field(False, description="Also redact IP addresses in prompts.")
+    audit_key_file: Path | None = Field(
+        None,
+        description="Key signing the audit chain (0600; made on first use); default "
+        "$LLMHOST_HOME/audit.key. Instances sharing one PostgreSQL log need the same key.",
+    )
     upstream_url: str | None = Field(
         None, description="Base URL of the OpenAI-compatible server the openai engine fronts."
     )
@@ -153,6 +158,15 @@ class Settings(BaseSettings):
     @property
     def audit_db(self) -> Path:
         return self.home / "audit.db"
+
+    @property
+    def audit_key_path(self) -> Path:
+        return (self.audit_key_file or self.home / "audit.key").expanduser()
+
+    @property
+    def audit_head_path(self) -> Path:
+        """The signed head checkpoint of the audit chain."""
+        return self.home / "audit.head"
 
     @property
     def keys_db(self) -> Path:

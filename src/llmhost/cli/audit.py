@@ -51,7 +51,12 @@ def _store():
     settings = load_settings()
     if not settings.audit_url and not settings.audit_db.exists():
         raise ConfigError(f"no audit log at {settings.audit_db}")
-    return open_store(settings.audit_url, settings.audit_db)
+    return open_store(
+        settings.audit_url,
+        settings.audit_db,
+        key_file=settings.audit_key_path,
+        head_file=settings.audit_head_path,
+    )
 
 
 def _iso(ts: float) -> str:
@@ -113,11 +118,20 @@ def search(
 
 @audit_app.command()
 def verify() -> None:
-    """Check the hash chain: any edited, deleted or inserted record is reported."""
+    """Check the chain under the audit key and against the signed head checkpoint: any edited,
+    deleted, inserted or recomputed record, a removed tail or a moved anchor is reported."""
     report = _store().verify()
     if not report.ok:
         raise IntegrityError(f"audit chain broken after {report.checked} records: {report.problem}")
     typer.echo(f"ok: {report.checked} records, chain intact")
+
+
+@audit_app.command()
+def seal() -> None:
+    """Take over a log written by an older llmhost (no audit key): check its chain once, then
+    sign its head so new records follow it under the key."""
+    report = _store().seal()
+    typer.echo(f"sealed: {report.checked} older records, signed under the audit key")
 
 
 @audit_app.command()
