@@ -57,15 +57,15 @@ def private_sqlite(path: Path) -> Path:
     return Path(path)
 
 
-def open_private(path: Path, mode: str = "wb"):
-    """`open(path, mode)` for writing, the file created (or truncated) 0600."""
+def open_private(path: Path, mode: str = "wb", **kwargs):
+    """`open(path, mode, **kwargs)` for writing, the file created (or truncated) 0600."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     if "+" in mode:
         flags = (flags & ~os.O_WRONLY) | os.O_RDWR
     fd = os.open(path, flags, PRIVATE_FILE)
     try:
         os.fchmod(fd, PRIVATE_FILE)
-        return os.fdopen(fd, mode)
+        return os.fdopen(fd, mode, **kwargs)
     except BaseException:
         os.close(fd)
         raise
