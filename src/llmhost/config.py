@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         description="Key signing the audit chain (0600; made on first use); default "
         "$LLMHOST_HOME/audit.key. Instances sharing one PostgreSQL log need the same key.",
     )
+    backup_key_file: Path | None = Field(
+        None,
+        description="Key signing unencrypted backup records (0600; made by the first backup); "
+        "default $LLMHOST_HOME/backup.key. Keep a copy apart from the backups.",
+    )
     upstream_url: str | None = Field(
         None, description="Base URL of the OpenAI-compatible server the openai engine fronts."
     )
@@ -167,6 +172,10 @@ class Settings(BaseSettings):
     def audit_head_path(self) -> Path:
         """The signed head checkpoint of the audit chain."""
         return self.home / "audit.head"
+
+    @property
+    def backup_key_path(self) -> Path:
+        return (self.backup_key_file or self.home / "backup.key").expanduser()
 
     @property
     def keys_db(self) -> Path:
