@@ -277,6 +277,37 @@ def test_a_keyed_log_rewritten_in_the_old_form_is_not_sealed(store):
         store.seal()
 
 
+def test_verify_while_a_server_writes_and_purges_finds_nothing_wrong(tmp_path):
+    """`llmhost audit verify` runs beside a live server: records and checkpoints written
+    meanwhile must not read as a removed tail, nor a purge as a missing record."""
+    import threading
+
+    w = SqliteAuditStore(tmp_path / "audit.db")
+    w._head.every = 0.0  # a checkpoint after every batch: the most chances to race
+    w.append([rec(i, ts=1.0) for i in range(20)])
+    done = threading.Event()
+
+    def serve():
+        for i in range(150):
+            w.append([rec(1000 + i, ts=1.0 + i)])
+            if i % 50 == 49:
+                w.purge(0, now=2.0 + i)
+        done.set()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    cli = SqliteAuditStore(tmp_path / "audit.db")
+    reports = []
+    while not done.is_set():
+        reports.append(cli.verify())
+    t.join()
+    reports.append(cli.verify())
+    assert all(r.ok for r in reports), next(r for r in reports if not r.ok)
+    assert len(reports) > 1
+    cli.close()
+    w.close()
+
+
 def test_head_file_is_rate_limited_and_written_last(tmp_path):
     key = b"k" * 32
     slow = HeadFile(tmp_path / "slow.head", every=60)

@@ -55,17 +55,25 @@ class Checkpoint:
         body = self._body()
         return json.dumps({**body, "mac": sign(key, "checkpoint", body)}, indent=1).encode()
 
-    @classmethod
-    def load(cls, path: Path, key: bytes) -> Checkpoint | None:
-        """The checkpoint at `path`, None when there is none; IntegrityError when it is not
-        one this key signed."""
+    @staticmethod
+    def read(path: Path) -> bytes | None:
+        """The checkpoint file's bytes (bounded), None when there is none."""
         try:
             with path.open("rb") as f:
-                raw = f.read(MAX_CHECKPOINT_BYTES + 1)
+                return f.read(MAX_CHECKPOINT_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise IntegrityError(f"cannot read the audit head checkpoint {path}: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: Path, key: bytes, raw: bytes | None = b"") -> Checkpoint | None:
+        """The checkpoint at `path` (or in `raw`, read from it before), None when there is
+        none; IntegrityError when it is not one this key signed."""
+        if raw == b"":
+            raw = cls.read(path)
+        if raw is None:
+            return None
         try:
             if len(raw) > MAX_CHECKPOINT_BYTES:
                 raise ValueError("too large")

@@ -146,6 +146,7 @@ class SqlAuditStore:
 
     ph = "?"  # parameter placeholder
     begin: tuple[str, ...] = ("BEGIN",)
+    begin_read = "BEGIN"  # one snapshot for the anchor and the rows it starts
 
     def __init__(self, db, key_file: Path, head_file: Path) -> None:
         self._lock = threading.Lock()
@@ -333,9 +334,21 @@ class SqlAuditStore:
     def verify(self) -> ChainReport:
         """The chain checked under the audit key, from the signed purge anchor to the newest
         record, then against the signed head checkpoint."""
+        # the checkpoint first: it is written after the records it names are committed, so
+        # records appended while this runs can only be newer than it
+        try:
+            raw_cp = Checkpoint.read(self.head_file)
+        except IntegrityError as exc:
+            return ChainReport(False, 0, exc.message)
         with self._lock:
-            meta = self._meta_all()
-            rows = self._execute(f"SELECT {','.join(_COLUMNS)} FROM audit ORDER BY seq").fetchall()
+            self._execute(self.begin_read)
+            try:
+                meta = self._meta_all()
+                rows = self._execute(
+                    f"SELECT {','.join(_COLUMNS)} FROM audit ORDER BY seq"
+                ).fetchall()
+            finally:
+                self._execute("COMMIT")
         anchor_seq = int(meta.get("anchor_seq", "0"))
         anchor_hash = meta.get("anchor_hash", GENESIS)
         if "scheme" not in meta:
@@ -343,7 +356,7 @@ class SqlAuditStore:
             if not report.ok:
                 return report
             if not rows and "anchor_seq" not in meta:  # a new, empty log...
-                if self.head_file.exists():  # ...where there was one before
+                if raw_cp is not None:  # ...where there was one before
                     return ChainReport(False, 0, self._gone_message())
                 return report
             return ChainReport(False, report.checked, LEGACY_MESSAGE)
@@ -378,14 +391,23 @@ class SqlAuditStore:
             return report
         if not rows:
             last, last_hash = anchor_seq, anchor_hash
-        return self._against_checkpoint(report, key, last, last_hash, anchor_seq, anchor_hash)
+        head = (last, last_hash, anchor_seq, anchor_hash)
+        return self._against_checkpoint(report, key, raw_cp, rows, *head)
 
     def _against_checkpoint(
-        self, report: ChainReport, key: bytes, last: int, last_hash: str, a_seq: int, a_hash: str
+        self,
+        report: ChainReport,
+        key: bytes,
+        raw_cp: bytes | None,
+        rows: list,
+        last: int,
+        last_hash: str,
+        a_seq: int,
+        a_hash: str,
     ) -> ChainReport:
         n = report.checked
         try:
-            cp = Checkpoint.load(self.head_file, key)
+            cp = Checkpoint.load(self.head_file, key, raw_cp)
         except IntegrityError as exc:
             return ChainReport(False, n, exc.message)
         if cp is None:
@@ -408,9 +430,9 @@ class SqlAuditStore:
             problem = f"{gone} removed from the end of the log (the head checkpoint names {cp.seq})"
             return ChainReport(False, n, problem, last + 1)
         if cp.seq > a_seq:
-            with self._lock:
-                row = self._execute("SELECT hash FROM audit WHERE seq = ?", (cp.seq,)).fetchone()
-            if row is None or not same(row[0], cp.hash):
+            # the rows were walked without a gap from the anchor on: the one it names is here
+            at = rows[cp.seq - a_seq - 1][_COLUMNS.index("hash")]
+            if not same(at, cp.hash):
                 problem = f"record {cp.seq} differs from the head checkpoint: the log was rewritten"
                 return ChainReport(False, n, problem, cp.seq)
         elif cp.seq == a_seq and not same(cp.hash, a_hash):
@@ -515,6 +537,7 @@ class PostgresAuditStore(SqlAuditStore):
 
     ph = "%s"
     begin = ("BEGIN", "LOCK TABLE audit IN SHARE ROW EXCLUSIVE MODE")
+    begin_read = "BEGIN ISOLATION LEVEL REPEATABLE READ"
 
     def __init__(self, url: str, *, key_file: Path, head_file: Path):
         try:
