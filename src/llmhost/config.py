@@ -111,6 +111,16 @@ class Settings(BaseSettings):
     audit_prompt_max_chars: int = Field(
         32768, ge=256, le=16 * 1024 * 1024, description="Prompt characters an audit record keeps."
     )
+    audit_key_file: Path | None = Field(
+        None,
+        description="Key signing the audit chain (0600; made on first use); default "
+        "$LLMHOST_HOME/audit.key. Instances sharing one PostgreSQL log need the same key.",
+    )
+    backup_key_file: Path | None = Field(
+        None,
+        description="Key signing unencrypted backup records (0600; made by the first backup); "
+        "default $LLMHOST_HOME/backup.key. Keep a copy apart from the backups.",
+    )
     upstream_url: str | None = Field(
         None, description="Base URL of the OpenAI-compatible server the openai engine fronts."
     )
@@ -162,6 +172,19 @@ class Settings(BaseSettings):
     @property
     def audit_db(self) -> Path:
         return self.home / "audit.db"
+
+    @property
+    def audit_key_path(self) -> Path:
+        return (self.audit_key_file or self.home / "audit.key").expanduser()
+
+    @property
+    def audit_head_path(self) -> Path:
+        """The signed head checkpoint of the audit chain."""
+        return self.home / "audit.head"
+
+    @property
+    def backup_key_path(self) -> Path:
+        return (self.backup_key_file or self.home / "backup.key").expanduser()
 
     @property
     def keys_db(self) -> Path:

@@ -240,3 +240,17 @@ async def test_admin_endpoint_needs_admin_role(tmp_path):
             assert r.status_code == 200
             assert [(x["user_id"], x["status"]) for x in r.json()["data"]] == [("joe", 200)]
             assert (await c.get("/v1/admin/audit")).status_code == 401
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_keys_db_and_its_wal_are_owner_only_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        keys = KeyStore(tmp_path / "home" / "keys.db")
+        keys.create("alice")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "home").st_mode & 0o777 == 0o700
+    for name in ("keys.db", "keys.db-wal", "keys.db-shm"):
+        assert os.stat(tmp_path / "home" / name).st_mode & 0o777 == 0o600, name
+    keys.close()

@@ -1,6 +1,8 @@
 """Backup drills: full and incremental backups of a live-looking home, delete the home,
 restore, and find the same config, working keys, an intact audit chain and byte-identical
-models; dedup of model files; prune; damage of every kind caught by verify; encryption."""
+models; dedup of model files; prune; damage of every kind caught by verify; encryption;
+signed backup records (a forged or unsigned one is refused before anything is restored);
+owner-only files whatever the umask."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -79,24 +82,30 @@ def snapshot(h: Path) -> dict[str, str]:
 
 def test_backup_delete_restore_drill(home, tmp_path):
     dest = tmp_path / "backups"
-    b = Backups(home, dest)
+    record_key = tmp_path / "kept-apart" / "backup.key"  # the operator keeps it off the host
+    b = Backups(home, dest, record_key_file=record_key)
     models_before = snapshot(home)
     full = b.create("full")
-    assert full.included == ["audit.db", "config.toml", "keys.db"]
+    assert full.included == ["audit.db", "audit.head", "config.toml", "keys.db"]
+    assert stat.S_IMODE(record_key.stat().st_mode) == 0o600
     blobs = list((dest / "blobs" / "sha256").iterdir())
     model_shas = {v for k, v in full.models.items() if not k.endswith(".manifest.json")}
     assert len(blobs) == len(model_shas)  # the GGUF shared by two tags is kept once
     # more audit records, then an incremental that holds only what changed
     audit(home, 25, user="bob")
     inc = b.create("incremental")
-    assert inc.parent == full.id and inc.included == ["audit.db"]
+    assert inc.parent == full.id and inc.included == ["audit.db", "audit.head"]
     assert len(list((dest / "blobs" / "sha256").iterdir())) == len(blobs)  # nothing new
     assert b.verify(full) == [] and b.verify(inc) == []
     key = (home / "key").read_text()
+    audit_key = (home / "audit.key").read_bytes()  # kept apart too: not in the backup
     shutil.rmtree(home)
 
-    b2 = Backups(home, dest)
+    b2 = Backups(home, dest, record_key_file=record_key)
     b2.restore(b2.get(None), home)
+    assert not (home / "audit.key").exists() and not (home / "backup.key").exists()
+    (home / "audit.key").write_bytes(audit_key)
+    (home / "audit.key").chmod(0o600)
     assert (home / "config.toml").read_text() == 'host = "0.0.0.0"\nparallel = 4\n'
     keys = KeyStore(home / "keys.db")
     principal = keys.authenticate(key)
@@ -188,7 +197,7 @@ def test_damaged_archive_contents_and_missing_parent(home, tmp_path):
     rec = json.loads((dest / f"{full.id}.json").read_text())
     rec["archive_sha256"] = sha(arch)
     (dest / f"{full.id}.json").write_text(json.dumps(rec))
-    assert any("damaged" in p for p in b.verify(b.get(full.id)))
+    assert any("forged or altered" in p for p in b.verify(b.get(full.id)))
     (dest / f"{full.id}.json").unlink()
     (dest / full.archive).unlink()
     assert any("gone" in p for p in b.verify(inc))
@@ -218,6 +227,9 @@ def test_encrypted_backups(home, tmp_path):
     assert any("key" in p for p in Backups(home, dest).verify(info))
     wrong = Backups(home, dest, os.urandom(32))
     assert wrong.verify(info)
+    # the record key comes from the encryption key: no backup.key needed, none made
+    assert not (home / "backup.key").exists()
+    assert Backups(home, dest, key, record_key_file=tmp_path / "none.key").verify(info) == []
     with pytest.raises(ConfigError):
         Backups(home, dest).restore(info, tmp_path / "h2")
     before = snapshot(home)
@@ -274,6 +286,7 @@ def test_backups_in_an_s3_bucket(home, tmp_path, s3_server):
     # a fresh machine: nothing cached locally
     fresh = tmp_path / "fresh-home"
     fresh.mkdir()
+    env["LLMHOST_BACKUP_KEY_FILE"] = str(home / "backup.key")  # brought along by the operator
     assert "ok" in cli("verify", home_dir=fresh).stdout
     assert [i["kind"] for i in json.loads(cli("list", "--json", home_dir=fresh).stdout)] == [
         "full",
@@ -287,6 +300,7 @@ def test_backups_in_an_s3_bucket(home, tmp_path, s3_server):
     target = tmp_path / "restored"
     cli("restore", "--home", str(target), home_dir=fresh)
     assert snapshot(target) == before
+    shutil.copy(home / "audit.key", target / "audit.key")  # kept apart, like the backup key
     store = open_store(None, target / "audit.db")
     assert store.count() == 55 and store.verify().ok
     store.close()
@@ -297,3 +311,77 @@ def test_backups_in_an_s3_bucket(home, tmp_path, s3_server):
         text=True,
     )
     assert p.returncode != 0 and "Traceback" not in p.stderr
+
+
+def forge(dest: Path, info_id: str, edit) -> None:
+    path = dest / f"{info_id}.json"
+    rec = json.loads(path.read_text())
+    edit(rec)
+    path.write_text(json.dumps(rec))
+
+
+def test_a_forged_backup_is_refused_before_anything_is_restored(home, tmp_path):
+    """Rewrite an unencrypted backup's archive with an attacker's keys.db (an admin key) and
+    fix up every sha256 in its sidecar: without the backup key the record cannot be re-signed,
+    so verify reports it and restore installs nothing."""
+    dest = tmp_path / "b"
+    b = Backups(home, dest)
+    real = b.create("full")
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    keys = KeyStore(evil / "keys.db")
+    admin_key, _ = keys.create("mallory", role="admin")
+    keys.close()
+    forged = Backups(evil, tmp_path / "eb", record_key_file=tmp_path / "evil.key").create("full")
+    shutil.copy(tmp_path / "eb" / forged.archive, dest / real.archive)
+
+    def fix_up(rec: dict) -> None:
+        rec["archive_sha256"] = forged.archive_sha256
+        rec["archive_size"] = forged.archive_size
+        rec["state"], rec["included"], rec["models"] = forged.state, forged.included, {}
+
+    forge(dest, real.id, fix_up)
+    problems = b.verify(b.get(real.id))
+    assert problems and "forged or altered" in problems[0]
+    target = tmp_path / "victim"
+    with pytest.raises(BackupError, match="forged or altered"):
+        b.restore(b.get(real.id), target)
+    assert not (target / "keys.db").exists()
+    # re-signed with the attacker's own key: still not the backup key
+    forge(dest, real.id, lambda rec: rec.update(mac=forged.mac))
+    assert "forged or altered" in b.verify(b.get(real.id))[0]
+    # no signature at all (a record of an older llmhost, or one stripped of it)
+    forge(dest, real.id, lambda rec: rec.pop("mac"))
+    assert "not signed" in b.verify(b.get(real.id))[0]
+    with pytest.raises(BackupError, match="not signed"):
+        b.restore(b.get(real.id), target, force=True)
+    assert not (target / "keys.db").exists()
+    # the backup key itself is never in a backup; without it nothing verifies
+    (home / "backup.key").unlink()
+    b2 = b.create("full")
+    (home / "backup.key").unlink()
+    assert "no backup key" in b.verify(b.get(b2.id))[0]
+    assert admin_key  # the attacker's key never reached the victim's home
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_backup_and_restored_files_are_owner_only(home, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        dest = tmp_path / "b" / "nested"
+        b = Backups(home, dest)
+        info = b.create("full")
+        b.create("incremental")
+        target = tmp_path / "restored"
+        b.restore(b.get(None), target)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "b", dest, dest / "blobs", dest / "blobs" / "sha256", target):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    files = [p for p in dest.rglob("*") if p.is_file()]
+    assert any(p.name == info.archive for p in files) and len(files) > 4
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    for name in ("keys.db", "audit.db", "audit.head", "config.toml", "backup.key"):
+        where = home if name == "backup.key" else target
+        assert stat.S_IMODE((where / name).stat().st_mode) == 0o600, name

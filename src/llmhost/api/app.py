@@ -106,7 +106,13 @@ def create_app(
             max_chars=settings.audit_prompt_max_chars,
         )
         audit = AuditWriter(
-            open_store(settings.audit_url, settings.audit_db),
+            open_store(
+                settings.audit_url,
+                settings.audit_db,
+                key_file=settings.audit_key_path,
+                head_file=settings.audit_head_path,
+                writer=True,
+            ),
             retention_days=settings.audit_retention_days,
             on_write=metrics.observe_audit_write if metrics is not None else None,
             on_drop=metrics.audit_dropped.inc if metrics is not None else None,

@@ -1,13 +1,33 @@
 """The audit log on disk: one row per request, each carrying the hash of the row before it, so
-an edited, deleted or inserted record breaks the chain (`verify`). SQLite in WAL mode; a purge
-keeps the chain verifiable by recording the hash of the last record it removed (the anchor).
+an edited, deleted or inserted record breaks the chain (`verify`). SQLite in WAL mode (the file
+and its -wal/-shm 0600), or PostgreSQL shared by several instances.
 
-A record's hash is sha256 over the previous hash and the record's fields (its sequence number
-included, so a deleted row shows even if someone re-links its neighbours)."""
+A record's hash is HMAC-SHA256 under the audit key over the previous hash and the record's
+fields (its sequence number included, so a deleted row shows even if someone re-links its
+neighbours). The key lives outside the database (`$LLMHOST_HOME/audit.key`, made 0600 on first
+use; instances sharing one PostgreSQL log must share its content; `audit_meta.key_id` names it,
+so a store with another key refuses to write). Without the key nobody can recompute the chain.
+
+Two things a chain alone cannot show are anchored outside it too:
+- a purge removes the oldest records and records the hash of the last one removed (the anchor)
+  in `audit_meta`, signed under the key, so head rows cannot be dropped by moving the anchor;
+- after appends (at most every second, and always on close) and after each purge the store
+  writes a signed head checkpoint (`$LLMHOST_HOME/audit.head`, 0600): the newest record's
+  sequence number and hash, and the anchor. A removed tail, a rewritten record or a log put
+  back from an older copy disagrees with it.
+
+A log written before records were keyed (an older llmhost: no `scheme` in `audit_meta`) is
+never taken as keyed: `verify` reports it, the server refuses to write to it, and
+`llmhost audit seal` checks its unkeyed chain once, then signs its head (`legacy_*` in
+`audit_meta`) so new records follow it under the key. Sealing is refused once a head checkpoint
+exists: a keyed log rewritten in the old form is not a log to seal. Records up to the sealed
+head are as safe as that signed head (a sha256 chain ending in it); records after it are keyed.
+Stop instances of an older llmhost before the first keyed write to a shared PostgreSQL log."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import sqlite3
 import threading
@@ -16,9 +36,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from llmhost.errors import ConfigError
+from llmhost.audit.integrity import Checkpoint, HeadFile, key_id, same, sign
+from llmhost.errors import ConfigError, IntegrityError
+from llmhost.files import load_or_create_key, private_sqlite
 
 GENESIS = "0" * 64
+SCHEME = "hmac-sha256"
 
 
 @dataclass
@@ -61,12 +84,16 @@ class StoredRecord(AuditRecord):
     hash: str = ""
 
 
-def chain_hash(prev: str, seq: int, rec: AuditRecord) -> str:
+def chain_hash(prev: str, seq: int, rec: AuditRecord, *, key: bytes | None) -> str:
+    """HMAC-SHA256 under the audit key; `key=None` is the unkeyed sha256 of logs written
+    before records were keyed (only ever checked up to their sealed head)."""
     body = {k: getattr(rec, k) for k in FIELDS}
     body["ts"] = repr(float(rec.ts))
     body["latency_ms"] = repr(float(rec.latency_ms))
-    payload = json.dumps([prev, seq, body], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    payload = json.dumps([prev, seq, body], sort_keys=True, ensure_ascii=False).encode()
+    if key is None:
+        return hashlib.sha256(payload).hexdigest()
+    return hmac.new(key, payload, hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -102,6 +129,16 @@ CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 """
 
 
+_UPSERT = (
+    "INSERT INTO audit_meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+LEGACY_MESSAGE = (
+    "the audit log was written without the audit key (by an older llmhost); check it and sign "
+    "its head with `llmhost audit seal`, or move it aside to start a new log"
+)
+
+
 class SqlAuditStore:
     """The chain logic over any DB-API connection; subclasses give the dialect. Thread-safe
     (one connection behind a lock); the writer task calls it from a thread. Appends and purges
@@ -109,10 +146,16 @@ class SqlAuditStore:
 
     ph = "?"  # parameter placeholder
     begin: tuple[str, ...] = ("BEGIN",)
+    begin_read = "BEGIN"  # one snapshot for the anchor and the rows it starts
 
-    def __init__(self, db) -> None:
+    def __init__(self, db, key_file: Path, head_file: Path) -> None:
         self._lock = threading.Lock()
         self._db = db
+        self.key_file = Path(key_file)
+        self.head_file = Path(head_file)
+        self._head = HeadFile(self.head_file)
+        self._key: bytes | None = None
+        self._keyed = False  # this log's scheme and key id were checked
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", self.ph)
@@ -123,12 +166,22 @@ class SqlAuditStore:
         return cur
 
     def close(self) -> None:
+        """Write the last head checkpoint, then close the database."""
+        self._head.close()
         with self._lock:
             self._db.close()
+
+    def key(self, *, create: bool = True) -> bytes:
+        if self._key is None:
+            self._key = load_or_create_key(self.key_file, create=create, what="audit key")
+        return self._key
 
     def _meta(self, key: str, default: str) -> str:
         row = self._execute("SELECT value FROM audit_meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
+
+    def _meta_all(self) -> dict[str, str]:
+        return dict(self._execute("SELECT key, value FROM audit_meta").fetchall())
 
     def _tail(self) -> tuple[int, str]:
         row = self._execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -148,24 +201,70 @@ class SqlAuditStore:
                 raise
             return out
 
+    def _ensure_keyed(self) -> bytes:
+        """Inside a write transaction: the key, after checking the log is one written under
+        it; a new, empty log is marked keyed by this key."""
+        key = self.key()
+        if self._keyed:
+            return key
+        meta = self._meta_all()
+        if "scheme" not in meta:
+            empty = self._execute("SELECT count(*) FROM audit").fetchone()[0] == 0
+            if not empty or "anchor_seq" in meta:
+                raise IntegrityError(LEGACY_MESSAGE, code="unkeyed_audit_log")
+            if self.head_file.exists():
+                raise IntegrityError(self._gone_message(), code="audit_log_replaced")
+            self._execute(_UPSERT, ("scheme", SCHEME))
+            self._execute(_UPSERT, ("key_id", key_id(key)))
+        elif meta["scheme"] != SCHEME:
+            raise IntegrityError(f"unknown audit log scheme {meta['scheme'][:40]!r}")
+        elif not same(meta.get("key_id", ""), key_id(key)):
+            raise ConfigError(
+                f"the audit key {self.key_file} is not the key this audit log is written with; "
+                "every instance sharing the log needs the same key file"
+            )
+        self._keyed = True
+        return key
+
+    def _gone_message(self) -> str:
+        return (
+            f"the audit log is new and empty, but the head checkpoint {self.head_file} "
+            "remains from a log written before: that log was deleted or replaced (to start a "
+            "new log on purpose, move the checkpoint aside too)"
+        )
+
+    def ready_for_writing(self) -> None:
+        """Fail now, not on the first record, when this store could not write the log: no
+        usable key, another key, or an unsealed log from an older llmhost."""
+        self._transaction(self._ensure_keyed)
+
+    def _checkpoint(self) -> Checkpoint:
+        seq, h = self._tail()
+        meta = self._meta_all()
+        anchor = int(meta.get("anchor_seq", "0")), meta.get("anchor_hash", GENESIS)
+        return Checkpoint(seq, h, *anchor)
+
     def append(self, records: Sequence[AuditRecord]) -> int:
         """Append in one transaction; returns the last sequence number."""
 
-        def run() -> int:
+        def run() -> tuple[int, Checkpoint]:
+            key = self._ensure_keyed()
             seq, prev = self._tail()
             rows = []
             for rec in records:
                 seq += 1
-                h = chain_hash(prev, seq, rec)
+                h = chain_hash(prev, seq, rec, key=key)
                 rows.append((seq, *(getattr(rec, k) for k in FIELDS), prev, h))
                 prev = h
             marks = ",".join([self.ph] * len(_COLUMNS))
             self._db.cursor().executemany(
                 f"INSERT INTO audit ({','.join(_COLUMNS)}) VALUES ({marks})", rows
             )
-            return seq
+            return seq, self._checkpoint()
 
-        return self._transaction(run)
+        seq, cp = self._transaction(run)
+        self._head.offer(self.key(), cp)
+        return seq
 
     def _rows(self, sql: str, args: Sequence) -> Iterator[StoredRecord]:
         with self._lock:
@@ -206,70 +305,241 @@ class SqlAuditStore:
         with self._lock:
             return self._execute("SELECT count(*) FROM audit").fetchone()[0]
 
-    def verify(self) -> ChainReport:
-        with self._lock:
-            prev = self._meta("anchor_hash", GENESIS)
-            expect = int(self._meta("anchor_seq", "0")) + 1
-            rows = self._execute(f"SELECT {','.join(_COLUMNS)} FROM audit ORDER BY seq").fetchall()
+    def _walk(
+        self, rows, prev: str, expect: int, key_for, boundary: tuple[int, str] | None
+    ) -> tuple[ChainReport, int, str]:
+        """Check rows in order from (expect, prev); returns the report and the last record."""
         checked = 0
         for row in rows:
             rec = StoredRecord(**dict(zip(_COLUMNS, row, strict=True)))
             if rec.seq != expect:
-                return ChainReport(False, checked, f"record {expect} is missing", expect)
+                return ChainReport(False, checked, f"record {expect} is missing", expect), 0, ""
             if rec.prev_hash != prev:
                 problem = f"record {rec.seq} does not follow its predecessor"
-                return ChainReport(False, checked, problem, rec.seq)
+                return ChainReport(False, checked, problem, rec.seq), 0, ""
             base = AuditRecord(**{k: getattr(rec, k) for k in FIELDS})
-            if chain_hash(prev, rec.seq, base) != rec.hash:
-                return ChainReport(False, checked, f"record {rec.seq} was modified", rec.seq)
+            key = key_for(rec.seq)
+            if not same(chain_hash(prev, rec.seq, base, key=key), rec.hash):
+                problem = f"record {rec.seq} was modified"
+                if checked == 0 and key is not None:
+                    problem += f" (or {self.key_file} is not the key it was written with)"
+                return ChainReport(False, checked, problem, rec.seq), 0, ""
+            if boundary is not None and rec.seq == boundary[0] and not same(rec.hash, boundary[1]):
+                problem = f"record {rec.seq} differs from the sealed head of the older log"
+                return ChainReport(False, checked, problem, rec.seq), 0, ""
             prev, expect = rec.hash, expect + 1
             checked += 1
-        return ChainReport(True, checked)
+        return ChainReport(True, checked), expect - 1, prev
+
+    def verify(self) -> ChainReport:
+        """The chain checked under the audit key, from the signed purge anchor to the newest
+        record, then against the signed head checkpoint."""
+        # the checkpoint first: it is written after the records it names are committed, so
+        # records appended while this runs can only be newer than it
+        try:
+            raw_cp = Checkpoint.read(self.head_file)
+        except IntegrityError as exc:
+            return ChainReport(False, 0, exc.message)
+        with self._lock:
+            self._execute(self.begin_read)
+            try:
+                meta = self._meta_all()
+                rows = self._execute(
+                    f"SELECT {','.join(_COLUMNS)} FROM audit ORDER BY seq"
+                ).fetchall()
+            finally:
+                self._execute("COMMIT")
+        anchor_seq = int(meta.get("anchor_seq", "0"))
+        anchor_hash = meta.get("anchor_hash", GENESIS)
+        if "scheme" not in meta:
+            report, _, _ = self._walk(rows, anchor_hash, anchor_seq + 1, lambda _: None, None)
+            if not report.ok:
+                return report
+            if not rows and "anchor_seq" not in meta:  # a new, empty log...
+                if raw_cp is not None:  # ...where there was one before
+                    return ChainReport(False, 0, self._gone_message())
+                return report
+            return ChainReport(False, report.checked, LEGACY_MESSAGE)
+        key = self.key(create=False)
+        if not same(meta.get("key_id", ""), key_id(key)):
+            problem = f"{self.key_file} is not the key this audit log is written with"
+            return ChainReport(False, 0, problem)
+        if anchor_seq and not same(
+            meta.get("anchor_mac", ""), sign(key, "anchor", anchor_seq, anchor_hash)
+        ):
+            problem = (
+                f"the purge anchor (record {anchor_seq}) is not signed by the audit key: "
+                "records were removed from the start of the log"
+            )
+            return ChainReport(False, 0, problem, anchor_seq)
+        legacy_seq = int(meta.get("legacy_seq", "0"))
+        boundary = None
+        if "legacy_seq" in meta:
+            boundary = (legacy_seq, meta.get("legacy_hash", ""))
+            if not same(meta.get("legacy_mac", ""), sign(key, "legacy", *boundary)):
+                problem = "the sealed head of the older log is not signed by the audit key"
+                return ChainReport(False, 0, problem, legacy_seq)
+            if anchor_seq == legacy_seq and not same(anchor_hash, boundary[1]):
+                problem = "the purge anchor differs from the sealed head of the older log"
+                return ChainReport(False, 0, problem, anchor_seq)
+
+        def key_for(seq: int) -> bytes | None:
+            return None if seq <= legacy_seq else key
+
+        report, last, last_hash = self._walk(rows, anchor_hash, anchor_seq + 1, key_for, boundary)
+        if not report.ok:
+            return report
+        if not rows:
+            last, last_hash = anchor_seq, anchor_hash
+        head = (last, last_hash, anchor_seq, anchor_hash)
+        return self._against_checkpoint(report, key, raw_cp, rows, *head)
+
+    def _against_checkpoint(
+        self,
+        report: ChainReport,
+        key: bytes,
+        raw_cp: bytes | None,
+        rows: list,
+        last: int,
+        last_hash: str,
+        a_seq: int,
+        a_hash: str,
+    ) -> ChainReport:
+        n = report.checked
+        try:
+            cp = Checkpoint.load(self.head_file, key, raw_cp)
+        except IntegrityError as exc:
+            return ChainReport(False, n, exc.message)
+        if cp is None:
+            if last == 0:
+                return report
+            problem = (
+                f"no head checkpoint at {self.head_file}: records removed from the end of the "
+                "log could not be detected"
+            )
+            return ChainReport(False, n, problem)
+        if cp.anchor_seq > a_seq or (cp.anchor_seq == a_seq and not same(cp.anchor_hash, a_hash)):
+            problem = (
+                f"the purge anchor is at record {a_seq} but the head checkpoint has it at "
+                f"{cp.anchor_seq}: the log was replaced by another copy"
+            )
+            return ChainReport(False, n, problem, a_seq)
+        if cp.seq > last:
+            first = last + 1
+            gone = f"record {first} was" if cp.seq == first else f"records {first}-{cp.seq} were"
+            problem = f"{gone} removed from the end of the log (the head checkpoint names {cp.seq})"
+            return ChainReport(False, n, problem, last + 1)
+        if cp.seq > a_seq:
+            # the rows were walked without a gap from the anchor on: the one it names is here
+            at = rows[cp.seq - a_seq - 1][_COLUMNS.index("hash")]
+            if not same(at, cp.hash):
+                problem = f"record {cp.seq} differs from the head checkpoint: the log was rewritten"
+                return ChainReport(False, n, problem, cp.seq)
+        elif cp.seq == a_seq and not same(cp.hash, a_hash):
+            problem = "the purge anchor differs from the head checkpoint: the log was rewritten"
+            return ChainReport(False, n, problem, cp.seq)
+        return report
 
     def purge(self, older_than_s: float, now: float | None = None) -> int:
         """Remove records older than the retention, oldest first; the chain stays verifiable
-        from the last removed record's hash."""
+        from the last removed record's hash, signed as the new anchor."""
         cutoff = (now if now is not None else time.time()) - older_than_s
 
-        def run() -> int:
+        def run() -> tuple[int, Checkpoint | None]:
+            key = self._ensure_keyed()
             last = self._execute("SELECT max(seq) FROM audit WHERE ts < ?", (cutoff,)).fetchone()[0]
             if last is None:
-                return 0
+                return 0, None
             anchor = self._execute("SELECT hash FROM audit WHERE seq = ?", (last,)).fetchone()[0]
             n = self._execute("DELETE FROM audit WHERE seq <= ?", (last,)).rowcount
-            upsert = (
-                "INSERT INTO audit_meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-            )
-            self._execute(upsert, ("anchor_seq", str(last)))
-            self._execute(upsert, ("anchor_hash", anchor))
-            return n
+            self._execute(_UPSERT, ("anchor_seq", str(last)))
+            self._execute(_UPSERT, ("anchor_hash", anchor))
+            self._execute(_UPSERT, ("anchor_mac", sign(key, "anchor", last, anchor)))
+            return n, self._checkpoint()
 
-        return self._transaction(run)
+        n, cp = self._transaction(run)
+        if cp is not None:
+            self._head.offer(self.key(), cp, now=True)
+        return n
+
+    def seal(self) -> ChainReport:
+        """Take a log written before records were keyed under the audit key: check its unkeyed
+        chain, then sign its head and its purge anchor; later records are keyed."""
+        if self.head_file.exists():
+            raise IntegrityError(
+                f"a head checkpoint exists ({self.head_file}), so this log was written under "
+                "the audit key before: it has been rewritten in the old form; not sealing it"
+            )
+        key = self.key()
+
+        def run() -> tuple[ChainReport, Checkpoint]:
+            meta = self._meta_all()
+            if "scheme" in meta:
+                raise IntegrityError("the audit log is already written under the audit key")
+            a_seq = int(meta.get("anchor_seq", "0"))
+            a_hash = meta.get("anchor_hash", GENESIS)
+            rows = self._execute(f"SELECT {','.join(_COLUMNS)} FROM audit ORDER BY seq").fetchall()
+            report, last, last_hash = self._walk(rows, a_hash, a_seq + 1, lambda _: None, None)
+            if not report.ok:
+                raise IntegrityError(
+                    f"not sealing: the older audit chain is broken after {report.checked} "
+                    f"records: {report.problem}"
+                )
+            if not rows:
+                last, last_hash = a_seq, a_hash
+            for k, v in (
+                ("scheme", SCHEME),
+                ("key_id", key_id(key)),
+                ("legacy_seq", str(last)),
+                ("legacy_hash", last_hash),
+                ("legacy_mac", sign(key, "legacy", last, last_hash)),
+                ("anchor_mac", sign(key, "anchor", a_seq, a_hash)),
+            ):
+                self._execute(_UPSERT, (k, v))
+            return report, Checkpoint(last, last_hash, a_seq, a_hash)
+
+        report, cp = self._transaction(run)
+        self._keyed = True
+        self._head.offer(key, cp, now=True)
+        return report
 
 
 class SqliteAuditStore(SqlAuditStore):
-    """The default: `$LLMHOST_HOME/audit.db`, WAL mode."""
+    """The default: `$LLMHOST_HOME/audit.db`, WAL mode, owner-only."""
 
     begin = ("BEGIN IMMEDIATE",)
 
-    def __init__(self, path: Path | str):
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        key_file: Path | None = None,
+        head_file: Path | None = None,
+    ):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # SQLite gives -wal and -shm the database file's mode, so a 0600 file keeps all three
+        # private whatever the umask
+        private_sqlite(self.path)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA.format(int="INTEGER", real="REAL"))
-        super().__init__(db)
+        super().__init__(
+            db,
+            key_file or self.path.with_name("audit.key"),
+            head_file or self.path.with_suffix(".head"),
+        )
 
 
 class PostgresAuditStore(SqlAuditStore):
-    """A shared log for several instances (`LLMHOST_AUDIT_URL=postgresql://...`)."""
+    """A shared log for several instances (`LLMHOST_AUDIT_URL=postgresql://...`); each keeps
+    its own head checkpoint, all use the same audit key."""
 
     ph = "%s"
     begin = ("BEGIN", "LOCK TABLE audit IN SHARE ROW EXCLUSIVE MODE")
+    begin_read = "BEGIN ISOLATION LEVEL REPEATABLE READ"
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, key_file: Path, head_file: Path):
         try:
             import psycopg
         except ImportError as exc:
@@ -285,16 +555,35 @@ class PostgresAuditStore(SqlAuditStore):
             for stmt in _SCHEMA.format(int="BIGINT", real="DOUBLE PRECISION").split(";"):
                 if stmt.strip():
                     cur.execute(stmt)
-        super().__init__(db)
+        super().__init__(db, key_file, head_file)
 
 
-def open_store(url: str | None, sqlite_path: Path) -> SqlAuditStore:
-    """PostgreSQL when a URL is configured, else the SQLite file."""
+def open_store(
+    url: str | None,
+    sqlite_path: Path,
+    *,
+    key_file: Path | None = None,
+    head_file: Path | None = None,
+    writer: bool = False,
+) -> SqlAuditStore:
+    """PostgreSQL when a URL is configured, else the SQLite file. The key and the head
+    checkpoint default to `audit.key` and `<db>.head` beside the SQLite file. `writer` checks
+    now that records can be written (key, scheme), so a server fails at start, not per batch."""
+    key_file = key_file or sqlite_path.with_name("audit.key")
+    head_file = head_file or sqlite_path.with_suffix(".head")
     if url:
         if not url.startswith(("postgresql://", "postgres://")):
             raise ConfigError("the audit URL must be postgresql://user:pass@host/db")
-        return PostgresAuditStore(url)
-    return SqliteAuditStore(sqlite_path)
+        store: SqlAuditStore = PostgresAuditStore(url, key_file=key_file, head_file=head_file)
+    else:
+        store = SqliteAuditStore(sqlite_path, key_file=key_file, head_file=head_file)
+    if writer:
+        try:
+            store.ready_for_writing()
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 
 def as_dict(rec: StoredRecord) -> dict:

@@ -13,14 +13,21 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from llmhost.config import load_settings
 from llmhost.errors import ConfigError, IntegrityError
+from llmhost.files import open_private
 
 audit_app = typer.Typer(
     help="Search, verify, purge and export the audit log.", no_args_is_help=True
 )
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+CELL_CHARS = 60  # a table cell shows this much of a stored value; --json gives it all
+# bidirectional overrides and isolates reorder what a terminal shows ("Trojan Source")
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
 def parse_duration(text: str) -> float:
@@ -51,7 +58,37 @@ def _store():
     settings = load_settings()
     if not settings.audit_url and not settings.audit_db.exists():
         raise ConfigError(f"no audit log at {settings.audit_db}")
-    return open_store(settings.audit_url, settings.audit_db)
+    return open_store(
+        settings.audit_url,
+        settings.audit_db,
+        key_file=settings.audit_key_path,
+        head_file=settings.audit_head_path,
+    )
+
+
+def visible(text: str | None, limit: int = CELL_CHARS) -> str:
+    """Stored text as a terminal may show it: at most `limit` characters, and control,
+    line-breaking and bidi characters written as escapes (`\\x1b`), so a value can neither
+    drive the operator's terminal nor disguise itself."""
+    text = text or ""
+    cut = len(text) > limit
+    out = []
+    for c in text[:limit]:
+        o = ord(c)
+        if c in _SHORT:
+            out.append(_SHORT[c])
+        elif o < 0x20 or 0x7F <= o < 0xA0 or c in _BIDI or c in "\u2028\u2029":
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(c)
+    return "".join(out) + ("…" if cut else "")
+
+
+def csv_cell(value: object) -> object:
+    """A text cell a spreadsheet would take for a formula gets a leading quote (OWASP)."""
+    if isinstance(value, str) and value.startswith(_CSV_FORMULA):
+        return "'" + value
+    return value
 
 
 def _iso(ts: float) -> str:
@@ -67,7 +104,7 @@ def _write(records, fmt: str, out) -> None:
         fields = ["time", *(k for k in (rows[0] if rows else {}) if k != "time")]
         w = csv.DictWriter(out, fieldnames=fields or ["time"])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
 
 
 @audit_app.command()
@@ -96,14 +133,14 @@ def search(
         return
     table = Table("TIME", "CLIENT", "USER", "STATUS", "MODEL", "PROMPT", "CHARS", "MS")
     for r in found:
-        prompt = (r.prompt or "").replace("\n", " ")
+        # Text, not markup: stored values are shown as they are, never interpreted
         table.add_row(
             _iso(r.ts),
-            r.client_ip,
-            r.user_id,
+            Text(visible(r.client_ip)),
+            Text(visible(r.user_id)),
             str(r.status),
-            r.model,
-            prompt[:60] + ("…" if len(prompt) > 60 else ""),
+            Text(visible(r.model)),
+            Text(visible(r.prompt)),
             str(r.response_length),
             f"{r.latency_ms:.0f}",
         )
@@ -113,11 +150,20 @@ def search(
 
 @audit_app.command()
 def verify() -> None:
-    """Check the hash chain: any edited, deleted or inserted record is reported."""
+    """Check the chain under the audit key and against the signed head checkpoint: any edited,
+    deleted, inserted or recomputed record, a removed tail or a moved anchor is reported."""
     report = _store().verify()
     if not report.ok:
         raise IntegrityError(f"audit chain broken after {report.checked} records: {report.problem}")
     typer.echo(f"ok: {report.checked} records, chain intact")
+
+
+@audit_app.command()
+def seal() -> None:
+    """Take over a log written by an older llmhost (no audit key): check its chain once, then
+    sign its head so new records follow it under the key."""
+    report = _store().seal()
+    typer.echo(f"sealed: {report.checked} older records, signed under the audit key")
 
 
 @audit_app.command()
@@ -141,7 +187,7 @@ def export(
     if out is None:
         _write(found, fmt, sys.stdout)
         return
-    with out.open("w", newline="") as f:
+    with open_private(out, "w", newline="") as f:  # prompts: for the owner only
         _write(found, fmt, f)
     typer.echo(f"exported {len(found)} records to {out}")
 

@@ -37,7 +37,7 @@ def _backups(to: str | None, key_file: Path | None, key_command: str | None = No
         remote.sync_records(dest)
     else:
         dest = Path(to).expanduser() if to else settings.home / "backups"
-    return Backups(settings.home, dest, key), settings, remote
+    return Backups(settings.home, dest, key, settings.backup_key_path), settings, remote
 
 
 def _size(n: int) -> str:

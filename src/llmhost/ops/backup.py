@@ -4,15 +4,26 @@ Layout of a backup folder:
 
     blobs/sha256/<hash>[.enc]        model files, stored once across all backups (by sha256)
     <id>.tar.zst[.enc]               the state of one backup
-    <id>.json                        its sidecar: kind, parent, what it holds, sha256 of the archive
+    <id>.json                        its sidecar: kind, parent, what it holds, sha256 of the
+                                     archive, and an HMAC over all of it (`mac`)
 
-A full backup holds every state file (config.toml, keys.db and audit.db copied online with
-SQLite's backup API, so a running server's writes never tear them) and every model manifest;
+A full backup holds every state file (config.toml, the audit head checkpoint audit.head, then
+keys.db and audit.db copied online with SQLite's backup API, so a running server's writes never
+tear them; the checkpoint is copied before the log, so the copy never ends before it) and every
+model manifest;
 the model files go to blobs. An incremental backup holds only the state files that changed
 since the backup before it, and refers to that backup as its parent. Each sidecar lists the
 whole state as of its backup (file -> sha256) and every model file (path -> sha256), so a
 restore takes the newest full backup of the chain, applies the incrementals in order and
 rebuilds the models from blobs, checking every hash.
+
+A sidecar is signed (HMAC-SHA256) with a key that is not in the backup: for an encrypted backup
+one derived from the encryption key, otherwise the backup key (`$LLMHOST_HOME/backup.key`, made
+0600 by the first backup). Through the archive's and blobs' sha256 it names, the signature
+covers everything; `verify` and `restore` refuse an unsigned or forged sidecar before reading
+anything else. The keys that sign the audit log (audit.key) and backups (backup.key) are not
+backed up: whoever holds a backup must not be able to forge either. Every file written here is
+0600 in folders made 0700.
 
 Steps of `create`: copy the state into a temporary folder -> hash -> pack the archive into a
 temporary file -> (encrypt) -> fsync -> rename into place -> write the sidecar last. A backup
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -39,14 +51,23 @@ from typing import Literal
 import zstandard
 
 from llmhost.errors import BackupError, ConfigError, LlmhostError, NotFound
+from llmhost.files import (
+    PRIVATE_FILE,
+    atomic_write,
+    fsync_dir,
+    load_or_create_key,
+    open_private,
+    private_dir,
+)
 from llmhost.store import crypto
-from llmhost.store.manifest import MANIFEST_NAME, atomic_write, fsync_dir, read_manifest
+from llmhost.store.manifest import MANIFEST_NAME, read_manifest
 from llmhost.store.names import safe_join
 from llmhost.store.verify import hash_file
 
 Kind = Literal["full", "incremental"]
 SQLITE_STATE = ("keys.db", "audit.db")
-PLAIN_STATE = ("config.toml",)
+PLAIN_STATE = ("config.toml", "audit.head")  # copied before the databases
+RECORD_LABEL = b"llmhost backup record v1"
 _BLOCK = 4 << 20
 
 
@@ -64,6 +85,11 @@ class BackupInfo:
     included: list[str]  # the state files this archive holds
     models: dict[str, str]  # models/<name>/<tag>/<file> -> sha256, manifests included
     notes: list[str] = field(default_factory=list)
+    mac: str = ""  # HMAC-SHA256 of everything above, under the record key
+
+    def signed_bytes(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if k != "mac"}
+        return RECORD_LABEL + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def load(cls, path: Path) -> BackupInfo:
@@ -77,9 +103,9 @@ def _sha256_file(path: Path) -> str:
     return hash_file(path)[0]
 
 
-def _copy_hashing(src: Path, dst: Path) -> str:
+def _copy_hashing(src: Path, dst: Path, private: bool = False) -> str:
     h = hashlib.sha256()
-    with src.open("rb") as fin, dst.open("wb") as fout:
+    with src.open("rb") as fin, open_private(dst) if private else dst.open("wb") as fout:
         while block := fin.read(_BLOCK):
             h.update(block)
             fout.write(block)
@@ -101,10 +127,17 @@ def sqlite_copy(src: Path, dst: Path) -> None:
 class Backups:
     """The backups kept in one folder, for the llmhost home `home`."""
 
-    def __init__(self, home: Path, dest: Path, key: bytes | None = None):
+    def __init__(
+        self,
+        home: Path,
+        dest: Path,
+        key: bytes | None = None,
+        record_key_file: Path | None = None,
+    ):
         self.home = home
         self.dest = dest
         self.key = key
+        self.record_key_file = record_key_file or home / "backup.key"
         self.blobs = dest / "blobs" / "sha256"
         self.new_files: list[Path] = []  # what `create` wrote, for a remote copy to upload
         self.known_blobs: set[str] = set()  # blob names kept elsewhere (a bucket)
@@ -138,6 +171,37 @@ class Backups:
                 raise BackupError(f"backup {out[-1].id} needs {out[-1].parent}, which is gone")
             out.append(parent)
         return out[::-1]
+
+    # --- signed records --------------------------------------------------------------------
+
+    def _record_key(self, encrypted: bool, create: bool = False) -> bytes:
+        if encrypted:
+            if self.key is None:
+                raise ConfigError("the backup is encrypted: give the model key (--key-file)")
+            return hmac.new(self.key, RECORD_LABEL, hashlib.sha256).digest()
+        return load_or_create_key(self.record_key_file, create=create, what="backup key")
+
+    def _sign(self, info: BackupInfo) -> None:
+        key = self._record_key(info.encrypted, create=True)
+        info.mac = hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
+
+    def check_record(self, info: BackupInfo) -> None:
+        """BackupError unless the sidecar carries a valid signature under the record key."""
+        if not info.mac:
+            raise BackupError(
+                f"{info.id}: its record is not signed (forged, or made by an older llmhost); "
+                "refusing it"
+            )
+        try:
+            key = self._record_key(info.encrypted)
+        except ConfigError as exc:  # no key given or kept: still a configuration error
+            raise ConfigError(f"{info.id}: cannot check its record: {exc.message}") from exc
+        want = hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(want, info.mac):
+            which = "the model key" if info.encrypted else f"the backup key {self.record_key_file}"
+            raise BackupError(
+                f"{info.id}: its record's signature does not match {which}: forged or altered"
+            )
 
     # --- create ----------------------------------------------------------------------------
 
@@ -184,31 +248,39 @@ class Backups:
         target = self._blob_path(sha)
         if target.exists() or target.name in self.known_blobs:
             return  # deduplicated: this content is already kept
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.plain")
+        sealed = target.with_name(f".{target.name}.{os.getpid()}.enc")
         try:
-            got = _copy_hashing(src, tmp)
+            got = _copy_hashing(src, tmp, private=True)
             if got != sha:
                 raise BackupError(
                     f"{src} does not match its manifest (sha256 {got[:12]}… != {sha[:12]}…); "
                     "run `llmhost verify` on the model"
                 )
             if self.key:
-                crypto.encrypt_file(tmp, target, self.key)
+                with open_private(sealed, "wb+") as f:
+                    crypto.encrypt_into_fd(tmp, f.fileno(), self.key)
+                    os.fsync(f.fileno())
+                os.replace(sealed, target)
             else:
                 os.replace(tmp, target)
             self.new_files.append(target)
         finally:
             tmp.unlink(missing_ok=True)
+            sealed.unlink(missing_ok=True)
 
     def create(self, kind: Kind = "full") -> BackupInfo:
-        self.dest.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dest)
+        self._record_key(bool(self.key), create=True)  # a missing key fails before any work
         previous = self.list()
         parent = previous[-1] if previous else None
         if kind == "incremental" and parent is None:
             raise BackupError("no backup yet to increment from; make a full backup first")
         if kind == "incremental" and parent.encrypted != bool(self.key):
             raise BackupError("an incremental backup must be encrypted like its parent")
+        if kind == "incremental":
+            self.check_record(parent)  # its list of state hashes decides what is left out
         created = time.time()
         stamp = datetime.fromtimestamp(created, timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         backup_id = f"llmhost-{stamp}-{kind}"
@@ -256,9 +328,15 @@ class Backups:
                 models=models,
                 notes=notes,
             )
+            self._sign(info)
+            os.chmod(tmp / name, PRIVATE_FILE)
             os.replace(tmp / name, final)
         fsync_dir(self.dest)
-        atomic_write(self.dest / f"{backup_id}.json", json.dumps(asdict(info), indent=1).encode())
+        atomic_write(
+            self.dest / f"{backup_id}.json",
+            json.dumps(asdict(info), indent=1).encode(),
+            private=True,
+        )
         self.new_files += [final, self.dest / f"{backup_id}.json"]
         return info
 
@@ -323,7 +401,7 @@ class Backups:
                     data = tar.extractfile(member)
                     if data is None:
                         continue
-                    with target.open("wb") as f:
+                    with open_private(target) as f:
                         shutil.copyfileobj(data, f)
                     out[member.name] = target
         except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
@@ -340,6 +418,10 @@ class Backups:
 
     def verify(self, info: BackupInfo) -> list[str]:
         """Problems found in one backup (empty when it is whole)."""
+        try:
+            self.check_record(info)
+        except LlmhostError as exc:  # forged, unsigned, or no key to check it
+            return [exc.message]
         problems = []
         path = self.dest / info.archive
         if not path.is_file():
@@ -364,8 +446,9 @@ class Backups:
             problems += self._check_blob(sha, rel, info.encrypted)
         if info.kind == "incremental":
             try:
-                self.chain(info)
-            except BackupError as exc:
+                for step in self.chain(info)[:-1]:
+                    self.check_record(step)
+            except LlmhostError as exc:
                 problems.append(exc.message)
         return problems
 
@@ -397,7 +480,9 @@ class Backups:
                 f"{home} already has {', '.join(existing)}; restore with --force to replace them"
             )
         chain = self.chain(info)
-        home.mkdir(parents=True, exist_ok=True)
+        for step in chain:  # nothing from an unsigned or forged record is even unpacked
+            self.check_record(step)
+        private_dir(home)
         with tempfile.TemporaryDirectory(dir=home, prefix=".restore-") as t:
             stage = Path(t)
             state: dict[str, Path] = {}
@@ -432,6 +517,7 @@ class Backups:
                 for suffix in ("", "-wal", "-shm"):
                     (home / f"{name}{suffix}").unlink(missing_ok=True)
                 if name in info.state:
+                    os.chmod(state[name], PRIVATE_FILE)
                     os.replace(state[name], home / name)
             if models_stage.exists() or models_root.exists():
                 if models_root.exists():

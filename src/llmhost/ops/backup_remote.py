@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from llmhost.errors import BackupError, ConfigError
+from llmhost.files import PRIVATE_FILE, private_dir
 from llmhost.store.names import safe_join
 
 
@@ -39,10 +40,11 @@ class S3Remote:
             target = safe_join(local, name)
             if target.exists():
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(target.parent)
             tmp = target.with_name(f".{target.name}.part")
             try:
                 self.s3.download_file(self.bucket, self.prefix + name, str(tmp))
+                os.chmod(tmp, PRIVATE_FILE)
             except Exception as exc:
                 tmp.unlink(missing_ok=True)
                 raise BackupError(f"cannot fetch {name} from s3://{self.bucket}: {exc}") from exc
@@ -63,7 +65,7 @@ class S3Remote:
     def sync_records(self, local: Path) -> None:
         """Make the local folder's backup records those of the bucket."""
         remote = {k for k in self.list_keys() if k.startswith("llmhost-") and k.endswith(".json")}
-        local.mkdir(parents=True, exist_ok=True)
+        private_dir(local)
         for stale in local.glob("llmhost-*.json"):
             if stale.name not in remote:
                 stale.unlink()

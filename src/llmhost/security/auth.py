@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from llmhost.errors import AuthenticationError, ConfigError, NotFound
+from llmhost.files import private_sqlite
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
@@ -92,12 +93,11 @@ def _digest(secret: str) -> str:
 class KeyStore:
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(self.path)  # SQLite gives -wal and -shm the database file's mode
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_KEY_SCHEMA)
-        self.path.chmod(0o600)
         # Rows by key id, valid while the database is unchanged: `PRAGMA data_version` moves
         # whenever another connection (`llmhost keys revoke` in another process) commits.
         self._rows: dict[str, tuple | None] = {}

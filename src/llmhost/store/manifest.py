@@ -4,7 +4,6 @@ every file, written atomically beside the files as `.manifest.json`."""
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -12,6 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from llmhost.errors import IntegrityError
+from llmhost.files import atomic_write as atomic_write  # re-exported for the store's callers
+from llmhost.files import fsync_dir as fsync_dir
 
 MANIFEST_NAME = ".manifest.json"
 Format = Literal["gguf", "hf", "other"]
@@ -56,28 +57,6 @@ def detect_format(paths: list[str]) -> Format:
     if "config.json" in paths:
         return "hf"
     return "other"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder: all or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
