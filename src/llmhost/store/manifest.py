@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field, ValidationError
 from llmhost.errors import IntegrityError
 
 MANIFEST_NAME = ".manifest.json"
+# Written by `llmhost verify` (store/loadcheck.py): which files it found whole, and when.
+STAMP_NAME = ".verified.json"
 Format = Literal["gguf", "hf", "other"]
 
 
