@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     verify_hash_max_mb: int = Field(
         1024, ge=0, le=1 << 24, description="auto: most MiB hashed at start (~1 s per GiB)."
     )
+    decrypt_allow_disk: bool = Field(
+        False,
+        description="Let decrypt_dir be on a disk, not tmpfs/ramfs: plaintext weights on disk.",
+    )
 
     @field_validator("home", mode="before")
     @classmethod

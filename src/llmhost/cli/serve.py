@@ -111,10 +111,13 @@ def _warn_about_auth(settings: Settings) -> None:
 
 def _check_model_files(settings: Settings) -> None:
     """Before anything listens: a model from the store must match its manifest (IntegrityError,
-    exit 1)."""
+    exit 1), and an encrypted one needs a decrypt folder in memory (ConfigError, exit 2)."""
+    from llmhost.store.in_memory import check_decrypt_dir, is_sealed
     from llmhost.store.loadcheck import check_before_load
 
     path = Path(settings.model or "").expanduser()
+    if is_sealed(path):
+        check_decrypt_dir(settings.decrypt_dir, allow_disk=settings.decrypt_allow_disk)
     checked = check_before_load(
         path,
         mode=settings.verify_on_load,
