@@ -4,7 +4,8 @@ an OpenAI-style error type, so the CLI prints one line and the API answers with 
     LlmhostError
     ├── ConfigError(ValueError)               bad settings or flags              (CLI exit 2)
     ├── InvalidRequest(ValueError)            400 invalid_request_error
-    │   └── ContextLengthExceeded             400 code=context_length_exceeded
+    │   ├── ContextLengthExceeded             400 code=context_length_exceeded
+    │   └── PayloadTooLarge                   413 code=payload_too_large
     ├── AuthenticationError                   401 authentication_error
     ├── PermissionDenied                      403 permission_error
     ├── NotFound(LookupError)                 404 not_found_error
@@ -66,6 +67,11 @@ class InvalidRequest(LlmhostError, ValueError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+    code = "payload_too_large"
 
 
 class AuthenticationError(LlmhostError):
