@@ -96,6 +96,9 @@ def test_serve_refuses_what_verify_refuses(tiny_model, tmp_path):
     assert cli(home, "encrypt", "tiny:v1", "--new-key", str(key)).returncode == 0
     enc = folder / "tiny.gguf.enc"
     flip(enc, enc.stat().st_size // 2)
+    assert (folder / ".verified.json").is_file()  # stale: it was written for the plain files
+    assert cli(home, "verify", "tiny:v1").returncode == 1
+    assert not (folder / ".verified.json").exists()  # a failed verify takes the stamp away
     out = serve_refused(home, "tiny:v1", "--key-file", str(key))
     assert "tiny.gguf.enc: sha256" in out, out
     flip(enc, enc.stat().st_size // 2)
