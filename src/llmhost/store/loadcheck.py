@@ -190,7 +190,11 @@ def check_before_load(
             todo = []
         t0 = time.monotonic()
         for entry in todo:
-            sha, _ = hash_file(safe_join(folder, entry.path))
+            try:
+                sha, _ = hash_file(safe_join(folder, entry.path))
+            except OSError as exc:  # gone or unreadable since the stat above
+                problems.append(f"{entry.path}: unreadable: {exc.strerror or exc}")
+                continue
             if sha != entry.sha256:
                 problems.append(f"{entry.path}: sha256 {sha} does not match the manifest")
             else:
