@@ -6,6 +6,8 @@ import hashlib
 import os
 import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -94,3 +96,18 @@ def s3_server():
         yield env
     finally:
         srv.stop()
+
+
+@pytest.fixture()
+def shm() -> Iterator[Path]:
+    """A private folder in tmpfs (/dev/shm), where encrypted models may be decrypted."""
+    from llmhost.store.in_memory import MEMORY_FS, filesystem_type
+
+    base = Path("/dev/shm")
+    if not base.is_dir() or filesystem_type(base) not in MEMORY_FS:
+        pytest.skip("no tmpfs at /dev/shm")
+    folder = Path(tempfile.mkdtemp(prefix="llmhost-test-", dir=base))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

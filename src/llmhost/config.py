@@ -147,6 +147,19 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="Seconds SIGTERM waits for in-flight streams."
     )
+    verify_on_load: Literal["auto", "full", "size"] = Field(
+        "auto",
+        description="Checks of a stored model at start: auto = sizes, and sha256 of the files "
+        "not verified since they changed if they total <= verify_hash_max_mb; full = sha256 "
+        "of every file; size = sizes only.",
+    )
+    verify_hash_max_mb: int = Field(
+        1024, ge=0, le=1 << 24, description="auto: most MiB hashed at start (~1 s per GiB)."
+    )
+    decrypt_allow_disk: bool = Field(
+        False,
+        description="Let decrypt_dir be on a disk, not tmpfs/ramfs: plaintext weights on disk.",
+    )
 
     @field_validator("home", mode="before")
     @classmethod

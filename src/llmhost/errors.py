@@ -4,11 +4,11 @@ an OpenAI-style error type, so the CLI prints one line and the API answers with 
     LlmhostError
     ├── ConfigError(ValueError)               bad settings or flags              (CLI exit 2)
     ├── InvalidRequest(ValueError)            400 invalid_request_error
-    │   └── ContextLengthExceeded             400 code=context_length_exceeded
-    ├── AuthenticationError                   401 authentication_error
-    ├── PermissionDenied                      403 permission_error
+    │   ├── ContextLengthExceeded             400 code=context_length_exceeded
     │   ├── PayloadTooLarge                   413 code=request_too_large
     │   └── UriTooLong                        414 code=uri_too_long
+    ├── AuthenticationError                   401 authentication_error
+    ├── PermissionDenied                      403 permission_error
     ├── NotFound(LookupError)                 404 not_found_error
     │   └── ModelNotFound                     404 code=model_not_found
     ├── RateLimited                           429 rate_limit_error (retry_after seconds)

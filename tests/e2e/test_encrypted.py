@@ -8,6 +8,7 @@ import sys
 
 import httpx
 
+from llmhost.store.in_memory import MEMORY_FS, filesystem_type
 from tests.e2e.conftest import Server, free_port
 
 
@@ -52,14 +53,12 @@ def test_encrypt_decrypt_round_trip_and_refusals(tiny_model, tmp_path):
     assert p.returncode == 2 and "already encrypted" in p.stderr
 
 
-def test_serve_encrypted_model_leaves_no_plaintext(tiny_model, tmp_path):
+def test_serve_encrypted_model_leaves_no_plaintext(tiny_model, tmp_path, shm):
     key_hex = "11" * 32
     enc = tmp_path / "models" / "secret.gguf.enc"
     enc.parent.mkdir()
     p = cli("encrypt", str(tiny_model.gguf), "--out", str(enc), env={"LLMHOST_MODEL_KEY": key_hex})
     assert p.returncode == 0, p.stderr
-    shm = tmp_path / "shm"
-    shm.mkdir()
     os.environ["LLMHOST_DECRYPT_DIR"] = str(shm)
     os.environ["LLMHOST_MODEL_KEY"] = key_hex
     try:
@@ -91,6 +90,23 @@ def test_serve_encrypted_model_leaves_no_plaintext(tiny_model, tmp_path):
         )
         assert p.returncode == 1 and "wrong key" in p.stderr
         assert list(shm.iterdir()) == []
+        # a decrypt folder on a disk is refused before a byte is decrypted into it
+        disk = tmp_path / "on-disk"
+        disk.mkdir()
+        fstype = filesystem_type(disk)
+        if fstype not in MEMORY_FS:
+            os.environ["LLMHOST_MODEL_KEY"] = key_hex
+            port = str(free_port())
+            p = subprocess.run(
+                [sys.executable, "-m", "llmhost", "serve", str(enc), "--port", port],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "LLMHOST_DECRYPT_DIR": str(disk), "COLUMNS": "300"},
+            )
+            assert p.returncode == 2, p.stderr
+            assert f"{disk} is on {fstype}" in " ".join(p.stderr.split()), p.stderr
+            assert list(disk.iterdir()) == []
     finally:
         os.environ.pop("LLMHOST_DECRYPT_DIR", None)
         os.environ.pop("LLMHOST_MODEL_KEY", None)

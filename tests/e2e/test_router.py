@@ -58,7 +58,9 @@ class Router:
         raise AssertionError(self.log.read_text()[-2000:])
 
     def status(self) -> dict:
-        r = httpx.get(self.url + "/router/status", timeout=5).json()
+        r = httpx.get(
+            self.url + "/router/status", timeout=5, headers={"Authorization": f"Bearer {TOKEN}"}
+        ).json()
         return {u["name"]: u for u in r["upstreams"]}
 
     def stop(self) -> None:

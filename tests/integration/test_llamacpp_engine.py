@@ -215,14 +215,12 @@ async def test_model_folder_and_bad_paths(tiny_model, tmp_path):
         await LlamaCppEngine(bad).start()
 
 
-async def test_encrypted_model_loads_without_plaintext_left(tiny_model, tmp_path):
+async def test_encrypted_model_loads_without_plaintext_left(tiny_model, tmp_path, shm):
     from llmhost.errors import DecryptionError
     from llmhost.store import crypto
 
     key = bytes(range(32))
     enc = crypto.encrypt_file(tiny_model.gguf, tmp_path / "demo.gguf.enc", key)
-    shm = tmp_path / "shm"
-    shm.mkdir()
     plain = LlamaCppEngine(tiny_model.gguf, threads=2, parallel=1)
     sealed = LlamaCppEngine(enc, threads=2, parallel=1, key_loader=lambda: key, decrypt_dir=shm)
     await plain.start()

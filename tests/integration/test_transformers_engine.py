@@ -331,7 +331,7 @@ async def test_cuda_engine_matches_cpu(tiny_model, reference):
     )
 
 
-async def test_encrypted_folder_loads_from_memory_only(tiny_model, tmp_path, reference):
+async def test_encrypted_folder_loads_from_memory_only(tiny_model, tmp_path, reference, shm):
     from llmhost.store import crypto
 
     folder = tmp_path / "sealed"
@@ -339,8 +339,6 @@ async def test_encrypted_folder_loads_from_memory_only(tiny_model, tmp_path, ref
     key = bytes(range(32))
     crypto.encrypt_file(folder / "model.safetensors", folder / "model.safetensors.enc", key)
     (folder / "model.safetensors").unlink()
-    shm = tmp_path / "shm"
-    shm.mkdir()
     with pytest.raises(ModelLoadError, match="no key source"):
         await TransformersEngine(folder, decrypt_dir=shm).start()
     wrong = TransformersEngine(folder, key_loader=lambda: bytes(32), decrypt_dir=shm)

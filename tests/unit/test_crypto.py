@@ -128,9 +128,7 @@ def test_key_from_command_and_env(monkeypatch):
         cr.load_key()
 
 
-def test_decrypted_copy_lives_only_inside_the_block(tmp_path):
-    shm = tmp_path / "shm"
-    shm.mkdir()
+def test_decrypted_copy_lives_only_inside_the_block(tmp_path, shm):
     src = tmp_path / "m.gguf"
     src.write_bytes(b"GGUF" + secrets.token_bytes(5000))
     e = cr.encrypt_file(src, tmp_path / "m.enc.gguf", KEY, chunk_size=1024)

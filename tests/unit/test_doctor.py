@@ -10,7 +10,7 @@ import sys
 
 from llmhost.config import Settings
 from llmhost.observability.gpu import Nvml
-from llmhost.ops.doctor import Doctor, exit_code
+from llmhost.ops.doctor import Doctor, LlamaBuild, exit_code, installed_llama_build
 from tests.unit.test_metrics import FakeNvml
 
 
@@ -53,10 +53,21 @@ def by_name(checks):
     return {c.name: c for c in checks}
 
 
-def doctor(tmp_path, nvml=None, **kw):
+PORTABLE = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
+AVX512 = PORTABLE + "AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 0 | "
+
+
+def doctor(tmp_path, nvml=None, llama: str | None = PORTABLE, **kw):
+    """A Doctor on a made-up host whose llama-cpp-python reports `llama` as its system info
+    (None: not installed), whatever this machine's own build is."""
     settings = Settings(home=tmp_path / "home", port=free_port())
+    build = None if llama is None else LlamaBuild("0.3.16", llama)
     return Doctor(
-        settings, nvml=Nvml(nvml or NvmlHost()), io_bytes=16 << 20, root=host(tmp_path, **kw)
+        settings,
+        nvml=Nvml(nvml or NvmlHost()),
+        io_bytes=16 << 20,
+        root=host(tmp_path, **kw),
+        llama_build=lambda: build,
     )
 
 
@@ -103,11 +114,34 @@ def test_no_gpu_is_a_warning_with_a_reason(tmp_path):
 
 
 def test_llama_cpp_build_against_cpu_flags(tmp_path):
-    assert doctor(tmp_path).llama_cpp().status in ("pass", "warn")
+    c = doctor(tmp_path).llama_cpp()
+    assert c.status == "pass" and c.reason == "0.3.16 (avx, avx2, f16c, fma)"
     # a CPU without AVX2 cannot run a build that uses it
     c = doctor(tmp_path / "b", cpuinfo="flags : fpu sse4_2\n").llama_cpp()
-    if c.status != "warn":  # llama-cpp-python installed
-        assert c.status == "fail" and "avx2" in c.reason and "GGML_NATIVE=OFF" in c.fix
+    assert c.status == "fail" and "avx, avx2, f16c, fma" in c.reason and "GGML_NATIVE=OFF" in c.fix
+    # the case a cached AVX-512 wheel made: a build using AVX-512 on a CPU without it
+    c = doctor(tmp_path / "c", llama=AVX512).llama_cpp()
+    assert c.status == "fail" and "avx512, avx512_vnni" in c.reason, c.reason
+    cpuinfo = "flags : fpu avx avx2 fma f16c avx512f avx512_vnni\n"
+    assert doctor(tmp_path / "d", llama=AVX512, cpuinfo=cpuinfo).llama_cpp().status == "pass"
+    assert doctor(tmp_path / "e", llama=None).llama_cpp().status == "warn"
+
+
+def test_llama_cpp_that_does_not_load_is_a_failure(tmp_path):
+    def broken():
+        raise OSError("libllama.so: undefined symbol")
+
+    d = doctor(tmp_path)
+    d.llama_build = broken
+    c = d.llama_cpp()
+    assert c.status == "fail" and "undefined symbol" in c.reason and "--no-binary" in c.fix
+
+
+def test_the_real_build_is_described(tmp_path):
+    """This machine's llama-cpp-python, if any, only as far as the description goes."""
+    build = installed_llama_build()
+    if build is not None:
+        assert build.version and "CPU" in build.system_info
 
 
 def test_port_and_disk(tmp_path):

@@ -5,8 +5,11 @@ health checks is taken out and comes back when it answers again; a request whose
 fails before the first byte of its response is retried on another one, so clients never see
 a replica die unless it dies mid-stream.
 
-Streaming responses pass through chunk by chunk. `/router/status` reports every upstream;
-`PUT /router/weights` (admin token) shifts traffic, as blue-green deployments do."""
+Streaming responses pass through chunk by chunk. `/router/status` reports every upstream (its
+URL without credentials: no user or password, no query value); `PUT /router/weights` shifts
+traffic, as blue-green deployments do. With an admin token configured both need it; without
+one, weights cannot be changed and the status is public. Request bodies are read up to a limit
+(413 past it), and every failure answers an OpenAI-style JSON error."""
 
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ import asyncio
 import contextlib
 import hmac
 import itertools
+import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 from starlette.applications import Starlette
@@ -26,12 +31,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmhost.api.errors import llmhost_error_response
+from llmhost.api.errors import error_body, llmhost_error_response
 from llmhost.errors import (
     AuthenticationError,
     InvalidRequest,
     LlmhostError,
     NotFound,
+    PayloadTooLarge,
     ServiceUnavailable,
 )
 
@@ -53,12 +59,30 @@ HOP_BY_HOP = frozenset(
 )
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 WINDOW = 512  # recent outcomes kept per upstream for error ratio and latency
+MAX_BODY = 32 << 20  # a request body the router holds (it must, to retry it elsewhere)
+WEIGHTS_BODY_MAX = 1 << 20  # {"name": weight, ...}: a few hundred bytes in practice
+HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """`url` fit to show or log: user and password gone, every query value masked (any of
+    them may be a key), no fragment."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{HIDDEN}@{netloc.rpartition('@')[2]}"
+    shown = urlencode([(k, HIDDEN) for k, _ in query], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, shown, ""))
 
 
 @dataclass
 class Upstream:
     name: str
-    url: str
+    url: str = field(repr=False)  # may hold credentials: show `shown`
     weight: float = 1.0
     healthy: bool = False  # in after its first good health check
     outstanding: int = 0
@@ -66,6 +90,25 @@ class Upstream:
     errors: int = 0
     consecutive_failures: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # (t, ok, seconds)
+    shown: str = field(init=False)
+    _base: str = field(init=False, repr=False)
+    _params: list[tuple[str, str]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.shown = redact_url(self.url)
+        parts = urlsplit(self.url)
+        self._base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
+        self._params = parse_qsl(parts.query, keep_blank_values=True)
+
+    def target(self, path: str) -> str:
+        """The URL of `path` on this upstream (its own query goes in `params`)."""
+        return self._base + path
+
+    def params(self, extra: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+        """The request's query parameters and the upstream URL's own, which win (a client
+        cannot replace a key the upstream URL carries)."""
+        own = {k for k, _ in self._params}
+        return [(k, v) for k, v in extra if k not in own] + self._params
 
     def record(self, ok: bool, seconds: float) -> None:
         self.requests += 1
@@ -86,7 +129,7 @@ class Upstream:
         n, ratio, p99 = self.window(60)
         return {
             "name": self.name,
-            "url": self.url,
+            "url": self.shown,
             "weight": self.weight,
             "healthy": self.healthy,
             "outstanding": self.outstanding,
@@ -137,25 +180,25 @@ class Pool:
 
     async def check(self, client: httpx.AsyncClient, u: Upstream) -> bool:
         try:
-            r = await client.get(u.url + "/ready", timeout=self.check_timeout)
+            r = await client.get(u.target("/ready"), params=u.params(), timeout=self.check_timeout)
             ok = r.status_code == 200
         except httpx.HTTPError:
             ok = False
         if ok:
             if not u.healthy:
-                log.info("upstream %s (%s) is in", u.name, u.url)
+                log.info("upstream %s (%s) is in", u.name, u.shown)
             u.healthy, u.consecutive_failures = True, 0
         else:
             u.consecutive_failures += 1
             if u.healthy and u.consecutive_failures >= self.fail_after:
-                log.warning("upstream %s (%s) is out: health checks fail", u.name, u.url)
+                log.warning("upstream %s (%s) is out: health checks fail", u.name, u.shown)
                 u.healthy = False
         return ok
 
     def mark_failed(self, u: Upstream) -> None:
         """A connection to `u` failed: take it out now; health checks bring it back."""
         if u.healthy:
-            log.warning("upstream %s (%s) is out: connection failed", u.name, u.url)
+            log.warning("upstream %s (%s) is out: connection failed", u.name, u.shown)
         u.healthy = False
         u.consecutive_failures = max(u.consecutive_failures, self.fail_after)
 
@@ -169,15 +212,40 @@ def _forward_headers(request: Request) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes, never read whole
+    first."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLarge(f"the request body is over {limit} bytes")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        error_body("internal server error; see the router log", "internal_error"),
+        status_code=500,
+    )
+
+
 def create_router_app(
     pool: Pool,
     *,
     admin_token: str | None = None,
     retries: int = 2,
     timeout: float = 600.0,
+    max_body: int = MAX_BODY,
 ) -> Starlette:
     """The router as an ASGI app. `retries`: other upstreams tried when one fails before its
-    response starts."""
+    response starts; `max_body`: the largest request body passed on (413 past it)."""
     state: dict = {}
 
     @contextlib.asynccontextmanager
@@ -197,7 +265,7 @@ def create_router_app(
 
     async def proxy(request: Request) -> Response:
         client: httpx.AsyncClient = state["client"]
-        body = await request.body()
+        body = await read_body(request, max_body)
         headers = _forward_headers(request)
         tried: set[str] = set()
         last_error = "no healthy upstream"
@@ -220,8 +288,8 @@ def create_router_app(
             try:
                 req = client.build_request(
                     request.method,
-                    u.url + request.url.path,
-                    params=request.query_params,
+                    u.target(request.url.path),
+                    params=u.params(request.query_params.multi_items()),
                     headers=headers,
                     content=body,
                 )
@@ -265,13 +333,16 @@ def create_router_app(
             raise AuthenticationError("admin token required")
 
     async def status(request: Request) -> Response:
+        if admin_token is not None:
+            check_admin(request)
         return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
 
     async def weights(request: Request) -> Response:
         check_admin(request)
+        body = await read_body(request, WEIGHTS_BODY_MAX)
         try:
-            wanted = await request.json()
-        except ValueError as exc:
+            wanted = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise InvalidRequest('body must be JSON: {"name": weight, ...}') from exc
         if not isinstance(wanted, dict) or not wanted:
             raise InvalidRequest("body must be an object of upstream name -> weight")
@@ -304,7 +375,7 @@ def create_router_app(
             Route("/{path:path}", proxy, methods=methods),
         ],
         lifespan=lifespan,
-        exception_handlers={LlmhostError: llmhost_error_response},
+        exception_handlers={LlmhostError: llmhost_error_response, Exception: _unexpected},
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 import typer
@@ -202,6 +203,8 @@ def register(app: typer.Typer) -> None:
                 sums = read_checksum_file(checksums)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"cannot read {checksums}: {exc}") from exc
+        manifest = None
+        started_ns = time.time_ns()
         if path.is_dir():
             manifest = read_manifest(path) if (path / MANIFEST_NAME).is_file() else None
             if manifest is None and sums is None:
@@ -209,6 +212,18 @@ def register(app: typer.Typer) -> None:
             report = verify_folder(path, manifest, sums, allow_pickle)
         else:
             report = verify_file(path, sums, allow_pickle)
+        if manifest is not None:
+            from llmhost.store.loadcheck import drop_stamp, write_stamp
+
+            # a stamp lets `serve` trust these files without hashing them again until they
+            # change; a failed verification takes it away (a change that kept the mtime)
+            try:
+                if report.ok:
+                    write_stamp(path, manifest, started_ns)
+                else:
+                    drop_stamp(path)
+            except OSError as exc:
+                report.notes.append(f"could not record the verification: {exc}")
         if as_json:
             typer.echo(json.dumps({"path": str(path), "ok": report.ok, **vars(report)}, indent=2))
         else:

@@ -18,10 +18,15 @@ def router(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=1, max=65535),
     admin_token_file: Path | None = typer.Option(
-        None, help="File holding the token for PUT /router/weights [LLMHOST_ROUTER_TOKEN]."
+        None,
+        help="File holding the token for PUT /router/weights and GET /router/status "
+        "[LLMHOST_ROUTER_TOKEN].",
     ),
     retries: int = typer.Option(2, min=0, max=10, help="Other upstreams tried before failing."),
     check_every: float = typer.Option(1.0, min=0.1, help="Seconds between health checks."),
+    max_body_mb: int = typer.Option(
+        32, min=1, max=4096, help="Largest request body passed on, MiB (413 past it)."
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Spread requests over upstreams (fewest outstanding first), take out those failing
@@ -39,10 +44,10 @@ def router(
             raise ConfigError(f"cannot read {admin_token_file}: {exc.strerror}") from exc
     setup_logging(log_level, "text")
     pool = Pool([parse_upstream(u, i) for i, u in enumerate(upstream)], check_every=check_every)
-    app = create_router_app(pool, admin_token=token, retries=retries)
+    app = create_router_app(pool, admin_token=token, retries=retries, max_body=max_body_mb << 20)
     Console(stderr=True).print(
         f"router at http://{host}:{port} -> "
-        + ", ".join(f"{u.name}={u.url}" for u in pool.upstreams),
+        + ", ".join(f"{u.name}={u.shown}" for u in pool.upstreams),
         highlight=False,
     )
     uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=30)

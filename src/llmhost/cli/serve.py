@@ -116,6 +116,31 @@ def _warn_about_auth(settings: Settings) -> None:
                 err.print("Authentication is on and every API key is revoked or expired.")
 
 
+def _check_model_files(settings: Settings) -> None:
+    """Before anything listens: a model from the store must match its manifest (IntegrityError,
+    exit 1), and an encrypted one needs a decrypt folder in memory (ConfigError, exit 2)."""
+    from llmhost.store.in_memory import check_decrypt_dir, is_sealed
+    from llmhost.store.loadcheck import check_before_load
+
+    path = Path(settings.model or "").expanduser()
+    if is_sealed(path):
+        check_decrypt_dir(settings.decrypt_dir, allow_disk=settings.decrypt_allow_disk)
+    checked = check_before_load(
+        path,
+        mode=settings.verify_on_load,
+        hash_max_bytes=settings.verify_hash_max_mb << 20,
+    )
+    if checked is not None and checked.unhashed:
+        ref = checked.manifest.ref
+        Console(stderr=True).print(
+            f"[yellow]{ref}: file sizes match the manifest; the sha256 of "
+            f"{len(checked.unhashed)} file(s) over {settings.verify_hash_max_mb} MiB was not "
+            f"checked at start.[/] Run `llmhost verify {ref}` once: a verified model is "
+            "trusted until its files change.",
+            highlight=False,
+        )
+
+
 def _plan_settings(path: Path, gpu: str | None, settings: Settings) -> dict:
     """Tensor-parallel degree (and context) from a saved `llmhost plan --json`."""
     import json
@@ -198,6 +223,11 @@ def register(app: typer.Typer) -> None:
         restart_on_crash: bool = typer.Option(
             False, "--restart-on-crash", help="Supervise: restart the server when it dies."
         ),
+        verify_on_load: str | None = typer.Option(
+            None,
+            help="A stored model's checks at start: auto (sizes; sha256 unless verified since "
+            "it changed or over 1 GiB), full (sha256 of every file), size [auto].",
+        ),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API. Clients need an API key
         (`llmhost keys create`) or a JWT, except with --no-auth or --demo."""
@@ -240,6 +270,7 @@ def register(app: typer.Typer) -> None:
             allow_pickle=allow_pickle,
             gpu_memory_utilization=gpu_memory_utilization,
             vllm_args=vllm_args,
+            verify_on_load=verify_on_load,
         )
         if from_plan is not None:
             settings = settings.model_copy(update=_plan_settings(from_plan, plan_gpu, settings))
@@ -281,6 +312,8 @@ def register(app: typer.Typer) -> None:
                         "model_name": settings.model_name or settings.model.replace("@", ":"),
                     }
                 )
+        if settings.model and settings.engine not in REMOTE_ENGINES:
+            _check_model_files(settings)
         _warn_about_auth(settings)
         Console(stderr=True).print(
             f"OpenAI-compatible API at {'https' if settings.ssl_certfile else 'http'}://"

@@ -299,6 +299,7 @@ def engine_settings(settings: Settings) -> dict[str, Any]:
         "max_queue": settings.max_queue,
         "key_loader": lambda: crypto.load_key(settings.model_key_file, settings.model_key_command),
         "decrypt_dir": settings.decrypt_dir,
+        "decrypt_allow_disk": settings.decrypt_allow_disk,
     }
 
 

@@ -70,6 +70,7 @@ class LlamaCppEngine(BatchedEngine):
         mmap: bool = True,
         key_loader: Callable[[], bytes] | None = None,
         decrypt_dir: Path | str = "/dev/shm",
+        decrypt_allow_disk: bool = False,
     ):
         self.path = Path(model_path)
         self._explicit_id = model_id
@@ -82,6 +83,7 @@ class LlamaCppEngine(BatchedEngine):
         self.mmap = mmap
         self.key_loader = key_loader
         self.decrypt_dir = Path(decrypt_dir)
+        self.decrypt_allow_disk = decrypt_allow_disk
         self._model = None
         self._ctx = None
         self._vocab = None
@@ -116,7 +118,9 @@ class LlamaCppEngine(BatchedEngine):
         # The plaintext exists only in tmpfs and only while llama.cpp maps it in: once loaded
         # its name is removed and the mapping alone holds the pages, so no plaintext file
         # outlives the load, whatever happens to the process later.
-        with in_memory.decrypted_in_memory(self.path, key, self.decrypt_dir) as plain:
+        with in_memory.decrypted_in_memory(
+            self.path, key, self.decrypt_dir, allow_disk=self.decrypt_allow_disk
+        ) as plain:
             self._load(plain)
 
     def _load(self, path: Path) -> None:

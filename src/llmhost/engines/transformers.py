@@ -85,6 +85,7 @@ class TransformersEngine(BatchedEngine):
         allow_pickle: bool = False,
         key_loader: Callable[[], bytes] | None = None,
         decrypt_dir: Path | str = "/dev/shm",
+        decrypt_allow_disk: bool = False,
     ):
         if quantization in ("", "none"):
             quantization = None
@@ -106,6 +107,7 @@ class TransformersEngine(BatchedEngine):
         self.allow_pickle = allow_pickle
         self.key_loader = key_loader
         self.decrypt_dir = Path(decrypt_dir)
+        self.decrypt_allow_disk = decrypt_allow_disk
         self.model: Any = None
         self.tokenizer: Any = None
         self._scheduler: TorchScheduler | None = None
@@ -142,7 +144,9 @@ class TransformersEngine(BatchedEngine):
         await asyncio.to_thread(self._load_encrypted, key, safetensors)
 
     def _load_encrypted(self, key: bytes, safetensors: bool) -> None:
-        with in_memory.decrypted_folder_in_memory(self.path, key, self.decrypt_dir) as plain:
+        with in_memory.decrypted_folder_in_memory(
+            self.path, key, self.decrypt_dir, allow_disk=self.decrypt_allow_disk
+        ) as plain:
             self._load(plain, safetensors)
 
     def _load(self, path: Path, safetensors: bool) -> None:

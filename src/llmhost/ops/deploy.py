@@ -97,11 +97,19 @@ class Deployer:
 
     def _status(self, st: DeployState) -> dict[str, dict]:
         try:
-            r = httpx.get(st.router + "/router/status", timeout=5)
+            r = httpx.get(st.router + "/router/status", timeout=5, headers=self._auth())
+            if r.status_code == 401:
+                raise DeployError(
+                    f"router {st.router} refused its admin token: set LLMHOST_ROUTER_TOKEN or "
+                    "pass --admin-token-file"
+                )
             r.raise_for_status()
         except httpx.HTTPError as exc:
             raise DeployError(f"router {st.router} does not answer: {exc}") from exc
         return {u["name"]: u for u in r.json()["upstreams"]}
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token or ''}"}
 
     def _weights(self, st: DeployState, weights: dict[str, float]) -> None:
         try:
@@ -109,7 +117,7 @@ class Deployer:
                 st.router + "/router/weights",
                 json=weights,
                 timeout=5,
-                headers={"Authorization": f"Bearer {self.token or ''}"},
+                headers=self._auth(),
             )
         except httpx.HTTPError as exc:
             raise DeployError(f"router {st.router} does not answer: {exc}") from exc

@@ -50,8 +50,29 @@ def _pkg(name: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class LlamaBuild:
+    """An installed llama-cpp-python: its version and what its llama.cpp was built to use
+    (`llama_print_system_info()`: `CPU : AVX = 1 | AVX2 = 1 | ...`)."""
+
+    version: str
+    system_info: str
+
+
+def installed_llama_build() -> LlamaBuild | None:
+    """The llama-cpp-python of this environment, None when it is not installed; raises what
+    importing it raises (a build for another CPU can fail to load at all)."""
+    v = _pkg("llama-cpp-python")
+    if v is None:
+        return None
+    import llama_cpp
+
+    return LlamaBuild(v, llama_cpp.llama_print_system_info().decode(errors="replace"))
+
+
 class Doctor:
-    """Runs every check; `nvml`, `root` and `proc` can be swapped for tests."""
+    """Runs every check; `nvml`, `root` (the host's files) and `llama_build` (what the
+    installed llama.cpp was built with) can be swapped for tests."""
 
     def __init__(
         self,
@@ -60,11 +81,13 @@ class Doctor:
         nvml: Nvml | None = None,
         io_bytes: int = 256 << 20,
         root: Path = Path("/"),
+        llama_build: Callable[[], LlamaBuild | None] = installed_llama_build,
     ):
         self.settings = settings
         self.nvml = nvml or Nvml()
         self.io_bytes = io_bytes
         self.root = root
+        self.llama_build = llama_build
 
     def _read(self, rel: str) -> str | None:
         try:
@@ -177,26 +200,24 @@ class Doctor:
         return Check("torch", "pass", f"{tv} (CUDA {built}, driver supports {cuda_driver})")
 
     def llama_cpp(self) -> Check:
-        v = _pkg("llama-cpp-python")
-        if v is None:
+        try:
+            build = self.llama_build()
+        except Exception as exc:  # a build for the wrong CPU can fail to load at all
+            return Check(
+                "llama-cpp-python",
+                "fail",
+                f"{_pkg('llama-cpp-python')} does not load: {exc}",
+                "rebuild: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON ...' pip install "
+                "--force-reinstall --no-cache-dir --no-binary llama-cpp-python llama-cpp-python",
+            )
+        if build is None:
             return Check(
                 "llama-cpp-python",
                 "warn",
                 "not installed",
                 "./scripts/install.sh (builds it with portable CPU flags)",
             )
-        try:
-            import llama_cpp
-
-            info = llama_cpp.llama_print_system_info().decode(errors="replace")
-        except Exception as exc:  # a build for the wrong CPU can fail to load at all
-            return Check(
-                "llama-cpp-python",
-                "fail",
-                f"{v} does not load: {exc}",
-                "rebuild: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON ...' pip install "
-                "--force-reinstall --no-cache-dir llama-cpp-python",
-            )
+        v, info = build.version, build.system_info
         used = {k.lower() for k, val in re.findall(r"(\w+) = (\d)", info) if val == "1"}
         flags = set((self._read("proc/cpuinfo") or "").split())
         cpu_needs = {
@@ -214,8 +235,8 @@ class Doctor:
                 "llama-cpp-python",
                 "fail",
                 f"{v} uses {', '.join(missing)}, which this CPU lacks (SIGILL at decode)",
-                "rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON "
-                "-DGGML_F16C=ON'",
+                "rebuild: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON "
+                "-DGGML_F16C=ON' ./scripts/install.sh (it rebuilds when the flags change)",
             )
         feats = ", ".join(sorted(used & set(cpu_needs))) or "baseline x86-64"
         return Check("llama-cpp-python", "pass", f"{v} ({feats})")

@@ -15,6 +15,8 @@ from llmhost.files import atomic_write as atomic_write  # re-exported for the st
 from llmhost.files import fsync_dir as fsync_dir
 
 MANIFEST_NAME = ".manifest.json"
+# Written by `llmhost verify` (store/loadcheck.py): which files it found whole, and when.
+STAMP_NAME = ".verified.json"
 Format = Literal["gguf", "hf", "other"]
 
 

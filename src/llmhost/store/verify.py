@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmhost.store.manifest import MANIFEST_NAME, Manifest
+from llmhost.store.manifest import MANIFEST_NAME, STAMP_NAME, Manifest
 from llmhost.store.names import safe_join
 from llmhost.store.sources import PICKLE_SUFFIXES
 
@@ -85,7 +85,7 @@ def check_manifest(folder: Path, manifest: Manifest, report: Report) -> None:
             report.checked.append(entry.path)
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel != MANIFEST_NAME and rel not in listed:
+        if path.is_file() and rel not in (MANIFEST_NAME, STAMP_NAME) and rel not in listed:
             report.notes.append(f"{rel}: not in the manifest")
 
 
@@ -301,7 +301,7 @@ def verify_folder(
         files = [
             p.relative_to(folder).as_posix()
             for p in folder.rglob("*")
-            if p.is_file() and p.name != MANIFEST_NAME
+            if p.is_file() and p.name not in (MANIFEST_NAME, STAMP_NAME)
         ]
     if sums:
         check_sums(folder, sums, report)
