@@ -36,6 +36,8 @@ async def send_error(send: Send, exc: LlmhostError, headers: dict[str, str] | No
 
 MAX_URL_BYTES = 8192  # path and query string together, as nginx's default header buffer
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A refused body is not read on to keep the connection: it is closed after the answer.
+_CLOSE = {"Connection": "close"}
 
 
 class BodyLimitMiddleware:
@@ -53,7 +55,9 @@ class BodyLimitMiddleware:
             return
         url_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         if url_bytes > MAX_URL_BYTES:
-            await send_error(send, UriTooLong(f"the URL is longer than {MAX_URL_BYTES} bytes"))
+            await send_error(
+                send, UriTooLong(f"the URL is longer than {MAX_URL_BYTES} bytes"), _CLOSE
+            )
             return
         if self.max_bytes <= 0 or scope.get("method") not in _BODY_METHODS:
             await self.app(scope, receive, send)
@@ -68,7 +72,7 @@ class BodyLimitMiddleware:
                 await send_error(send, InvalidRequest("Content-Length is not a number"))
                 return
             if int(declared) > self.max_bytes:
-                await send_error(send, self._too_large(int(declared)))
+                await send_error(send, self._too_large(int(declared)), _CLOSE)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -79,7 +83,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await send_error(send, self._too_large(None))
+                await send_error(send, self._too_large(None), _CLOSE)
                 return
             chunks.append(chunk)
             if not message.get("more_body"):
