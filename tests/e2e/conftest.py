@@ -26,6 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(url: str, timeout: float = 60) -> None:
+    """Poll `url`/ready until it answers 200 (a server started in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} was not ready within {timeout} s")
+
+
 class Server:
     def __init__(self, home: Path, *args: str, auth: bool = False):
         self.port = free_port()

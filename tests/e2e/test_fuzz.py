@@ -28,7 +28,7 @@ from llmhost.config import Settings
 from llmhost.engines.fake import FakeEngine
 from llmhost.security.auth import KeyStore
 from tests.conftest import IN_CI
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import free_port, wait_until_ready
 
 AUDITED = ("/v1/completions", "/v1/chat/completions", "/generate")
 # A schema-valid request can still ask for more tokens than the model's context holds: that
@@ -85,13 +85,7 @@ def test_schemathesis_default_checks_find_nothing(tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_ready(url, timeout=60)
         (tmp_path / "schemathesis.toml").write_text(SCHEMATHESIS_CONFIG)
         p = subprocess.run(
             [

@@ -113,7 +113,7 @@ def test_prometheus_scrapes_live_server(tiny_model, tmp_path):
         targets = httpx.get(f"{base}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
         assert [t["health"] for t in targets] == ["up"]
         rules = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"][0]["rules"]
-        assert len(rules) == 7 and all(r["health"] in ("ok", "unknown") for r in rules), json.dumps(
+        assert len(rules) == 8 and all(r["health"] in ("ok", "unknown") for r in rules), json.dumps(
             rules
         )
     finally:

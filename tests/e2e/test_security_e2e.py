@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import IN_CI
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,13 +53,7 @@ def test_audit_records_survive_sigterm_under_load(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    wait_until_ready(url, timeout=30)
     completed = []
     stop = threading.Event()
 
@@ -132,13 +126,7 @@ def test_streams_cut_by_the_shutdown_timeout_end_in_band_and_are_audited(tmp_pat
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    wait_until_ready(url, timeout=120)
     texts: dict[int, str] = {}
     started = threading.Barrier(5)
 

@@ -44,7 +44,7 @@ def as_promql(expr: str) -> str:
 def test_rules_check_and_unit_tests(tmp_path):
     exe = promtool()
     export(tmp_path)
-    assert "SUCCESS: 7 rules found" in run(exe, "check", "rules", "alerts.yml", cwd=tmp_path)
+    assert "SUCCESS: 8 rules found" in run(exe, "check", "rules", "alerts.yml", cwd=tmp_path)
     shutil.copy(TESTS / "alerts_test.yml", tmp_path)
     out = run(exe, "test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert "SUCCESS" in out
@@ -60,6 +60,7 @@ def test_guide_alerts_are_all_there():
         "LlmhostEngineNotReady",
         "LlmhostErrorRatioHigh",
         "LlmhostTimeToFirstTokenHigh",
+        "LlmhostAuditRecordsDropped",
     ):
         assert f"alert: {name}\n" in rules
 
@@ -79,7 +80,7 @@ def test_exported_prometheus_config_is_valid(tmp_path):
     )
     assert {p.name for p in written} >= {"prometheus.yml", "alerts.yml", "llmhost-dashboard.json"}
     out = run(exe, "check", "config", "prometheus.yml", cwd=tmp_path)
-    assert "SUCCESS" in out and "7 rules found" in out
+    assert "SUCCESS" in out and "8 rules found" in out
     text = (tmp_path / "prometheus.yml").read_text()
     assert '["10.0.0.5:8080", "gpu-2:8080"]' in text and "credentials_file" in text
     assert "scheme: https" in text
