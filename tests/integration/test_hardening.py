@@ -347,3 +347,29 @@ async def test_a_record_that_cannot_be_prepared_is_kept_without_its_prompt(tmp_p
 )
 def test_north_american_phone_numbers(text, expected):
     assert Redactor().redact(text) == expected
+
+
+async def test_a_failure_making_the_record_is_counted_and_the_client_unharmed(tmp_path):
+    settings = _settings(tmp_path)
+    key = _key(settings)
+    app = create_app(FakeEngine(), settings)
+    async with running(app, headers={"Authorization": f"Bearer {key}"}) as c:
+        await c.get("/health")  # the middleware stack is built on the first request
+        stack = app.middleware_stack
+        while type(stack).__name__ != "AuditMiddleware":
+            stack = stack.app
+        original = stack._record
+
+        def broken(*args):
+            raise RuntimeError("boom")
+
+        stack._record = broken
+        r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 200  # the client never sees the audit trail fail
+        stack._record = original
+        r = await c.post("/v1/completions", json={"prompt": "again", "max_tokens": 1})
+        assert r.status_code == 200
+        assert app.state.audit.dropped == 1
+        metrics = (await c.get("/metrics")).text
+        assert "llmhost_audit_records_dropped_total 1.0" in metrics
+    assert [r.prompt for r in _records(tmp_path)] == ["again"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from llmhost.audit.store import AuditRecord
 from llmhost.audit.writer import AuditWriter
 from llmhost.security.redact import Redactor
 
+log = logging.getLogger("llmhost.audit")
 PromptMode = Literal["redacted", "full", "hash", "none"]
 AUDITED = frozenset({"/v1/completions", "/v1/chat/completions", "/generate"})
 CLIENT_CLOSED = 499
@@ -128,7 +130,11 @@ class AuditMiddleware:
         finally:
             if self.tracker is not None and task is not None:
                 self.tracker.discard(task)
-            self._record(scope, state, notes, outcome.final_status, t0)
+            try:
+                self._record(scope, state, notes, outcome.final_status, t0)
+            except Exception:  # never let the audit trail break the client's connection
+                log.exception("audit record of request %s not made", state.get("request_id"))
+                self.writer.count_dropped(1)
 
     def _record(self, scope: Scope, state: dict, notes: dict, status: int, t0: float) -> None:
         principal = state.get("principal")

@@ -166,12 +166,16 @@ class AuditWriter:
         self._drop(batch, str(error))
 
     def _drop(self, batch: list, why: str) -> None:
-        self.dropped += len(batch)
         for _, item in batch:
             rid = getattr(getattr(item, "record", item), "request_id", "?")
             log.critical("audit record of request %s could not be written: %s", rid, why)
+        self.count_dropped(len(batch))
+
+    def count_dropped(self, n: int) -> None:
+        """Records lost (each already logged): counted here and in the metric."""
+        self.dropped += n
         if self.on_drop is not None:
-            self.on_drop(len(batch))
+            self.on_drop(n)
 
     async def _purge_loop(self) -> None:
         while True:
