@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,6 +33,10 @@ def _truncated(text: str, dropped: int) -> str:
     return f"{text}…[truncated: {dropped} more characters]" if dropped else text
 
 
+def _capped(text: str, max_chars: int) -> str:
+    return _truncated(text[:max_chars], max(0, len(text) - max_chars))
+
+
 def stored_prompt(
     prompt: str | list[int] | None,
     mode: PromptMode,
@@ -48,11 +52,11 @@ def stored_prompt(
         text = "token_ids:" + json.dumps(prompt, separators=(",", ":"))
         if mode == "hash":
             return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-        return _truncated(text[:max_chars], max(0, len(text) - max_chars))
+        return _capped(text, max_chars)
     if mode == "hash":
         return "sha256:" + hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
     if mode == "full":
-        return _truncated(prompt[:max_chars], max(0, len(prompt) - max_chars))
+        return _capped(prompt, max_chars)
     done = redactor.run(prompt, limit=max_chars)
     return _truncated(done.text, done.truncated)
 
@@ -68,33 +72,28 @@ class PendingRecord:
 @dataclass(frozen=True)
 class PromptPolicy:
     mode: PromptMode = "redacted"
-    redactor: Redactor | None = None
+    redactor: Redactor = field(default_factory=Redactor)
     max_chars: int = DEFAULT_PROMPT_CHARS
 
     def prepare(self, item: PendingRecord | AuditRecord) -> AuditRecord:
         if isinstance(item, AuditRecord):
             return item
-        prompt = stored_prompt(
-            item.raw_prompt, self.mode, self.redactor or Redactor(), self.max_chars
-        )
+        prompt = stored_prompt(item.raw_prompt, self.mode, self.redactor, self.max_chars)
         return replace(item.record, prompt=prompt)
 
 
 class ResponseOutcome:
     """Passes an app's messages on and remembers its status and whether the last byte of the
-    body went out; a response cut short (client gone) counts as 499. A send that fails (the
-    client went away) is remembered rather than raised past the audit record."""
+    body went out; a response cut short (client gone) counts as 499."""
 
     def __init__(self, send: Send):
         self.send = send
         self.status = 500
-        self.started = False
         self.done = False
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            self.started = True
         await self.send(message)
         if message["type"] == "http.response.body" and not message.get("more_body"):
             self.done = True
@@ -107,7 +106,7 @@ class ResponseOutcome:
 class AuditMiddleware:
     """Submits exactly one record per audited request, whatever happens to the request. The
     requests in flight are tracked, so a shutdown can end them and still record them
-    (`finish_in_flight`)."""
+    (`InFlight.finish`)."""
 
     def __init__(self, app: ASGIApp, writer: AuditWriter, tracker: InFlight | None = None):
         self.app = app

@@ -53,6 +53,20 @@ async def llmhost_error_response(_: Request, exc: LlmhostError) -> JSONResponse:
     return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
 
 
+def unexpected_error_handler(logger: logging.Logger, who: str):
+    """The handler of any error nothing else caught: logged with its traceback, answered as
+    a JSON 500 that points to `who`'s log."""
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            error_body(f"internal server error; see the {who} log", "internal_error"),
+            status_code=500,
+        )
+
+    return unexpected
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LlmhostError, llmhost_error_response)
 
@@ -71,10 +85,4 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            error_body("internal server error; see the server log", "internal_error"),
-            status_code=500,
-        )
+    app.add_exception_handler(Exception, unexpected_error_handler(log, "server"))

@@ -27,17 +27,17 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmhost.api.errors import error_body, llmhost_error_response
+from llmhost.api.bodies import read_body_within
+from llmhost.api.errors import llmhost_error_response, unexpected_error_handler
 from llmhost.errors import (
     AuthenticationError,
     InvalidRequest,
     LlmhostError,
     NotFound,
-    PayloadTooLarge,
     ServiceUnavailable,
 )
 
@@ -215,25 +215,12 @@ def _forward_headers(request: Request) -> list[tuple[str, str]]:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) as soon as it passes `limit` bytes, never read whole
     first."""
-    declared = request.headers.get("content-length", "")
-    too_large = PayloadTooLarge(f"the request body is over {limit} bytes")
-    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        error_body("internal server error; see the router log", "internal_error"),
-        status_code=500,
+    body = await read_body_within(
+        request.receive, limit, request.headers.get("content-length"), "router --max-body-mb"
     )
+    if body is None:
+        raise ClientDisconnect()
+    return body
 
 
 def create_router_app(
@@ -375,7 +362,10 @@ def create_router_app(
             Route("/{path:path}", proxy, methods=methods),
         ],
         lifespan=lifespan,
-        exception_handlers={LlmhostError: llmhost_error_response, Exception: _unexpected},
+        exception_handlers={
+            LlmhostError: llmhost_error_response,
+            Exception: unexpected_error_handler(log, "router"),
+        },
     )
 
 

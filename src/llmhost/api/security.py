@@ -10,11 +10,10 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmhost.api.bodies import read_body_within
 from llmhost.api.serving import usage_noted
 from llmhost.errors import (
-    InvalidRequest,
     LlmhostError,
-    PayloadTooLarge,
     RateLimited,
     UriTooLong,
 )
@@ -67,28 +66,13 @@ class BodyLimitMiddleware:
             if k == b"content-length":
                 declared = v
                 break
-        if declared is not None:
-            if not declared.isdigit() or len(declared) > 18:
-                await send_error(send, InvalidRequest("Content-Length is not a number"))
-                return
-            if int(declared) > self.max_bytes:
-                await send_error(send, self._too_large(int(declared)), _CLOSE)
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await send_error(send, self._too_large(None), _CLOSE)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        try:
+            body = await read_body_within(receive, self.max_bytes, declared, "max_request_bytes")
+        except LlmhostError as exc:
+            await send_error(send, exc, _CLOSE)
+            return
+        if body is None:  # the client went away
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -99,13 +83,6 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
-
-    def _too_large(self, size: int | None) -> PayloadTooLarge:
-        said = f" ({size} bytes)" if size is not None else ""
-        return PayloadTooLarge(
-            f"the request body{said} is over this server's limit of {self.max_bytes} bytes "
-            "(max_request_bytes)"
-        )
 
 
 class AuthMiddleware:
