@@ -26,85 +26,28 @@ Stop instances of an older llmhost before the first keyed write to a shared Post
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
+import functools
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
+from llmhost.audit import chain
 from llmhost.audit.integrity import Checkpoint, HeadFile, key_id, same, sign
+from llmhost.audit.records import (  # re-exported: the store's callers import them from here
+    COLUMNS,
+    FIELDS,
+    GENESIS,
+    AuditRecord,
+    ChainReport,
+    StoredRecord,
+    chain_hash,
+)
 from llmhost.errors import ConfigError, IntegrityError
 from llmhost.files import load_or_create_key, private_sqlite
 
-GENESIS = "0" * 64
-SCHEME = "hmac-sha256"
-
-
-@dataclass
-class AuditRecord:
-    """The guide's fields (timestamp, client IP, user id, prompt, response length, latency)
-    plus request id, model, route, status and token counts."""
-
-    ts: float
-    request_id: str
-    client_ip: str
-    user_id: str
-    route: str
-    status: int
-    model: str = ""
-    prompt: str | None = None  # as the prompt mode stores it: redacted, full, hash or none
-    response_length: int = 0  # characters of generated text
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_ms: float = 0.0
-
-    def line(self) -> str:
-        """The guide's layout:
-        [TIMESTAMP] [CLIENT_IP] [USER_ID] [PROMPT] [RESPONSE_LENGTH] [LATENCY]"""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.ts))
-        stamp += f".{int(self.ts % 1 * 1000):03d}Z"
-        prompt = json.dumps(self.prompt if self.prompt is not None else "", ensure_ascii=False)
-        return (
-            f"[{stamp}] [{self.client_ip}] [{self.user_id}] [{prompt}] "
-            f"[{self.response_length}] [{self.latency_ms:.0f}ms]"
-        )
-
-
-FIELDS = [f.name for f in fields(AuditRecord)]
-
-
-@dataclass
-class StoredRecord(AuditRecord):
-    seq: int = 0
-    prev_hash: str = GENESIS
-    hash: str = ""
-
-
-def chain_hash(prev: str, seq: int, rec: AuditRecord, *, key: bytes | None) -> str:
-    """HMAC-SHA256 under the audit key; `key=None` is the unkeyed sha256 of logs written
-    before records were keyed (only ever checked up to their sealed head)."""
-    body = {k: getattr(rec, k) for k in FIELDS}
-    body["ts"] = repr(float(rec.ts))
-    body["latency_ms"] = repr(float(rec.latency_ms))
-    payload = json.dumps([prev, seq, body], sort_keys=True, ensure_ascii=False).encode()
-    if key is None:
-        return hashlib.sha256(payload).hexdigest()
-    return hmac.new(key, payload, hashlib.sha256).hexdigest()
-
-
-@dataclass
-class ChainReport:
-    ok: bool
-    checked: int
-    problem: str | None = None
-    seq: int | None = None
-
-
-_COLUMNS = ["seq", *FIELDS, "prev_hash", "hash"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
     seq {int} PRIMARY KEY,
@@ -132,10 +75,6 @@ CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 _UPSERT = (
     "INSERT INTO audit_meta (key, value) VALUES (?, ?) "
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-)
-LEGACY_MESSAGE = (
-    "the audit log was written without the audit key (by an older llmhost); check it and sign "
-    "its head with `llmhost audit seal`, or move it aside to start a new log"
 )
 
 
@@ -211,12 +150,12 @@ class SqlAuditStore:
         if "scheme" not in meta:
             empty = self._execute("SELECT count(*) FROM audit").fetchone()[0] == 0
             if not empty or "anchor_seq" in meta:
-                raise IntegrityError(LEGACY_MESSAGE, code="unkeyed_audit_log")
+                raise IntegrityError(chain.LEGACY_MESSAGE, code="unkeyed_audit_log")
             if self.head_file.exists():
-                raise IntegrityError(self._gone_message(), code="audit_log_replaced")
-            self._execute(_UPSERT, ("scheme", SCHEME))
+                raise IntegrityError(chain.gone_message(self.head_file), code="audit_log_replaced")
+            self._execute(_UPSERT, ("scheme", chain.SCHEME))
             self._execute(_UPSERT, ("key_id", key_id(key)))
-        elif meta["scheme"] != SCHEME:
+        elif meta["scheme"] != chain.SCHEME:
             raise IntegrityError(f"unknown audit log scheme {meta['scheme'][:40]!r}")
         elif not same(meta.get("key_id", ""), key_id(key)):
             raise ConfigError(
@@ -225,13 +164,6 @@ class SqlAuditStore:
             )
         self._keyed = True
         return key
-
-    def _gone_message(self) -> str:
-        return (
-            f"the audit log is new and empty, but the head checkpoint {self.head_file} "
-            "remains from a log written before: that log was deleted or replaced (to start a "
-            "new log on purpose, move the checkpoint aside too)"
-        )
 
     def ready_for_writing(self) -> None:
         """Fail now, not on the first record, when this store could not write the log: no
@@ -256,9 +188,9 @@ class SqlAuditStore:
                 h = chain_hash(prev, seq, rec, key=key)
                 rows.append((seq, *(getattr(rec, k) for k in FIELDS), prev, h))
                 prev = h
-            marks = ",".join([self.ph] * len(_COLUMNS))
+            marks = ",".join([self.ph] * len(COLUMNS))
             self._db.cursor().executemany(
-                f"INSERT INTO audit ({','.join(_COLUMNS)}) VALUES ({marks})", rows
+                f"INSERT INTO audit ({','.join(COLUMNS)}) VALUES ({marks})", rows
             )
             return seq, self._checkpoint()
 
@@ -270,7 +202,7 @@ class SqlAuditStore:
         with self._lock:
             rows = self._execute(sql, args).fetchall()
         for row in rows:
-            yield StoredRecord(**dict(zip(_COLUMNS, row, strict=True)))
+            yield StoredRecord(**dict(zip(COLUMNS, row, strict=True)))
 
     def search(
         self,
@@ -293,7 +225,7 @@ class SqlAuditStore:
             if val is not None:
                 where.append(f"{col} {op} ?")
                 args.append(val)
-        sql = f"SELECT {','.join(_COLUMNS)} FROM audit"
+        sql = f"SELECT {','.join(COLUMNS)} FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq"
@@ -305,35 +237,9 @@ class SqlAuditStore:
         with self._lock:
             return self._execute("SELECT count(*) FROM audit").fetchone()[0]
 
-    def _walk(
-        self, rows, prev: str, expect: int, key_for, boundary: tuple[int, str] | None
-    ) -> tuple[ChainReport, int, str]:
-        """Check rows in order from (expect, prev); returns the report and the last record."""
-        checked = 0
-        for row in rows:
-            rec = StoredRecord(**dict(zip(_COLUMNS, row, strict=True)))
-            if rec.seq != expect:
-                return ChainReport(False, checked, f"record {expect} is missing", expect), 0, ""
-            if rec.prev_hash != prev:
-                problem = f"record {rec.seq} does not follow its predecessor"
-                return ChainReport(False, checked, problem, rec.seq), 0, ""
-            base = AuditRecord(**{k: getattr(rec, k) for k in FIELDS})
-            key = key_for(rec.seq)
-            if not same(chain_hash(prev, rec.seq, base, key=key), rec.hash):
-                problem = f"record {rec.seq} was modified"
-                if checked == 0 and key is not None:
-                    problem += f" (or {self.key_file} is not the key it was written with)"
-                return ChainReport(False, checked, problem, rec.seq), 0, ""
-            if boundary is not None and rec.seq == boundary[0] and not same(rec.hash, boundary[1]):
-                problem = f"record {rec.seq} differs from the sealed head of the older log"
-                return ChainReport(False, checked, problem, rec.seq), 0, ""
-            prev, expect = rec.hash, expect + 1
-            checked += 1
-        return ChainReport(True, checked), expect - 1, prev
-
     def verify(self) -> ChainReport:
         """The chain checked under the audit key, from the signed purge anchor to the newest
-        record, then against the signed head checkpoint."""
+        record, then against the signed head checkpoint (audit/chain.py)."""
         # the checkpoint first: it is written after the records it names are committed, so
         # records appended while this runs can only be newer than it
         try:
@@ -345,100 +251,12 @@ class SqlAuditStore:
             try:
                 meta = self._meta_all()
                 rows = self._execute(
-                    f"SELECT {','.join(_COLUMNS)} FROM audit ORDER BY seq"
+                    f"SELECT {','.join(COLUMNS)} FROM audit ORDER BY seq"
                 ).fetchall()
             finally:
                 self._execute("COMMIT")
-        anchor_seq = int(meta.get("anchor_seq", "0"))
-        anchor_hash = meta.get("anchor_hash", GENESIS)
-        if "scheme" not in meta:
-            report, _, _ = self._walk(rows, anchor_hash, anchor_seq + 1, lambda _: None, None)
-            if not report.ok:
-                return report
-            if not rows and "anchor_seq" not in meta:  # a new, empty log...
-                if raw_cp is not None:  # ...where there was one before
-                    return ChainReport(False, 0, self._gone_message())
-                return report
-            return ChainReport(False, report.checked, LEGACY_MESSAGE)
-        key = self.key(create=False)
-        if not same(meta.get("key_id", ""), key_id(key)):
-            problem = f"{self.key_file} is not the key this audit log is written with"
-            return ChainReport(False, 0, problem)
-        if anchor_seq and not same(
-            meta.get("anchor_mac", ""), sign(key, "anchor", anchor_seq, anchor_hash)
-        ):
-            problem = (
-                f"the purge anchor (record {anchor_seq}) is not signed by the audit key: "
-                "records were removed from the start of the log"
-            )
-            return ChainReport(False, 0, problem, anchor_seq)
-        legacy_seq = int(meta.get("legacy_seq", "0"))
-        boundary = None
-        if "legacy_seq" in meta:
-            boundary = (legacy_seq, meta.get("legacy_hash", ""))
-            if not same(meta.get("legacy_mac", ""), sign(key, "legacy", *boundary)):
-                problem = "the sealed head of the older log is not signed by the audit key"
-                return ChainReport(False, 0, problem, legacy_seq)
-            if anchor_seq == legacy_seq and not same(anchor_hash, boundary[1]):
-                problem = "the purge anchor differs from the sealed head of the older log"
-                return ChainReport(False, 0, problem, anchor_seq)
-
-        def key_for(seq: int) -> bytes | None:
-            return None if seq <= legacy_seq else key
-
-        report, last, last_hash = self._walk(rows, anchor_hash, anchor_seq + 1, key_for, boundary)
-        if not report.ok:
-            return report
-        if not rows:
-            last, last_hash = anchor_seq, anchor_hash
-        head = (last, last_hash, anchor_seq, anchor_hash)
-        return self._against_checkpoint(report, key, raw_cp, rows, *head)
-
-    def _against_checkpoint(
-        self,
-        report: ChainReport,
-        key: bytes,
-        raw_cp: bytes | None,
-        rows: list,
-        last: int,
-        last_hash: str,
-        a_seq: int,
-        a_hash: str,
-    ) -> ChainReport:
-        n = report.checked
-        try:
-            cp = Checkpoint.load(self.head_file, key, raw_cp)
-        except IntegrityError as exc:
-            return ChainReport(False, n, exc.message)
-        if cp is None:
-            if last == 0:
-                return report
-            problem = (
-                f"no head checkpoint at {self.head_file}: records removed from the end of the "
-                "log could not be detected"
-            )
-            return ChainReport(False, n, problem)
-        if cp.anchor_seq > a_seq or (cp.anchor_seq == a_seq and not same(cp.anchor_hash, a_hash)):
-            problem = (
-                f"the purge anchor is at record {a_seq} but the head checkpoint has it at "
-                f"{cp.anchor_seq}: the log was replaced by another copy"
-            )
-            return ChainReport(False, n, problem, a_seq)
-        if cp.seq > last:
-            first = last + 1
-            gone = f"record {first} was" if cp.seq == first else f"records {first}-{cp.seq} were"
-            problem = f"{gone} removed from the end of the log (the head checkpoint names {cp.seq})"
-            return ChainReport(False, n, problem, last + 1)
-        if cp.seq > a_seq:
-            # the rows were walked without a gap from the anchor on: the one it names is here
-            at = rows[cp.seq - a_seq - 1][_COLUMNS.index("hash")]
-            if not same(at, cp.hash):
-                problem = f"record {cp.seq} differs from the head checkpoint: the log was rewritten"
-                return ChainReport(False, n, problem, cp.seq)
-        elif cp.seq == a_seq and not same(cp.hash, a_hash):
-            problem = "the purge anchor differs from the head checkpoint: the log was rewritten"
-            return ChainReport(False, n, problem, cp.seq)
-        return report
+        key = functools.partial(self.key, create=False)
+        return chain.check(meta, rows, raw_cp, key, self.key_file, self.head_file)
 
     def purge(self, older_than_s: float, now: float | None = None) -> int:
         """Remove records older than the retention, oldest first; the chain stays verifiable
@@ -478,8 +296,8 @@ class SqlAuditStore:
                 raise IntegrityError("the audit log is already written under the audit key")
             a_seq = int(meta.get("anchor_seq", "0"))
             a_hash = meta.get("anchor_hash", GENESIS)
-            rows = self._execute(f"SELECT {','.join(_COLUMNS)} FROM audit ORDER BY seq").fetchall()
-            report, last, last_hash = self._walk(rows, a_hash, a_seq + 1, lambda _: None, None)
+            rows = self._execute(f"SELECT {','.join(COLUMNS)} FROM audit ORDER BY seq").fetchall()
+            report, last, last_hash = chain.walk(rows, a_hash, a_seq + 1, lambda _: None, None)
             if not report.ok:
                 raise IntegrityError(
                     f"not sealing: the older audit chain is broken after {report.checked} "
@@ -488,7 +306,7 @@ class SqlAuditStore:
             if not rows:
                 last, last_hash = a_seq, a_hash
             for k, v in (
-                ("scheme", SCHEME),
+                ("scheme", chain.SCHEME),
                 ("key_id", key_id(key)),
                 ("legacy_seq", str(last)),
                 ("legacy_hash", last_hash),
