@@ -94,6 +94,12 @@ def atomic_write(path: Path, data: bytes, *, private: bool = False) -> None:
     fsync_dir(path.parent)
 
 
+def refuse_shared(path: Path, mode: int, what: str) -> None:
+    """A secret others may read is refused: whoever reads it can use or forge with it."""
+    if mode & 0o077:
+        raise ConfigError(f"{what} {path} is readable by others; run: chmod 600 {path}")
+
+
 def load_or_create_key(path: Path, *, create: bool = True, what: str = "key") -> bytes:
     """A 32-byte secret kept in `path` (64 hex digits), created 0600 on first use when
     `create`. A key readable by others is refused: whoever reads it can forge what it signs."""
@@ -120,8 +126,7 @@ def load_or_create_key(path: Path, *, create: bool = True, what: str = "key") ->
         return load_or_create_key(path, create=False, what=what)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    if st.st_mode & 0o077:
-        raise ConfigError(f"{what} {path} is readable by others; run: chmod 600 {path}")
+    refuse_shared(path, st.st_mode, what)
     if st.st_size > 1024:
         raise ConfigError(f"{what} {path} is not a key (64 hex digits)")
     try:

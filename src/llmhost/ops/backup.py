@@ -181,9 +181,12 @@ class Backups:
             return hmac.new(self.key, RECORD_LABEL, hashlib.sha256).digest()
         return load_or_create_key(self.record_key_file, create=create, what="backup key")
 
+    @staticmethod
+    def _mac(key: bytes, info: BackupInfo) -> str:
+        return hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
+
     def _sign(self, info: BackupInfo) -> None:
-        key = self._record_key(info.encrypted, create=True)
-        info.mac = hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
+        info.mac = self._mac(self._record_key(info.encrypted, create=True), info)
 
     def check_record(self, info: BackupInfo) -> None:
         """BackupError unless the sidecar carries a valid signature under the record key."""
@@ -196,8 +199,7 @@ class Backups:
             key = self._record_key(info.encrypted)
         except ConfigError as exc:  # no key given or kept: still a configuration error
             raise ConfigError(f"{info.id}: cannot check its record: {exc.message}") from exc
-        want = hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(want, info.mac):
+        if not hmac.compare_digest(self._mac(key, info), info.mac):
             which = "the model key" if info.encrypted else f"the backup key {self.record_key_file}"
             raise BackupError(
                 f"{info.id}: its record's signature does not match {which}: forged or altered"

@@ -21,7 +21,6 @@ import mmap
 import os
 import secrets
 import shlex
-import stat
 import struct
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from llmhost.errors import ConfigError, DecryptionError
+from llmhost.files import refuse_shared
 
 MAGIC = b"LLMHENC\x00"
 VERSION = 1
@@ -71,8 +71,7 @@ def load_key(key_file: Path | str | None = None, command: str | None = None) -> 
             mode = path.stat().st_mode
         except OSError as exc:
             raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"key file {path} is readable by others; run: chmod 600 {path}")
+        refuse_shared(path, mode, "key file")
         return parse_key(path.read_bytes())
     if command is not None:
         try:
