@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Output held to a grammar by constrained decoding. `kind` "json_schema": `source` is the
+    JSON schema as JSON text; "json_object": any JSON object (`source` unused); "lark": `source`
+    is a grammar in llguidance's Lark dialect (which can embed JSON schemas)."""
+
+    kind: Literal["json_schema", "json_object", "lark"]
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -23,19 +34,24 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
     ignore_eos: bool = False
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation: a rendered prompt (text or token ids) and how to sample it. A chat
-    request also carries its messages, for engines that apply the template themselves (a
-    remote server); the others use the prompt, rendered from the model's template."""
+    request also carries its messages, whole, for engines that apply the template themselves
+    (a remote server); the others use the prompt, rendered from the model's template.
+    `forward` holds the OpenAI fields a remote engine passes to its upstream unchanged (tools,
+    tool_choice, parallel_tool_calls, response_format); in-process engines get them as a
+    rendered prompt and a `sampling.constraint` instead."""
 
     prompt: str | list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     add_special: bool = True
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
+    forward: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,9 @@ class TokenDelta:
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # OpenAI-shaped tool-call delta fragments from an engine that parses tool calls itself (a
+    # remote upstream); in-process engines leave this empty and the api layer parses the text.
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

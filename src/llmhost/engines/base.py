@@ -21,6 +21,16 @@ class Engine(abc.ABC):
     """
 
     name: str = "engine"
+    # What the engine honours (simonw/llm's style); the api layer answers a request that needs
+    # more with a 400 naming the field.
+    supports_tools: bool = False  # tools, tool_choice, parallel_tool_calls, tool messages
+    supports_schema: bool = False  # response_format json_object / json_schema
+    # Applies the chat template and parses tool calls itself (a remote server): it gets the
+    # messages and `GenerationRequest.forward` instead of a rendered prompt and a constraint.
+    remote: bool = False
+    # The tool-call format of the model (a name in engines.toolcalls), found from its chat
+    # template when loaded; a setting may override it.
+    tool_parser: str | None = None
     model_info: ModelInfo
     chat_template: str | None = None
     bos_token: str = ""
