@@ -160,6 +160,10 @@ class Settings(BaseSettings):
         False,
         description="Let decrypt_dir be on a disk, not tmpfs/ramfs: plaintext weights on disk.",
     )
+    tool_parser: Literal["hermes", "llama3", "mistral", "deepseek", "json"] | None = Field(
+        None,
+        description="The model's tool-call format; by default found from its chat template.",
+    )
 
     @field_validator("home", mode="before")
     @classmethod

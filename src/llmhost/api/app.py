@@ -132,7 +132,12 @@ def create_app(
                 if on_fatal is not None:
                     on_fatal()
                 return
-            app.state.serving = OpenAIServing(engine, metrics, app.state.drain)
+            app.state.serving = OpenAIServing(
+                engine,
+                metrics,
+                app.state.drain,
+                tool_parser=settings.tool_parser if settings is not None else None,
+            )
             app.state.ready = True
             log.info("ready: serving %s with engine %s", engine.model_info.id, engine.name)
 

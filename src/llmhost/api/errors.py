@@ -38,6 +38,8 @@ def _describe(errors: list[dict]) -> tuple[str, str | None]:
         where = ".".join(loc)
         param = param or (loc[0] if loc else None)
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field: not supported here, so refused rather than ignored"
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request", param
 

@@ -14,6 +14,17 @@ from pydantic import (
     model_validator,
 )
 
+from llmhost.api.protocol_chat import (
+    MAX_DOCUMENTS,
+    ChatMessage,
+    ResponseFormat,
+    TextPart,
+    Tool,
+    ToolChoice,
+)
+
+__all__ = ["ChatMessage", "TextPart"]
+
 MAX_STOP_STRINGS = 16
 
 
@@ -50,9 +61,10 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    # Unknown fields are ignored, as OpenAI clients send many that do not affect generation.
+    # A field llmhost does not know is refused with a 400 naming it, never dropped silently;
+    # the few that change nothing here are declared below as accepted and ignored.
     model_config = ConfigDict(
-        extra="ignore",
+        extra="forbid",
         json_schema_extra={
             "dependentSchemas": {
                 "stream_options": {
@@ -88,7 +100,16 @@ class _SamplingRequest(BaseModel):
     # Refused when set (see _unsupported); the schema says so, so clients and fuzzers know.
     logprobs: bool | int | None = Field(None, json_schema_extra={"enum": [False, 0, None]})
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
-    user: str | None = None
+    # Accepted and deliberately ignored: they ask the OpenAI service to store, tag, route or
+    # cache on its side, which changes nothing in what is generated here.
+    user: str | None = Field(
+        None, description="Accepted and ignored (the audit log names the authenticated principal)."
+    )
+    store: StrictBool | None = Field(None, description="Accepted and ignored: nothing is stored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(None, description="Accepted and ignored.")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -162,28 +183,26 @@ class CompletionRequest(_SamplingRequest):
         return self
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
-
-
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: PositiveInt | None = Field(None, description="Deprecated alias of the below.")
     max_completion_tokens: PositiveInt | None = Field(None)
+    tools: list[Tool] | None = Field(None, description="Function tools, at most 128.")
+    tool_choice: ToolChoice | None = Field(
+        None, description="auto (the default with tools), none, required, or one function."
+    )
+    parallel_tool_calls: StrictBool = Field(
+        True, description="Whether one answer may hold several calls."
+    )
+    response_format: ResponseFormat | None = None
+    documents: list[dict[str, Any]] | None = Field(
+        None,
+        max_length=MAX_DOCUMENTS,
+        description="Extension: documents for templates that take them (RAG).",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extension: more variables for the chat template."
+    )
 
     @property
     def token_budget(self) -> int | None:

@@ -8,8 +8,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -20,8 +20,8 @@ from llmhost.api.protocol import (
     GenerateRequest,
     _SamplingRequest,
 )
+from llmhost.api.serving_chat import ChatShaper, gather_remote_calls, plan_chat
 from llmhost.engines.base import Engine
-from llmhost.engines.chat_template import render_chat
 from llmhost.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -95,51 +95,56 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
+class _TextShaper:
+    """Completions: the text as it comes."""
+
+    def deltas(self, d: TokenDelta) -> list[dict[str, Any]]:
+        return [{"text": d.text}] if d.text else []
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return reason
+
+    def message(self, text: str, remote_calls: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"text": text}
+
+
 @dataclass(frozen=True)
 class _Kind:
-    """How one endpoint shapes its choices: whole (`choice`) and streamed (`chunk_choice`)."""
+    """How one endpoint names and shapes its choices."""
 
     id_prefix: str
     object: str
     chunk_object: str
-    choice: Callable[[TokenDelta], dict[str, Any]]
-    chunk_choice: Callable[[TokenDelta, bool], dict[str, Any] | None]
+    body_key: str  # where a choice's content goes: "message" (chat) or inline (completions)
 
 
-def _completion_chunk(d: TokenDelta, opening: bool) -> dict[str, Any] | None:
-    if not d.text and d.finish_reason is None:
-        return None
-    return {"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None}
+COMPLETION = _Kind("cmpl", "text_completion", "text_completion", "")
+CHAT = _Kind("chatcmpl", "chat.completion", "chat.completion.chunk", "message")
 
 
-def _chat_chunk(d: TokenDelta, opening: bool) -> dict[str, Any] | None:
-    delta: dict[str, Any] = {"role": "assistant"} if opening else {}
-    if d.text:
-        delta["content"] = d.text
-    if not delta and d.finish_reason is None:
-        return None
-    return {"index": 0, "delta": delta, "finish_reason": d.finish_reason, "logprobs": None}
+def _whole_choice(kind: _Kind, body: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    inner = {kind.body_key: body} if kind.body_key else body
+    return {"index": 0, **inner, "finish_reason": finish, "logprobs": None}
 
 
-COMPLETION = _Kind(
-    "cmpl",
-    "text_completion",
-    "text_completion",
-    lambda d: {"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None},
-    _completion_chunk,
-)
-CHAT = _Kind(
-    "chatcmpl",
-    "chat.completion",
-    "chat.completion.chunk",
-    lambda d: {
-        "index": 0,
-        "message": {"role": "assistant", "content": d.text},
-        "finish_reason": d.finish_reason,
-        "logprobs": None,
-    },
-    _chat_chunk,
-)
+def _chunk_choices(kind: _Kind, shaper: Any, d: TokenDelta, opening: bool) -> list[dict[str, Any]]:
+    """The choices of the chunks one engine delta makes; the finish reason rides on the last."""
+    pieces = shaper.deltas(d)
+    if kind.body_key and opening:
+        pieces = [{"role": "assistant", **(pieces[0] if pieces else {})}, *pieces[1:]]
+    finish = shaper.finish_reason(d.finish_reason)
+    if not pieces and finish is None:
+        return []
+    if not pieces:
+        pieces = [{} if kind.body_key else {"text": ""}]
+    out = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        inner = {"delta": piece} if kind.body_key else piece
+        out.append(
+            {"index": 0, **inner, "finish_reason": finish if last else None, "logprobs": None}
+        )
+    return out
 
 
 class _Measured:
@@ -178,10 +183,18 @@ class _Measured:
 class OpenAIServing:
     """Turns API requests into engine requests and engine deltas into API responses."""
 
-    def __init__(self, engine: Engine, metrics: Metrics | None = None, drain: Drain | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics | None = None,
+        drain: Drain | None = None,
+        *,
+        tool_parser: str | None = None,
+    ):
         self.engine = engine
         self.metrics = metrics
         self.drain = drain or Drain()
+        self.tool_parser = tool_parser  # a setting's override of the model's tool-call format
 
     @property
     def model_id(self) -> str:
@@ -236,17 +249,25 @@ class OpenAIServing:
         first: TokenDelta, stream: AsyncIterator[TokenDelta], notes: dict[str, Any]
     ) -> TokenDelta:
         parts = [first.text]
+        calls: dict[int, dict[str, Any]] = {}
+        gather_remote_calls(calls, first.tool_calls)
         last = first
         notes["usage_so_far"] = first.usage
         try:
             while last.finish_reason is None:
                 last = await anext(stream)
                 parts.append(last.text)
+                gather_remote_calls(calls, last.tool_calls)
                 if last.usage is not None:
                     notes["usage_so_far"] = last.usage
         finally:
             await stream.aclose()
-        return TokenDelta(text="".join(parts), finish_reason=last.finish_reason, usage=last.usage)
+        return TokenDelta(
+            text="".join(parts),
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            tool_calls=tuple(calls[i] for i in sorted(calls)),
+        )
 
     async def _respond(
         self,
@@ -255,10 +276,12 @@ class OpenAIServing:
         model: str,
         kind: _Kind,
         notes: dict[str, Any],
+        shaper: Any = None,
     ) -> dict[str, Any] | StreamingResponse:
         """Run `gen` and answer as one JSON body, or as SSE chunks when `req.stream`. What the
         audit log needs (model, prompt, usage, length of the text) is left in `notes`."""
         notes.update(model=model, prompt=gen.prompt, stream=bool(req.stream))
+        shaper = shaper or _TextShaper()
         first, stream = await self._start(gen, model)
         head = {
             "id": f"{kind.id_prefix}-{gen.request_id}",
@@ -268,10 +291,12 @@ class OpenAIServing:
         if not req.stream:
             done = await self._collect(first, stream, notes)
             notes.update(usage=_usage(done.usage), chars=len(done.text))
+            body = shaper.message(done.text, list(done.tool_calls))
+            choice = _whole_choice(kind, body, shaper.finish_reason(done.finish_reason))
             return {
                 **head,
                 "object": kind.object,
-                "choices": [kind.choice(done)],
+                "choices": [choice],
                 "usage": _usage(done.usage),
             }
         include_usage = req.include_usage
@@ -288,8 +313,7 @@ class OpenAIServing:
                         notes["usage_so_far"] = delta.usage
                     elif delta.token_ids:  # an engine that reports usage only at the end
                         notes["tokens_sent"] = notes.get("tokens_sent", 0) + len(delta.token_ids)
-                    choice = kind.chunk_choice(delta, opening)
-                    if choice is not None:
+                    for choice in _chunk_choices(kind, shaper, delta, opening):
                         opening = False
                         obj = {**head, "object": kind.chunk_object, "choices": [choice]}
                         if include_usage:
@@ -333,26 +357,23 @@ class OpenAIServing:
         )
         return await self._respond(req, gen, model, COMPLETION, {} if notes is None else notes)
 
-    def render(self, req: ChatCompletionRequest) -> str:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return render_chat(
-            messages,
-            self.engine.chat_template,
-            bos_token=self.engine.bos_token,
-            eos_token=self.engine.eos_token,
-        )
-
     async def chat(
         self, req: ChatCompletionRequest, request_id: str, notes: dict[str, Any] | None = None
     ):
         model = self.check_model(req.model)
+        plan = plan_chat(req, self.engine, self.tool_parser)
+        sampling = self.sampling(req, req.token_budget)
+        if plan.constraint is not None:
+            sampling = replace(sampling, constraint=plan.constraint)
         gen = GenerationRequest(
-            prompt=self.render(req),
-            sampling=self.sampling(req, req.token_budget),
+            prompt=plan.prompt,
+            sampling=sampling,
             request_id=request_id,
-            messages=tuple({"role": m.role, "content": m.text()} for m in req.messages),
+            messages=plan.messages,
+            forward=plan.forward,
         )
-        return await self._respond(req, gen, model, CHAT, {} if notes is None else notes)
+        notes = {} if notes is None else notes
+        return await self._respond(req, gen, model, CHAT, notes, ChatShaper(plan.parser()))
 
     # --- /generate ---------------------------------------------------------------------------
 

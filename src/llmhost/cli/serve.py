@@ -228,6 +228,11 @@ def register(app: typer.Typer) -> None:
             help="A stored model's checks at start: auto (sizes; sha256 unless verified since "
             "it changed or over 1 GiB), full (sha256 of every file), size [auto].",
         ),
+        tool_parser: str | None = typer.Option(
+            None,
+            help="The model's tool-call format: hermes, llama3, mistral, deepseek or json "
+            "[found from the chat template].",
+        ),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API. Clients need an API key
         (`llmhost keys create`) or a JWT, except with --no-auth or --demo."""
@@ -271,6 +276,7 @@ def register(app: typer.Typer) -> None:
             gpu_memory_utilization=gpu_memory_utilization,
             vllm_args=vllm_args,
             verify_on_load=verify_on_load,
+            tool_parser=tool_parser,
         )
         if from_plan is not None:
             settings = settings.model_copy(update=_plan_settings(from_plan, plan_gpu, settings))

@@ -21,6 +21,9 @@ class FakeEngine(Engine):
     """Tokens are whitespace-separated words; output cycles through `script`."""
 
     name = "fake"
+    # Tools are rendered into the prompt and the scripted text is parsed for calls; the fake
+    # constrains nothing, so structured outputs and forced tool choices are refused.
+    supports_tools = True
 
     def __init__(
         self,

@@ -60,6 +60,11 @@ def _error_for(status: int, body: bytes) -> Exception:
 
 class OpenAIUpstreamEngine(Engine):
     name = "openai"
+    # The upstream renders the template, constrains output and parses tool calls itself; the
+    # request's fields go to it unchanged and its tool calls come back as it sent them.
+    remote = True
+    supports_tools = True
+    supports_schema = True
 
     def __init__(
         self,
@@ -219,7 +224,8 @@ class OpenAIUpstreamEngine(Engine):
         if s.ignore_eos:
             body["ignore_eos"] = True
         if request.messages is not None:
-            return "/v1/chat/completions", {**body, "messages": list(request.messages)}
+            chat = {**body, **(request.forward or {}), "messages": list(request.messages)}
+            return "/v1/chat/completions", chat
         if not isinstance(request.prompt, str):
             raise InvalidRequest("the upstream engine takes text prompts")
         return "/v1/completions", {**body, "prompt": request.prompt}
@@ -257,17 +263,19 @@ class OpenAIUpstreamEngine(Engine):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
                     text = choice.get("text")
+                    delta = choice.get("delta") or {}
                     if text is None:
-                        text = (choice.get("delta") or {}).get("content") or ""
+                        text = delta.get("content") or ""
+                    calls = tuple(c for c in delta.get("tool_calls") or () if isinstance(c, dict))
                     finish = choice.get("finish_reason") or finish
-                    if text:
+                    if text or calls:
                         n_chunks += 1
-                        yield TokenDelta(text=text)
+                        yield TokenDelta(text=text, tool_calls=calls)
             u = Usage(
                 prompt_tokens=int((usage or {}).get("prompt_tokens", 0)),
                 completion_tokens=int((usage or {}).get("completion_tokens", n_chunks)),
             )
-            reason = finish if finish in ("stop", "length") else "stop"
+            reason = finish if finish in ("stop", "length", "tool_calls") else "stop"
             yield TokenDelta(text="", finish_reason=reason, usage=u)
         except httpx.HTTPError as exc:
             raise EngineError(f"upstream connection lost: {exc}") from exc

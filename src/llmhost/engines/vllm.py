@@ -35,6 +35,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmhost.engines.vllm")
 
 
+# llmhost's tool-call format names -> vLLM's --tool-call-parser names.
+VLLM_TOOL_PARSERS = {
+    "hermes": "hermes",
+    "llama3": "llama3_json",
+    "mistral": "mistral",
+    "deepseek": "deepseek_v3",
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,7 +79,13 @@ def vllm_command(settings: Settings, port: int, api_key: str, served_name: str) 
         cmd += ["--quantization", settings.quantization]
     if settings.ctx_size:
         cmd += ["--max-model-len", str(settings.ctx_size)]
-    return cmd + shlex.split(settings.vllm_args)
+    extra = shlex.split(settings.vllm_args)
+    # vLLM parses tool calls for tool_choice "auto" only with a parser named at start;
+    # "required" and named functions work without one (it constrains those itself).
+    parser = VLLM_TOOL_PARSERS.get(settings.tool_parser or "")
+    if parser and "--tool-call-parser" not in extra:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
+    return cmd + extra
 
 
 class VllmEngine(OpenAIUpstreamEngine):
