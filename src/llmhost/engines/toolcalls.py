@@ -173,7 +173,6 @@ class ToolCallParser:
         self._key_name = ""
         self._first_key = True
         self._after_call: Callable[[], None] = self._to_text
-        self._after_args: Callable[[str, int], int] = self._after_field
         # String and value scanning.
         self._esc = False
         self._depth = 0
