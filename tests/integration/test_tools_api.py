@@ -11,6 +11,7 @@ import pytest
 
 from llmhost.api import create_app
 from llmhost.engines.fake import FakeEngine
+from llmhost.engines.openai_upstream import OpenAIUpstreamEngine
 from tests.integration.test_api import assert_error, sse_events
 
 HERMES_TEMPLATE = (
@@ -174,7 +175,17 @@ BIG_SCHEMA = {
             "object",
         ),
         (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}]},
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": 7},
+                        },
+                    }
+                ]
+            },
             "tools",
             "not a valid JSON schema",
         ),
@@ -271,3 +282,60 @@ async def test_documented_ignored_fields_are_accepted(env):
         },
     )
     assert r.status_code == 200, r.text
+
+
+class _UpstreamOverASGI(OpenAIUpstreamEngine):
+    """The openai engine talking to another llmhost app in the same process."""
+
+    def __init__(self, upstream_app):
+        super().__init__("http://upstream", model="fake-model")
+        self.upstream_app = upstream_app
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.upstream_app), base_url="http://upstream"
+        )
+        self._healthy = True
+
+
+@pytest.fixture
+async def gateway():
+    back = FakeEngine(
+        model_id="fake-model", script=CALL_SCRIPT, context_length=4096, eos_after=len(CALL_SCRIPT)
+    )
+    back_app = create_app(back)
+    async with back_app.router.lifespan_context(back_app):
+        await back_app.state.loader
+        front_app = create_app(_UpstreamOverASGI(back_app))
+        async with front_app.router.lifespan_context(front_app):
+            await front_app.state.loader
+            transport = httpx.ASGITransport(app=front_app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                yield client, back
+
+
+async def test_upstream_gets_the_fields_and_its_calls_come_back(gateway):
+    c, back = gateway
+    body = {"messages": USER, "tools": [WEATHER], "parallel_tool_calls": False}
+    r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    # the upstream rendered the tools itself: they were forwarded, not dropped
+    assert '"name": "get_weather"' in back.requests[-1].prompt
+
+    r = await c.post("/v1/chat/completions", json={**body, "stream": True})
+    events = [e for e in sse_events(r)[:-1] if e["choices"]]
+    calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather"
+    args = "".join(tc["function"].get("arguments", "") for tc in calls)
+    assert json.loads(args) == {"city": "Paris"}
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # an upstream refusal of a field is the client's 400
+    r = await c.post(
+        "/v1/chat/completions", json={**body, "response_format": {"type": "json_object"}}
+    )
+    assert_error(r, 400, "response_format")

@@ -20,6 +20,7 @@ from llmhost.api.protocol_chat import (
     ResponseFormat,
     TextPart,
     Tool,
+    ToolCall,
     ToolChoice,
 )
 
@@ -247,7 +248,14 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="The text; null when the answer is only tool calls.")
+    tool_calls: list[ToolCall] | None = Field(
+        None,
+        description="The calls the model made; present only when it made some.",
+        exclude_if=lambda v: v is None,
+    )
+
+    model_config = ConfigDict(json_schema_extra={"required": ["role", "content"]})
 
 
 class ChatChoice(BaseModel):

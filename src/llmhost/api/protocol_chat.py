@@ -102,7 +102,7 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _roles(self) -> ChatMessage:
-        if self.tool_calls and self.role != "assistant":
+        if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id it answers")

@@ -12,7 +12,7 @@ from llmhost.api.protocol import ChatCompletionRequest
 from llmhost.api.protocol_chat import NamedToolChoice, check_conversation, check_tools
 from llmhost.engines import toolcalls
 from llmhost.engines.base import Engine
-from llmhost.engines.chat_template import render_chat
+from llmhost.engines.chat_template import FALLBACK_TEMPLATE, render_chat
 from llmhost.errors import InvalidRequest
 from llmhost.types import Constraint, TokenDelta
 
@@ -119,7 +119,8 @@ def plan_chat(req: ChatCompletionRequest, engine: Engine, tool_parser: str | Non
         return ChatPlan(prompt, messages, None, _forward(req), None, None, frozenset())
     parser_name = None
     if uses_tools:
-        parser_name = tool_parser or engine.tool_parser or toolcalls.detect(engine.chat_template)
+        template = engine.chat_template or FALLBACK_TEMPLATE
+        parser_name = tool_parser or engine.tool_parser or toolcalls.detect(template)
     return ChatPlan(
         prompt=prompt,
         messages=messages,
