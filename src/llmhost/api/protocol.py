@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -16,6 +17,8 @@ from pydantic import (
 
 from llmhost.api.protocol_chat import (
     MAX_DOCUMENTS,
+    MAX_TOOLS,
+    MAX_TOOLS_BYTES,
     ChatMessage,
     ResponseFormat,
     TextPart,
@@ -204,6 +207,17 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Extension: more variables for the chat template."
     )
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _few_tools(cls, v: Any) -> Any:
+        # Counted before each tool's schema is checked, so 10,000 tools cost nothing.
+        if isinstance(v, list) and len(v) > MAX_TOOLS:
+            raise ValueError(f"{len(v)} tools were sent; at most {MAX_TOOLS} are allowed")
+        size = len(json.dumps(v, ensure_ascii=False, separators=(",", ":"), default=str))
+        if size > MAX_TOOLS_BYTES:
+            raise ValueError(f"tools are {size} bytes as JSON; at most {MAX_TOOLS_BYTES}")
+        return v
 
     @property
     def token_budget(self) -> int | None:

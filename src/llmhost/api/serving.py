@@ -20,7 +20,7 @@ from llmhost.api.protocol import (
     GenerateRequest,
     _SamplingRequest,
 )
-from llmhost.api.serving_chat import ChatShaper, gather_remote_calls, plan_chat
+from llmhost.api.serving_chat import ChatShaper, check_schemas, gather_remote_calls, plan_chat
 from llmhost.engines.base import Engine
 from llmhost.errors import (
     ContextLengthExceeded,
@@ -361,6 +361,7 @@ class OpenAIServing:
         self, req: ChatCompletionRequest, request_id: str, notes: dict[str, Any] | None = None
     ):
         model = self.check_model(req.model)
+        await check_schemas(req)
         plan = plan_chat(req, self.engine, self.tool_parser)
         sampling = self.sampling(req, req.token_budget)
         if plan.constraint is not None:

@@ -4,12 +4,18 @@ shaped back into OpenAI messages and deltas with their tool calls."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from llmhost.api.protocol import ChatCompletionRequest
-from llmhost.api.protocol_chat import NamedToolChoice, check_conversation, check_tools
+from llmhost.api.protocol_chat import (
+    NamedToolChoice,
+    check_conversation,
+    check_tools,
+    schema_error,
+)
 from llmhost.engines import toolcalls
 from llmhost.engines.base import Engine
 from llmhost.engines.chat_template import FALLBACK_TEMPLATE, render_chat
@@ -44,6 +50,31 @@ class ChatPlan:
         if self.parser_name is None:
             return None
         return toolcalls.make_parser(self.parser_name, sorted(self.tool_names))
+
+
+def _schema_errors(req: ChatCompletionRequest) -> tuple[str, str] | None:
+    """The first tool or response schema that is not valid JSON Schema, as (param, why)."""
+    for tool in req.tools or ():
+        params = tool.function.parameters
+        why = params is not None and schema_error(params, f"{tool.function.name}.parameters")
+        if why:
+            return "tools", why
+    fmt = req.response_format
+    if fmt is not None and fmt.json_schema is not None:
+        why = schema_error(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        if why:
+            return "response_format", why
+    return None
+
+
+async def check_schemas(req: ChatCompletionRequest) -> None:
+    """Every schema the request carries is valid JSON Schema (checked in a worker thread: up
+    to half a megabyte of schemas must not hold up the event loop)."""
+    if not req.tools and (req.response_format is None or req.response_format.json_schema is None):
+        return
+    found = await asyncio.to_thread(_schema_errors, req)
+    if found is not None:
+        raise InvalidRequest(found[1], param=found[0])
 
 
 def _check(req: ChatCompletionRequest, engine: Engine) -> None:
