@@ -98,6 +98,30 @@ def hf_tokenizer(tokenizer: Any, n_vocab: int, eos: list[int]) -> llguidance.LLT
         ) from exc
 
 
+def llamacpp_tokenizer(vocab: Any, n_vocab: int, eos: list[int]) -> llguidance.LLTokenizer:
+    """llguidance's view of a llama.cpp vocabulary: every token's bytes, control tokens (and
+    user-defined ones that look like them) marked special with a 0xff prefix, as llguidance's
+    own adapter does, without its deprecated per-token calls."""
+    import ctypes
+
+    import llama_cpp as C
+
+    buf = ctypes.create_string_buffer(16 * 1024)
+    control, user = C.LLAMA_TOKEN_ATTR_CONTROL, C.LLAMA_TOKEN_ATTR_USER_DEFINED
+    tokens: list[bytes] = []
+    for t in range(n_vocab):
+        n = C.llama_token_to_piece(vocab, t, buf, len(buf), 0, True)
+        piece = buf.raw[: max(n, 0)]
+        attr = C.llama_vocab_get_attr(vocab, t)
+        if attr & control or (attr & user and piece.startswith(b"<") and piece.endswith(b">")):
+            piece = b"\xff" + piece
+        tokens.append(piece)
+    tokenize = ctypes.cast(C.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return llguidance.LLTokenizer.from_llamacpp(
+        tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize, eos_token=eos
+    )
+
+
 class Grammar:
     """A compiled constraint: a matcher in its start state, copied for each sequence."""
 

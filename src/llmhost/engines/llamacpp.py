@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import llama_cpp as C
-from llguidance.llamacpp import lltokenizer_from_vocab
 
 from llmhost.engines.batching import BatchedEngine, engine_settings
-from llmhost.engines.grammar import GrammarCompiler
+from llmhost.engines.grammar import GrammarCompiler, llamacpp_tokenizer
 from llmhost.engines.llamacpp_batch import BatchScheduler, Sequence
 from llmhost.engines.llamacpp_threads import ThreadPool
 from llmhost.errors import (
@@ -167,9 +166,7 @@ class LlamaCppEngine(BatchedEngine):
         self.eos_token = self._special_text(C.llama_vocab_eos(self._vocab))
         self._n_vocab = n_vocab
         vocab = self._vocab
-        self._grammars = GrammarCompiler(
-            lambda: lltokenizer_from_vocab(vocab, n_vocab=n_vocab, eos_token=eog), n_vocab
-        )
+        self._grammars = GrammarCompiler(lambda: llamacpp_tokenizer(vocab, n_vocab, eog), n_vocab)
         self._scheduler = BatchScheduler(
             ctx,
             self._vocab,
