@@ -231,3 +231,26 @@ def test_cache_is_bounded(tiny_model):
     for c in cs:
         compiler.compile(c)
     assert [compiler.cached(c) is not None for c in cs] == [False, False, True, True, True]
+
+
+def test_mask_on_a_strided_torch_row(tiny_model):
+    """The torch path (used for GPU rows) masks the same tokens as the numpy one."""
+    torch = require("torch")
+    require("transformers")
+    import numpy as np
+    import transformers
+
+    from llmhost.engines.grammar import hf_tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model.hf_dir)
+    n = len(tok)
+    compiler = GrammarCompiler(lambda: hf_tokenizer(tok, n, [tok.eos_token_id]), n)
+    grammar = compiler.compile(SCHEMA_C)
+    logits = torch.randn(n + 7, 2)  # a padded vocabulary row, read through a stride
+    row = logits[:, 0]
+    assert not row.is_contiguous()
+    grammar.matcher().mask_row(row)
+    flat = np.random.default_rng(0).standard_normal(n + 7).astype(np.float32)
+    grammar.matcher().mask_logits(flat)
+    assert torch.equal(torch.isinf(row), torch.from_numpy(np.isinf(flat)))
+    assert torch.isinf(row[n:]).all() and int((~torch.isinf(row)).sum()) >= 1

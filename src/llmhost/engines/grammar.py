@@ -13,7 +13,9 @@ Why llguidance: measured on the TinyLlama-shaped GGUF (32000 tokens, 2 CPU cores
 One greedy stream, 48 tokens: 60 tok/s unconstrained, 60 with llguidance, 61 with xgrammar, 52
 with GBNF (which also ignores integer bounds in llama-cpp-python's schema converter).
 llguidance compiles fastest, masks as fast as xgrammar, and serves both engines (llama.cpp
-vocab and Hugging Face tokenizer adapters) through one code path.
+vocab and Hugging Face tokenizer adapters) through one code path. In the llama.cpp engine
+(benchmarks/constrained_decoding.py, same lengths): 50.6 vs 50.5 tok/s constrained vs not at 1
+stream, 70.6 vs 69.0 at 8; the vocabulary is read once in ~0.12 s.
 
 The tokenizer adapter is built once per model, on first use and off the event loop. Compiled
 grammars are kept per constraint in a bounded LRU; a sequence gets a copy of the cached
