@@ -19,10 +19,18 @@ from typing import TYPE_CHECKING, Any
 from llmhost.engines.base import Engine, StopMatcher, check_context
 from llmhost.errors import EngineError, EngineNotReady, InvalidRequest, Overloaded
 from llmhost.store import crypto
-from llmhost.types import EngineHealth, GenerationRequest, SamplingParams, TokenDelta, Usage
+from llmhost.types import (
+    Constraint,
+    EngineHealth,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
+    from llmhost.engines.grammar import GrammarCompiler, Matcher
 
 THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a thread
 BURST_QUIET = 0.004  # seconds without a new arrival that end a burst
@@ -42,6 +50,7 @@ class BaseSequence:
     n_generated: int = 0
     last_token: int = -1
     cancelled: bool = False
+    grammar: Matcher | None = None  # the constraint on its output, if any
     stops: StopMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -238,6 +247,8 @@ class BatchLoop(abc.ABC):
         text, hit = seq.stops.feed(self._take(seq, token))
         if hit:
             self._done(seq, "stop", text, (token,))
+        elif seq.grammar is not None and seq.grammar.advance(token):
+            self._done(seq, "stop", text + self._tail(seq), (token,))
         elif seq.n_generated >= seq.budget:
             self._done(seq, "length", text + self._tail(seq), (token,))
         else:
@@ -311,6 +322,7 @@ class BatchedEngine(Engine):
     sequence_type: type[BaseSequence] = BaseSequence
     _scheduler: BatchLoop | None = None
     _n_vocab: int = 0
+    _grammars: GrammarCompiler | None = None
 
     def health(self) -> EngineHealth:
         if self._scheduler is None:
@@ -347,6 +359,7 @@ class BatchedEngine(Engine):
             budget=budget,
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
+            grammar=await self._matcher(request.sampling.constraint),
         )
         busy = (
             f"all {scheduler.n_slots} sequences are busy and {scheduler.max_queue} requests "
@@ -354,3 +367,18 @@ class BatchedEngine(Engine):
         )
         async for delta in scheduler.run(seq, busy):
             yield delta
+
+    async def _matcher(self, constraint: Constraint | None) -> Matcher | None:
+        """A fresh matcher for `constraint`; a grammar not compiled yet is compiled in a
+        thread, so a bad one is an InvalidRequest before the first delta."""
+        if constraint is None:
+            return None
+        compiler = self._grammars
+        if compiler is None:
+            raise InvalidRequest(
+                f"the {self.name} engine cannot constrain its output", param="response_format"
+            )
+        grammar = compiler.cached(constraint) or await asyncio.to_thread(
+            compiler.compile, constraint
+        )
+        return grammar.matcher()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import llama_cpp as C
 
 from llmhost.engines.batching import BatchedEngine, engine_settings
+from llmhost.engines.grammar import GrammarCompiler, llamacpp_tokenizer
 from llmhost.engines.llamacpp_batch import BatchScheduler, Sequence
 from llmhost.engines.llamacpp_threads import ThreadPool
 from llmhost.errors import (
@@ -56,6 +57,8 @@ def resolve_gguf(path: Path) -> Path:
 class LlamaCppEngine(BatchedEngine):
     name = "llamacpp"
     sequence_type = Sequence
+    supports_tools = True
+    supports_schema = True
 
     def __init__(
         self,
@@ -162,6 +165,8 @@ class LlamaCppEngine(BatchedEngine):
         self.bos_token = self._special_text(C.llama_vocab_bos(self._vocab))
         self.eos_token = self._special_text(C.llama_vocab_eos(self._vocab))
         self._n_vocab = n_vocab
+        vocab = self._vocab
+        self._grammars = GrammarCompiler(lambda: llamacpp_tokenizer(vocab, n_vocab, eog), n_vocab)
         self._scheduler = BatchScheduler(
             ctx,
             self._vocab,
@@ -191,6 +196,7 @@ class LlamaCppEngine(BatchedEngine):
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.close)
             self._scheduler = None
+        self._grammars = None
         if self._ctx:
             C.llama_free(self._ctx)
             self._ctx = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp as C
+import numpy as np
 
 from llmhost.engines.batching import BaseSequence, BatchLoop
 
@@ -183,6 +184,11 @@ class BatchScheduler(BatchLoop):
     def _sample(self, seq: Sequence, idx: int) -> None:
         if seq.cancelled:
             return
+        if seq.grammar is not None:
+            # Masked in place in llama.cpp's logits: the sampler chain (penalties,
+            # temperature, greedy) then sees only the tokens the grammar allows.
+            logits = C.llama_get_logits_ith(self.ctx, idx)
+            seq.grammar.mask_logits(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))
         token = C.llama_sampler_sample(seq.sampler, self.ctx, idx)
         self._emit(seq, token, token in self._eog)
 

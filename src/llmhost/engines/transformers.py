@@ -21,6 +21,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmhost.engines.batching import BatchedEngine, engine_settings
+from llmhost.engines.grammar import GrammarCompiler, hf_tokenizer
 from llmhost.engines.torch_setup import (
     bnb_config,
     onednn_linear_works,
@@ -68,6 +69,8 @@ def check_folder(path: Path, allow_pickle: bool) -> bool:
 class TransformersEngine(BatchedEngine):
     name = "transformers"
     sequence_type = Sequence
+    supports_tools = True
+    supports_schema = True
 
     def __init__(
         self,
@@ -220,6 +223,8 @@ class TransformersEngine(BatchedEngine):
 
         self.model, self.tokenizer = model, tokenizer
         self._n_vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+        n_vocab, eos_ids = self._n_vocab, sorted(eos)
+        self._grammars = GrammarCompiler(lambda: hf_tokenizer(tokenizer, n_vocab, eos_ids), n_vocab)
         self.model_info = ModelInfo(id=self._model_id, context_length=per_seq)
         template = getattr(tokenizer, "chat_template", None)
         self.chat_template = template if isinstance(template, str) else None
@@ -251,6 +256,7 @@ class TransformersEngine(BatchedEngine):
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.close)
             self._scheduler = None
+        self._grammars = None
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -319,6 +319,9 @@ class TorchScheduler(BatchLoop):
     # --- sampling and output -------------------------------------------------------------
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        for i, seq in enumerate(seqs):
+            if seq.grammar is not None and not seq.cancelled:
+                seq.grammar.mask_row(logits[i])
         greedy = (
             logits.argmax(-1).tolist() if all(s.greedy and not s.penalised for s in seqs) else None
         )
