@@ -40,13 +40,67 @@ def check_schema(schema: Any, what: str, *, object_only: bool) -> dict[str, Any]
 
 
 def schema_error(schema: dict[str, Any], what: str) -> str | None:
-    """Why `schema` is not a valid JSON Schema (2020-12), or None. About 2 ms a KiB: run it in
-    a worker thread."""
+    """Why `schema` is not a valid JSON Schema (2020-12) or can match nothing because a
+    reference leads back to itself, or None. About 2 ms a KiB: run it in a worker thread."""
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         path = "/".join(str(p) for p in exc.path) or "(root)"
         return f"{what} is not a valid JSON schema at {path}: {exc.message:.200}"
+    loop = _ref_cycle(schema)
+    if loop:
+        return (
+            f"{what} can match nothing: its reference {loop!r:.120} leads back to itself "
+            "without describing any value"
+        )
+    return None
+
+
+# Keywords that describe a value themselves; a schema holding one is more than a reference.
+_CONSTRUCTORS = frozenset(
+    ("type", "properties", "items", "prefixItems", "enum", "const", "anyOf", "oneOf", "not")
+)
+
+
+def _ref_target(root: dict[str, Any], ref: str) -> Any:
+    """The local schema `ref` names (#, #/$defs/x, #/definitions/x), or None."""
+    if ref == "#":
+        return root
+    for prefix in ("#/$defs/", "#/definitions/"):
+        if ref.startswith(prefix):
+            defs = root.get(prefix[2:-1])
+            return defs.get(ref[len(prefix) :]) if isinstance(defs, dict) else None
+    return None
+
+
+def _ref_cycle(root: dict[str, Any]) -> str | None:
+    """A `$ref` that, following only bare references (and allOf of them), comes back to
+    itself: recursion with no value in between, which no JSON value can end."""
+    starts = [root]
+    for key in ("$defs", "definitions"):
+        defs = root.get(key)
+        if isinstance(defs, dict):
+            starts += [d for d in defs.values() if isinstance(d, dict)]
+    for start in starts:
+        seen: set[int] = set()
+        todo = [start]
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                if node is start:
+                    return str(start.get("$ref", "#"))
+                continue
+            seen.add(id(node))
+            if _CONSTRUCTORS.intersection(node):
+                continue
+            nexts = [node.get("$ref")] if isinstance(node.get("$ref"), str) else []
+            nexts += [a.get("$ref") for a in node.get("allOf") or () if isinstance(a, dict)]
+            for ref in nexts:
+                target = _ref_target(root, ref) if isinstance(ref, str) else None
+                if isinstance(target, dict):
+                    if target is start:
+                        return ref
+                    todo.append(target)
     return None
 
 

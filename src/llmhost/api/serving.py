@@ -374,7 +374,13 @@ class OpenAIServing:
             forward=plan.forward,
         )
         notes = {} if notes is None else notes
-        return await self._respond(req, gen, model, CHAT, notes, ChatShaper(plan.parser()))
+        try:
+            return await self._respond(req, gen, model, CHAT, notes, ChatShaper(plan.parser()))
+        except InvalidRequest as exc:
+            # A forced call's grammar is built from the tools' schemas: name those.
+            if plan.forced is not None and exc.param == "response_format":
+                exc.param = "tools"
+            raise
 
     # --- /generate ---------------------------------------------------------------------------
 
