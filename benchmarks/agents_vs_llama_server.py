@@ -47,7 +47,7 @@ import openai
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from llmhost.store.demo import CHAT_TEMPLATE, ensure_demo_model
+from llmhost.store.demo import ensure_demo_model, gguf_chat_template
 
 CACHE = Path(os.environ.get("LLMHOST_BENCH_CACHE", Path.home() / ".cache/llmhost-bench"))
 MARKUP = ("<tool_call", "</tool_call", "<|im_", "<tools>", "<tool_response")
@@ -648,29 +648,16 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def gguf_template(path: Path) -> str | None:
-    from gguf import GGUFReader
-
-    f = GGUFReader(path).fields.get("tokenizer.chat_template")
-    return bytes(f.parts[f.data[0]]).decode() if f else None
-
-
 def demo_model() -> Path:
-    """The demo GGUF, rebuilt when the cached copy predates the current chat template (one
-    without tools would make llama-server ignore them)."""
-    path = ensure_demo_model(CACHE)
-    if gguf_template(path) != CHAT_TEMPLATE:
-        print("[bench] the cached demo model has an old chat template; rebuilding", file=sys.stderr)
-        path.unlink()
-        path = ensure_demo_model(CACHE)
-    return path
+    """The demo GGUF in the benchmark cache (rebuilt when its chat template is out of date)."""
+    return ensure_demo_model(CACHE)
 
 
 def with_template(model: Path, template: Path) -> Path:
     """A copy of `model` (in the cache) whose chat template is the Jinja file `template`."""
     out = CACHE / "agents-templates" / f"{model.stem}+{template.stem}.gguf"
     text = template.read_text()
-    if not out.exists() or gguf_template(out) != text:
+    if not out.exists() or gguf_chat_template(out) != text:
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [
@@ -797,7 +784,7 @@ def main() -> int:
         "parallel": args.parallel,
         "ctx_per_seq": args.ctx,
         "llama_server_version": version("llama-cpp-python"),
-        "template_mentions_tools": "tool" in (gguf_template(model) or ""),
+        "template_mentions_tools": "tool" in (gguf_chat_template(model) or ""),
         "llama_server_template_caps": caps,
         "wall_s": round(wall, 1),
         "results": results,

@@ -266,3 +266,69 @@ def test_recursive_schema_is_served(client):
         jsonschema.validate(json.loads(text), tree)
     else:
         assert text.startswith("{")
+
+
+def _stream_calls(client, **kw) -> tuple[dict[int, dict], str, str | None]:
+    calls: dict[int, dict] = {}
+    content, finish = "", None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if not chunk.choices:
+            continue
+        ch = chunk.choices[0]
+        content += ch.delta.content or ""
+        for tc in ch.delta.tool_calls or ():
+            entry = calls.setdefault(tc.index, {"name": None, "arguments": ""})
+            entry["name"] = entry["name"] or (tc.function.name if tc.function else None)
+            entry["arguments"] += (tc.function.arguments if tc.function else None) or ""
+        finish = ch.finish_reason or finish
+    return calls, content, finish
+
+
+@pytest.mark.parametrize("max_tokens", [3, 5, 8])
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_a_forced_call_cut_short_reads_the_same_streamed_or_not(client, choice, max_tokens):
+    tool_choice = (
+        "required"
+        if choice == "required"
+        else {"type": "function", "function": {"name": "get_weather"}}
+    )
+    kw = dict(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice=tool_choice,
+        max_completion_tokens=max_tokens,
+        seed=3,
+    )
+    whole = client.chat.completions.create(**kw).choices[0]
+    calls, content, finish = _stream_calls(client, **kw)
+    assert whole.finish_reason == finish == "length"
+    assert not whole.message.content and not content  # JSON never leaks into the text
+    got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or ()]
+    assert got == [(c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+
+
+def test_a_tool_without_parameters_is_called_with_none(client):
+    ping = {"type": "function", "function": {"name": "ping"}}
+    done = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=[ping],
+        tool_choice={"type": "function", "function": {"name": "ping"}},
+        max_completion_tokens=50,
+        seed=1,
+    )
+    (call,) = done.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {}
+    assert done.choices[0].finish_reason == "tool_calls"
+
+
+def test_stop_with_structured_output_is_refused(server):
+    body = {
+        "model": MODEL,
+        "messages": ASK,
+        "stop": ["a"],
+        "response_format": {"type": "json_object"},
+    }
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"

@@ -322,7 +322,12 @@ def test_named_constraint_is_the_parameters_schema() -> None:
     assert c.kind == "json_schema"
     assert json.loads(c.source) == TOOLS[0]["function"]["parameters"]
     assert c.source == tc.named_constraint(TOOLS[0]).source
-    assert json.loads(tc.named_constraint(TOOLS[1]).source) == {"type": "object", "properties": {}}
+    # no parameters declared: the function takes none (OpenAI's reading)
+    assert json.loads(tc.named_constraint(TOOLS[1]).source) == {
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    }
 
 
 def test_required_constraint() -> None:

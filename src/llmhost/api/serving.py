@@ -375,7 +375,14 @@ class OpenAIServing:
         )
         notes = {} if notes is None else notes
         try:
-            return await self._respond(req, gen, model, CHAT, notes, ChatShaper(plan.parser()))
+            return await self._respond(
+                req,
+                gen,
+                model,
+                CHAT,
+                notes,
+                ChatShaper(plan.parser(), forced=plan.forced is not None),
+            )
         except InvalidRequest as exc:
             # A forced call's grammar is built from the tools' schemas: name those.
             if plan.forced is not None and exc.param == "response_format":

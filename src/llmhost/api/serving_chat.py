@@ -96,6 +96,12 @@ def _check(req: ChatCompletionRequest, engine: Engine) -> None:
     forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
     if uses_tools and forced and not engine.supports_schema and not engine.remote:
         raise _refuse(engine, "tool_choice", "a forced tool_choice (constrained decoding)")
+    if req.stop and (wants_schema or (uses_tools and forced)) and not engine.remote:
+        raise InvalidRequest(
+            "stop cannot be combined with a response_format schema or a forced tool_choice: "
+            "a stop string would cut the structured output short",
+            param="stop",
+        )
 
 
 def _constraint(req: ChatCompletionRequest, forced: str | None) -> Constraint | None:
@@ -174,9 +180,21 @@ class ChatShaper:
     """Turns engine deltas into chat chunks' `delta` objects and the whole message, with tool
     calls parsed from the text (in-process engines) or passed on as the upstream sent them."""
 
-    def __init__(self, parser: toolcalls.ToolCallParser | None):
+    def __init__(self, parser: toolcalls.ToolCallParser | None, *, forced: bool = False):
         self.parser = parser
         self.called = False
+        # A forced call's output is JSON by construction: what does not become a call (a
+        # call cut short before its name) is never shown as text.
+        self.forced = forced
+
+    def _events(self, text: str, final: bool) -> list[toolcalls.Event]:
+        assert self.parser is not None
+        events = self.parser.feed(text) if text else []
+        if final:
+            events += self.parser.finish()
+        if self.forced:
+            events = [e for e in events if not isinstance(e, toolcalls.Content)]
+        return events
 
     def deltas(self, d: TokenDelta) -> list[dict[str, Any]]:
         """The `delta` objects one engine delta makes (often one, sometimes none)."""
@@ -187,9 +205,7 @@ class ChatShaper:
         if self.parser is None:
             events: list[toolcalls.Event] = [toolcalls.Content(d.text)] if d.text else []
         else:
-            events = self.parser.feed(d.text) if d.text else []
-            if d.finish_reason is not None:
-                events += self.parser.finish()
+            events = self._events(d.text, d.finish_reason is not None)
         for ev in events:
             out.append(self._delta(ev))
         return _merge(out)
@@ -207,27 +223,29 @@ class ChatShaper:
         return "tool_calls" if reason == "stop" and self.called else reason
 
     def message(self, text: str, remote_calls: list[dict[str, Any]]) -> dict[str, Any]:
-        """The whole assistant message for a response that was not streamed."""
+        """The whole assistant message for a response that was not streamed: read from the
+        same events a stream sends, so both ways give the same calls and text."""
         if remote_calls:
             self.called = True
             return {"role": "assistant", "content": text or None, "tool_calls": remote_calls}
         if self.parser is None:
             return {"role": "assistant", "content": text}
-        content, calls = toolcalls.parse(self.parser, text)
+        events = self._events(text, True)
+        content = "".join(e.text for e in events if isinstance(e, toolcalls.Content))
+        calls: dict[int, dict[str, Any]] = {}
+        for ev in events:
+            if isinstance(ev, toolcalls.CallStart):
+                fn = {"name": ev.name, "arguments": ""}
+                calls[ev.index] = {"id": ev.id, "type": "function", "function": fn}
+            elif isinstance(ev, toolcalls.CallArgs):
+                calls[ev.index]["function"]["arguments"] += ev.fragment
         if not calls:
-            return {"role": "assistant", "content": content or ""}
+            return {"role": "assistant", "content": None if self.forced else content}
         self.called = True
         return {
             "role": "assistant",
-            "content": content,
-            "tool_calls": [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                }
-                for c in calls
-            ],
+            "content": content if content.strip() else None,
+            "tool_calls": [calls[i] for i in sorted(calls)],
         }
 
 

@@ -1074,7 +1074,10 @@ def parse(parser: ToolCallParser, text: str) -> tuple[str | None, list[ToolCall]
 
 # -- forced calls --------------------------------------------------------------------------
 
-_EMPTY_OBJECT: Mapping[str, Any] = MappingProxyType({"type": "object", "properties": {}})
+# A function declared without parameters takes none (OpenAI's reading), so its arguments are {}.
+_EMPTY_OBJECT: Mapping[str, Any] = MappingProxyType(
+    {"type": "object", "properties": {}, "additionalProperties": False}
+)
 
 
 def _function(tool: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -11,6 +11,7 @@ llama.cpp's rotary layout -> rename each file into place only once complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -22,6 +23,8 @@ from llmhost.engines.chat_template import FALLBACK_TEMPLATE
 
 BOS, EOS, IM_START, IM_END = "<s>", "</s>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
+log = logging.getLogger("llmhost.store.demo")
+
 CHAT_TEMPLATE = "{{ bos_token }}" + FALLBACK_TEMPLATE
 
 
@@ -313,9 +316,21 @@ def build_model(
     return BuiltModel(gguf=gguf_path, hf_dir=hf_dir)
 
 
+def gguf_chat_template(path: Path) -> str | None:
+    """The chat template a GGUF file carries (its metadata only is read)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.chat_template")
+    return bytes(field.parts[field.data[0]]).decode() if field else None
+
+
 def ensure_demo_model(models_dir: Path) -> Path:
-    """The demo GGUF under `models_dir/demo`, built on first use."""
+    """The demo GGUF under `models_dir/demo`, built on first use and rebuilt when it was built
+    by an older llmhost with another chat template (one without tools, say)."""
     target = Path(models_dir) / "demo" / "llmhost-demo.gguf"
+    if target.exists() and gguf_chat_template(target) != CHAT_TEMPLATE:
+        log.info("the demo model's chat template is out of date; rebuilding it")
+        target.unlink()
     if not target.exists():
         build_model(target.parent)
     return target
