@@ -1,0 +1,50 @@
+"""The constrained-decoding and tool-call benchmarks in smoke form (CI runs these; the full runs
+are by hand): each prints its JSON line with sane figures, and llmhost answers every tool-call
+and schema case right or is cut by max_tokens, never wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import require
+
+require("llama_cpp")
+require("openai")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path: Path, script: str, *args: str) -> dict:
+    env = {**os.environ, "LLMHOST_BENCH_CACHE": str(tmp_path), "LLMHOST_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_constrained_decoding_smoke(tmp_path):
+    out = _run(tmp_path, "constrained_decoding.py", "--smoke")
+    assert out["schema_fields"] == 20
+    assert out["compile_ms"]["first"] < 50 and out["compile_ms"]["cached"] < 1
+    for key in ("c1_tok_s", "c8_tok_s"):
+        fig = out[key]
+        assert fig["constrained"] > 0 and fig["unconstrained"] > 0 and fig["ratio"] > 0.3
+
+
+def test_agents_benchmark_smoke_llmhost(tmp_path):
+    out = _run(tmp_path, "agents_vs_llama_server.py", "--smoke", "--servers", "llmhost")
+    results = out["results"]["llmhost"]
+    assert len(results) == 12
+    for case, r in results.items():
+        assert r["failed"] == 0, (case, r["failures"])
+        assert r["passed"] + r["length_cuts"] == r["n"] == 1, case
+    assert all(results[k]["passed"] == 1 for k in results if k.startswith("8"))
