@@ -63,6 +63,18 @@ def test_command_line(tmp_path):
     ]
     plain = vllm_command(Settings(home=tmp_path, model="m"), 1, "k", "m")
     assert "--distributed-executor-backend" not in plain and "--max-model-len" not in plain
+    assert "--enable-auto-tool-choice" not in plain
+
+
+def test_tool_parser_starts_vllm_with_its_parser(tmp_path):
+    cmd = vllm_command(Settings(home=tmp_path, model="m", tool_parser="llama3"), 1, "k", "m")
+    assert cmd[-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    # a parser given in vllm_args wins
+    own = Settings(
+        home=tmp_path, model="m", tool_parser="hermes", vllm_args="--tool-call-parser pythonic"
+    )
+    cmd = vllm_command(own, 1, "k", "m")
+    assert cmd.count("--tool-call-parser") == 1 and cmd[-1] == "pythonic"
 
 
 def serve_vllm(tmp_path, *extra, env=None):
