@@ -43,16 +43,6 @@ class NamedCallParser(ToolCallParser):
         self._kind_string_ok = False
         return self._begin_args(s, j, self._finish_call)
 
-    def _to_trailer(self) -> None:
-        self._region = None
-        self._state = self._st_trailer
-
-    def _st_trailer(self, s: str, i: int) -> int:
-        j = _skip_ws(s, i)
-        if j < len(s):
-            return self._fail(s, j)
-        return j
-
 
 class RequiredCallsParser(ToolCallParser):
     """Output constrained to `[{"name": ..., "arguments": {...}}, ...]` (see
@@ -73,16 +63,6 @@ class RequiredCallsParser(ToolCallParser):
         self._begin_region(j)
         self._begin_array(self._to_trailer)
         return j + 1
-
-    def _to_trailer(self) -> None:
-        self._region = None
-        self._state = self._st_trailer
-
-    def _st_trailer(self, s: str, i: int) -> int:
-        j = _skip_ws(s, i)
-        if j < len(s):
-            return self._fail(s, j)
-        return j
 
 
 # A function declared without parameters takes none (OpenAI's reading), so its arguments are {}.

@@ -383,6 +383,18 @@ class ToolCallParser:
     # a name but no arguments stays content; constrained output may commit on the name alone.
     _start_on_name = False
 
+    # -- the end of a forced call's output: only whitespace may follow ------------------
+
+    def _to_trailer(self) -> None:
+        self._region = None
+        self._state = self._st_trailer
+
+    def _st_trailer(self, s: str, i: int) -> int:
+        j = _skip_ws(s, i)
+        if j < len(s):
+            return self._fail(s, j)
+        return j
+
     # -- call objects {"name": ..., "arguments": ...} ------------------------------------
 
     def _begin_object(self) -> None:
