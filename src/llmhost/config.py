@@ -160,6 +160,18 @@ class Settings(BaseSettings):
         False,
         description="Let decrypt_dir be on a disk, not tmpfs/ramfs: plaintext weights on disk.",
     )
+    prompt_cache: bool = Field(
+        True,
+        description="Reuse the KV of a cached prompt prefix (multi-turn chat, shared system "
+        "prompts); a request may opt out with cache_prompt: false.",
+    )
+    prompt_cache_mb: int = Field(
+        1024,
+        ge=0,
+        le=1 << 20,
+        description="Host memory (MiB) for prompt prefixes kept outside the sequence slots; "
+        "0 keeps only what the slots hold.",
+    )
     tool_parser: Literal["hermes", "llama3", "mistral", "deepseek", "json"] | None = Field(
         None,
         description="The model's tool-call format; by default found from its chat template.",

@@ -52,6 +52,9 @@ class GenerationRequest:
     add_special: bool = True
     messages: tuple[dict[str, Any], ...] | None = None
     forward: Mapping[str, Any] | None = None
+    # Reuse the longest cached prefix of this prompt's KV and keep its KV for later requests
+    # (llama-server's `cache_prompt`); False: prefill from the first token, keep nothing.
+    cache_prompt: bool = True
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@ class Engine(abc.ABC):
     Implement `start`, `close`, `stream`, `tokenize` and `health`; set `model_info`,
     `chat_template` and the special token strings when the model is loaded.
     `stream` yields TokenDelta objects; the last one has `finish_reason` and `usage`.
+    `health().stats` may report the prompt cache with these keys (cumulative counts, for
+    Prometheus counters): `prefix_cache_queries` (prompt tokens looked up),
+    `prefix_cache_hits` (of those, tokens found cached and not prefilled again),
+    `prefix_cache_requests_hit` (requests that reused at least one token), and gauges
+    `prompt_cache_bytes` / `prompt_cache_budget_bytes` (host memory held by cached prefixes
+    outside the sequence slots, and its budget).
     Errors in the request (too long, bad parameters) must be raised before the first delta so
     the server can still answer with a proper HTTP error. Closing the iterator early (client
     gone) must free whatever the request held.

@@ -311,6 +311,8 @@ def engine_settings(settings: Settings) -> dict[str, Any]:
         "key_loader": lambda: crypto.load_key(settings.model_key_file, settings.model_key_command),
         "decrypt_dir": settings.decrypt_dir,
         "decrypt_allow_disk": settings.decrypt_allow_disk,
+        "prompt_cache": settings.prompt_cache,
+        "prompt_cache_bytes": settings.prompt_cache_mb << 20,
     }
 
 

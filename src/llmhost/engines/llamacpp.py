@@ -74,6 +74,8 @@ class LlamaCppEngine(BatchedEngine):
         key_loader: Callable[[], bytes] | None = None,
         decrypt_dir: Path | str = "/dev/shm",
         decrypt_allow_disk: bool = False,
+        prompt_cache: bool = True,
+        prompt_cache_bytes: int = 1 << 30,
     ):
         self.path = Path(model_path)
         self._explicit_id = model_id
@@ -87,6 +89,8 @@ class LlamaCppEngine(BatchedEngine):
         self.key_loader = key_loader
         self.decrypt_dir = Path(decrypt_dir)
         self.decrypt_allow_disk = decrypt_allow_disk
+        self.prompt_cache = prompt_cache
+        self.prompt_cache_bytes = prompt_cache_bytes
         self._model = None
         self._ctx = None
         self._vocab = None

@@ -89,6 +89,8 @@ class TransformersEngine(BatchedEngine):
         key_loader: Callable[[], bytes] | None = None,
         decrypt_dir: Path | str = "/dev/shm",
         decrypt_allow_disk: bool = False,
+        prompt_cache: bool = True,
+        prompt_cache_bytes: int = 1 << 30,
     ):
         if quantization in ("", "none"):
             quantization = None
@@ -111,6 +113,8 @@ class TransformersEngine(BatchedEngine):
         self.key_loader = key_loader
         self.decrypt_dir = Path(decrypt_dir)
         self.decrypt_allow_disk = decrypt_allow_disk
+        self.prompt_cache = prompt_cache
+        self.prompt_cache_bytes = prompt_cache_bytes
         self.model: Any = None
         self.tokenizer: Any = None
         self._scheduler: TorchScheduler | None = None
