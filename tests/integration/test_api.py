@@ -283,3 +283,17 @@ async def test_unexpected_engine_failure_is_500_body(env):
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c2:
         r = await c2.post("/v1/completions", json={"prompt": "a"})
     assert_error(r, 500, "internal server error")
+
+
+async def test_cache_prompt_reaches_the_engine(env):
+    c, engine = env
+    for path, body in [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ]:
+        r = await c.post(path, json={**body, "max_tokens": 2})
+        assert r.status_code == 200 and engine.requests[-1].cache_prompt is True
+        r = await c.post(path, json={**body, "max_tokens": 2, "cache_prompt": False})
+        assert r.status_code == 200 and engine.requests[-1].cache_prompt is False
+        r = await c.post(path, json={**body, "cache_prompt": "no"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_prompt"

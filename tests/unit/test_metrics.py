@@ -144,3 +144,23 @@ def test_tpot_and_tokens_and_engine_stats():
     health[0] = None  # loading: down, and no load figures
     found = samples(m)
     assert one(found, "llmhost_engine_up") == 0 and "llmhost_engine_slots" not in found
+
+
+def test_prompt_cache_statistics_become_counters_and_gauges():
+
+    metrics = Metrics()
+    stats = {
+        "prefix_cache_queries": 40,
+        "prefix_cache_hits": 12,
+        "prefix_cache_requests_hit": 2,
+        "prompt_cache_bytes": 1024,
+        "prompt_cache_budget_bytes": 4096,
+    }
+    metrics.watch_engine(lambda: EngineHealth(ok=True, stats=stats))
+    text = metrics.render().decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["llmhost_prefix_cache_queries"].type == "counter"
+    assert fams["llmhost_prefix_cache_hits"].samples[0].value == 12
+    assert fams["llmhost_prefix_cache_requests_hit"].samples[0].value == 2
+    assert fams["llmhost_prompt_cache_bytes"].samples[0].value == 1024
+    assert fams["llmhost_prompt_cache_budget_bytes"].samples[0].value == 4096

@@ -101,6 +101,11 @@ class _SamplingRequest(BaseModel):
     ignore_eos: StrictBool = Field(
         False, description="Extension: generate max_tokens regardless of EOS."
     )
+    cache_prompt: StrictBool = Field(
+        True,
+        description="Extension (llama-server's): reuse the cached KV of this prompt's longest "
+        "cached prefix and keep this prompt's for later requests; false: prefill it all.",
+    )
     # Refused when set (see _unsupported); the schema says so, so clients and fuzzers know.
     logprobs: bool | int | None = Field(None, json_schema_extra={"enum": [False, 0, None]})
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})

@@ -353,7 +353,10 @@ class OpenAIServing:
     ):
         model = self.check_model(req.model)
         gen = GenerationRequest(
-            prompt=req.prompt, sampling=self.sampling(req, req.max_tokens), request_id=request_id
+            prompt=req.prompt,
+            sampling=self.sampling(req, req.max_tokens),
+            request_id=request_id,
+            cache_prompt=req.cache_prompt,
         )
         return await self._respond(req, gen, model, COMPLETION, {} if notes is None else notes)
 
@@ -372,6 +375,7 @@ class OpenAIServing:
             request_id=request_id,
             messages=plan.messages,
             forward=plan.forward,
+            cache_prompt=req.cache_prompt,
         )
         notes = {} if notes is None else notes
         try:

@@ -223,6 +223,8 @@ class OpenAIUpstreamEngine(Engine):
             body["repetition_penalty"] = s.repeat_penalty
         if s.ignore_eos:
             body["ignore_eos"] = True
+        if not request.cache_prompt:  # llama-server's field; sent only to opt out
+            body["cache_prompt"] = False
         if request.messages is not None:
             chat = {**body, **(request.forward or {}), "messages": list(request.messages)}
             return "/v1/chat/completions", chat

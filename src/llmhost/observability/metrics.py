@@ -18,7 +18,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from llmhost import __version__
@@ -66,6 +66,31 @@ ENGINE_GAUGES = (
     ("llmhost_requests_waiting", "waiting", "Requests queued for a free slot."),
     ("llmhost_engine_slots", "slots", "Sequences the engine decodes together."),
     ("llmhost_engine_kv_cache_usage_ratio", "kv_cache_usage", "Share of the KV cache in use."),
+    ("llmhost_prompt_cache_bytes", "prompt_cache_bytes", "Host memory held by cached prompts."),
+    (
+        "llmhost_prompt_cache_budget_bytes",
+        "prompt_cache_budget_bytes",
+        "Host memory cached prompts may hold.",
+    ),
+)
+# Cumulative counts the engine keeps, exposed as counters (vLLM's prefix_cache_queries and
+# prefix_cache_hits count tokens the same way).
+ENGINE_COUNTERS = (
+    (
+        "llmhost_prefix_cache_queries",
+        "prefix_cache_queries",
+        "Prompt tokens looked up in the prompt cache.",
+    ),
+    (
+        "llmhost_prefix_cache_hits",
+        "prefix_cache_hits",
+        "Prompt tokens found in the prompt cache, not prefilled again.",
+    ),
+    (
+        "llmhost_prefix_cache_requests_hit",
+        "prefix_cache_requests_hit",
+        "Requests that reused at least one cached prompt token.",
+    ),
 )
 
 
@@ -78,12 +103,17 @@ class _EngineCollector(_CallbackCollector):
         self.health = health
 
     def describe(self) -> Iterable[Metric]:
-        return [GaugeMetricFamily(*ENGINE_UP), *super().describe()]
+        counters = [CounterMetricFamily(name, doc) for name, _, doc in ENGINE_COUNTERS]
+        return [GaugeMetricFamily(*ENGINE_UP), *super().describe(), *counters]
 
     def collect(self) -> Iterable[Metric]:
         h = self.health()
         yield GaugeMetricFamily(*ENGINE_UP, value=1.0 if h is not None and h.ok else 0.0)
-        yield from self._gauges(None if h is None else h.stats)
+        stats = None if h is None else h.stats
+        yield from self._gauges(stats)
+        for name, key, doc in ENGINE_COUNTERS:
+            if stats and key in stats:
+                yield CounterMetricFamily(name, doc, value=float(stats[key]))
 
 
 def host_stats() -> dict[str, float]:
