@@ -25,12 +25,12 @@ def _scenarios(
 ):
     from llmhost.ops.bench import SCENARIO_KINDS, Scenario, load_sharegpt
 
-    if sharegpt is not None:
-        if kind not in ("random", "sharegpt"):
-            raise ConfigError("--sharegpt replays its own conversations; drop --scenario")
-        kind = "sharegpt"
     if kind not in SCENARIO_KINDS[:3]:
         raise ConfigError("--scenario: random, multi-turn or shared-prefix")
+    if sharegpt is not None:
+        if kind != "random":
+            raise ConfigError("--sharegpt replays its own conversations; drop --scenario")
+        kind = "sharegpt"
     if kind != "random" and rate:
         raise ConfigError("--rate applies to the random scenario only")
     if conversations < 1 or turns < 1:
