@@ -123,3 +123,99 @@ def test_bad_arguments_are_one_line_errors(server):
         timeout=60,
     )
     assert p.returncode == 1 and "cannot list models" in p.stderr
+
+
+def check_turns(r: dict, conversations: int, turns: int) -> None:
+    by_turn = r["ttft_by_turn_ms"]
+    assert [t["turn"] for t in by_turn] == list(range(1, turns + 1))
+    assert all(t["n"] == conversations and 0 <= t["p50"] <= t["p90"] for t in by_turn)
+
+
+def test_multi_turn_conversations(server):
+    rep = bench(
+        server.url,
+        "--scenario",
+        "multi-turn",
+        "--conversations",
+        "3",
+        "--turns",
+        "3",
+        "--system-tokens",
+        "64",
+        "--prompt-tokens",
+        "6",
+        "--output-tokens",
+        "5",
+        "--seed",
+        "7",
+    )
+    (r,) = rep["results"]
+    assert r["scenario"]["kind"] == "multi-turn"
+    check(r, 9, 5)
+    check_turns(r, 3, 3)
+    assert r["prompt_tokens"] > 9 * 64  # every turn resends the system prompt and history
+
+
+def test_shared_prefix(server):
+    rep = bench(
+        server.url,
+        "--scenario",
+        "shared-prefix",
+        "--concurrency",
+        "3",
+        "--requests",
+        "6",
+        "--system-tokens",
+        "128",
+        "--output-tokens",
+        "4",
+    )
+    (r,) = rep["results"]
+    assert r["scenario"]["name"] == "shared-prefix c=3"
+    check(r, 6, 4)
+    assert "ttft_by_turn_ms" not in r
+
+
+def test_sharegpt_replay(server, tmp_path):
+    turn = [{"from": "human", "value": "Tell me about rivers."}, {"from": "gpt", "value": "Wet."}]
+    data = [
+        {"conversations": [{"from": "system", "value": "Be brief."}, *turn * 3]},
+        {"conversations": "malformed"},
+        {"conversations": turn * 2},
+        {"conversations": turn},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    for extra in ([], ["--sharegpt-use-file-answers"]):
+        rep = bench(
+            server.url,
+            "--sharegpt",
+            str(path),
+            "--conversations",
+            "2",
+            "--turns",
+            "2",
+            "--output-tokens",
+            "4",
+            *extra,
+        )
+        (r,) = rep["results"]
+        assert r["scenario"]["sharegpt_skipped"] == 1
+        check(r, 4, 4)
+        check_turns(r, 2, 2)
+
+
+def test_no_cache_prompt_is_sent_only_when_asked(server):
+    # llmhost refuses unknown fields; this server either knows cache_prompt or names it
+    p = subprocess.run(
+        [
+            *(sys.executable, "-m", "llmhost", "bench", server.url, "--concurrency", "1"),
+            *("--requests", "1", "--output-tokens", "2", "--no-cache-prompt", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)["results"][0]
+    assert r["completed"] == 1 or any("cache_prompt" in e for e in r["errors"])

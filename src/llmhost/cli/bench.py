@@ -13,15 +13,61 @@ from rich.table import Table
 from llmhost.errors import ConfigError
 
 
-def _scenarios(concurrency: str, rate: str | None, requests: int):
-    from llmhost.ops.bench import Scenario
+def _scenarios(
+    concurrency: str | None,
+    rate: str | None,
+    requests: int,
+    kind: str = "random",
+    conversations: int = 8,
+    turns: int = 6,
+    sharegpt: str | None = None,
+    use_file_answers: bool = False,
+):
+    from llmhost.ops.bench import SCENARIO_KINDS, Scenario, load_sharegpt
 
+    if kind not in SCENARIO_KINDS[:3]:
+        raise ConfigError("--scenario: random, multi-turn or shared-prefix")
+    if sharegpt is not None:
+        if kind != "random":
+            raise ConfigError("--sharegpt replays its own conversations; drop --scenario")
+        kind = "sharegpt"
+    if kind != "random" and rate:
+        raise ConfigError("--rate applies to the random scenario only")
+    if conversations < 1 or turns < 1:
+        raise ConfigError("--conversations and --turns must be >= 1")
+    if kind == "multi-turn":
+        return [
+            Scenario(
+                name=f"multi-turn {conversations}x{turns}",
+                kind=kind,
+                conversations=conversations,
+                turns=turns,
+            )
+        ]
+    if kind == "sharegpt":
+        convs, skipped = load_sharegpt(sharegpt or "", conversations, turns)
+        return [
+            Scenario(
+                name=f"sharegpt {len(convs)}x<={turns}",
+                kind=kind,
+                conversations=conversations,
+                turns=turns,
+                sharegpt=sharegpt,
+                use_file_answers=use_file_answers,
+                sharegpt_skipped=skipped,
+            )
+        ]
+    if concurrency is None:
+        concurrency = "8" if kind == "shared-prefix" else "1,8"
     out = []
     try:
         for c in (int(x) for x in concurrency.split(",") if x.strip()):
             if c < 1:
                 raise ValueError
-            out.append(Scenario(name=f"c={c}", concurrency=c, requests=requests or max(8, 4 * c)))
+            name = f"shared-prefix c={c}" if kind == "shared-prefix" else f"c={c}"
+            out.append(
+                Scenario(name=name, concurrency=c, requests=requests or max(8, 4 * c), kind=kind)
+            )
         for r in (float(x) for x in (rate or "").split(",") if x.strip()):
             if r <= 0:
                 raise ValueError
@@ -54,6 +100,26 @@ def _row(name: str, r: dict) -> list[str]:
         _fmt(r["e2e_ms"]["p99"], 0),
         _fmt(r["goodput"], 2),
     ]
+
+
+def _turn_table(title: str, rows: list[tuple[str, dict]]) -> Table | None:
+    """Per-turn TTFT of the conversation workloads; None when no run has turns."""
+    rows = [(n, r) for n, r in rows if r.get("ttft_by_turn_ms")]
+    if not rows:
+        return None
+    table = Table("run", "turn", "n", "TTFT50", "TTFT90", title=title)
+    for name, r in rows:
+        for i, t in enumerate(r["ttft_by_turn_ms"]):
+            last = i == len(r["ttft_by_turn_ms"]) - 1
+            table.add_row(
+                name if i == 0 else "",
+                str(t["turn"]),
+                str(t["n"]),
+                _fmt(t["p50"], 0),
+                _fmt(t["p90"], 0),
+                end_section=last,
+            )
+    return table
 
 
 COLUMNS = [
@@ -91,7 +157,10 @@ def register(app: typer.Typer) -> None:
         compare: tuple[str, str] | None = typer.Option(
             None, help="Two base URLs to run alternately; prints A/B ratios."
         ),
-        concurrency: str = typer.Option("1,8", help="Closed-loop concurrencies, comma-separated."),
+        concurrency: str | None = typer.Option(
+            None,
+            help="Closed-loop concurrencies, comma-separated [1,8; shared-prefix: 8].",
+        ),
         rate: str | None = typer.Option(None, help="Open-loop Poisson rates (req/s), comma-sep."),
         requests: int = typer.Option(0, help="Requests per scenario [8 or 4 x concurrency]."),
         prompt_tokens: int = typer.Option(32, help="Prompt length in words (about tokens)."),
@@ -115,6 +184,42 @@ def register(app: typer.Typer) -> None:
             help="Targets to check, e.g. ttft=300ms,throughput=50,success=99.95% (the guide's); "
             "exit 1 when one is missed.",
         ),
+        scenario: str = typer.Option(
+            "random",
+            help="Workload: random (a fresh prompt per request), multi-turn (conversations "
+            "behind one system prompt, each turn resending the history) or shared-prefix (one "
+            "long system prompt, short distinct questions).",
+        ),
+        conversations: int = typer.Option(
+            8, help="multi-turn / --sharegpt: conversations, all at once."
+        ),
+        turns: int = typer.Option(6, help="multi-turn / --sharegpt: user turns per conversation."),
+        system_tokens: int | None = typer.Option(
+            None,
+            help="Shared system prompt in words (about tokens) [multi-turn 512, "
+            "shared-prefix 1024].",
+        ),
+        sharegpt: str | None = typer.Option(
+            None,
+            metavar="PATH",
+            help="Replay a ShareGPT JSON file as multi-turn conversations (user turns from the "
+            "file, answers generated); malformed records are skipped and counted.",
+        ),
+        sharegpt_use_file_answers: bool = typer.Option(
+            False,
+            "--sharegpt-use-file-answers",
+            help="With --sharegpt: the history holds the file's answers, not the generated ones.",
+        ),
+        cache_prompt: bool = typer.Option(
+            True,
+            "--cache-prompt/--no-cache-prompt",
+            help="--no-cache-prompt sends cache_prompt: false with every request.",
+        ),
+        seed: str | None = typer.Option(
+            None,
+            help="Seed of the prompt text, for the same prompts run after run [a fresh one "
+            "per run, so no prompt cache holds them].",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
     ) -> None:
         """Measure TTFT, TPOT, ITL, latency and throughput of an OpenAI-compatible server."""
@@ -125,12 +230,26 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("give either a URL or --compare URL_A URL_B")
         if prompt_tokens < 1 or output_tokens < 1 or rounds < 1 or warmup < 0:
             raise ConfigError("token counts and --rounds must be >= 1, --warmup >= 0")
-        scenarios = _scenarios(concurrency, rate, requests)
+        scenarios = _scenarios(
+            concurrency,
+            rate,
+            requests,
+            scenario,
+            conversations,
+            turns,
+            sharegpt,
+            sharegpt_use_file_answers,
+        )
+        if system_tokens is None:
+            system_tokens = 1024 if scenario == "shared-prefix" else 512
+        if system_tokens < 0:
+            raise ConfigError("--system-tokens must be >= 0")
         from llmhost.ops.bench import parse_slo
 
         targets = parse_slo(slo) if slo else []
 
-        nonce = secrets.token_hex(4)  # A and B get the same prompts, unseen by either
+        # A and B get the same prompts, unseen by either unless a --seed repeats them
+        nonce = seed if seed is not None else secrets.token_hex(4)
 
         def cfg(u: str) -> BenchConfig:
             salt = f"{nonce}-{u}" if same_backend else nonce
@@ -144,6 +263,8 @@ def register(app: typer.Typer) -> None:
                 slo_ttft_ms=slo_ttft_ms,
                 slo_tpot_ms=slo_tpot_ms,
                 slo_e2e_ms=slo_e2e_ms,
+                system_tokens=system_tokens,
+                cache_prompt=cache_prompt,
                 nonce=salt,
             )
 
@@ -158,6 +279,11 @@ def register(app: typer.Typer) -> None:
                 for r in report:
                     table.add_row(*_row(r["scenario"]["name"], r))
                 console.print(table)
+                turns_table = _turn_table(
+                    "TTFT by turn (ms)", [(r["scenario"]["name"], r) for r in report]
+                )
+                if turns_table is not None:
+                    console.print(turns_table)
                 for r in report:
                     for t in r.get("slo", []):
                         mark = "[green]met[/]" if t["met"] else "[bold red]missed[/]"
@@ -195,3 +321,7 @@ def register(app: typer.Typer) -> None:
                 end_section=True,
             )
         console.print(table)
+        rows = [(f"{r['scenario']['name']} {k.upper()}", r[k]) for r in report for k in ("a", "b")]
+        turns_table = _turn_table("TTFT by turn (ms)", rows)
+        if turns_table is not None:
+            console.print(turns_table)

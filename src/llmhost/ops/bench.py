@@ -4,8 +4,12 @@ requests/s and goodput against SLOs.
 
 Closed loop: N workers each send their next request when the previous one finishes.
 Open loop: requests arrive as a Poisson process at a given rate, whatever the server's state.
-Every request streams (`/v1/completions`, `ignore_eos`) so token timings are seen as the client
-sees them.
+Every request streams (`ignore_eos`) so token timings are seen as the client sees them.
+
+Workloads: `random` sends a fresh prompt per request to `/v1/completions`; `multi-turn`,
+`shared-prefix` and `sharegpt` talk to `/v1/chat/completions` with a system prompt shared by
+all requests, conversations growing turn by turn with the answers streamed back (or, for
+ShareGPT, optionally the file's own answers), so that prompt caching shows in the figures.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import secrets
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -86,6 +91,8 @@ class RequestResult:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    turn: int | None = None  # 1-based turn of a conversation; None outside conversations
+    text: str = ""  # the streamed answer (chat workloads)
 
     @property
     def tpot(self) -> float | None:
@@ -106,6 +113,8 @@ class BenchConfig:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     slo_e2e_ms: float | None = None
+    system_tokens: int = 512  # chat workloads: length of the shared system prompt (words)
+    cache_prompt: bool = True  # False: each request sends `cache_prompt: false`
     nonce: str = field(default_factory=lambda: secrets.token_hex(4))
 
 
@@ -146,7 +155,21 @@ def summarize(results: list[RequestResult], duration: float, cfg: BenchConfig) -
         "tpot_ms": _dist([t for r in ok if (t := r.tpot) is not None]),
         "itl_ms": _dist([x for r in ok for x in r.itl]),
         "e2e_ms": _dist([r.e2e for r in ok]),
+        **({"ttft_by_turn_ms": ttft_by_turn(ok)} if any(r.turn for r in ok) else {}),
     }
+
+
+def ttft_by_turn(results: list[RequestResult]) -> list[dict]:
+    """TTFT p50/p90 of each conversation turn (1..T): with a prompt cache the later turns,
+    whose prompt is mostly the earlier ones, should not slow down as the history grows."""
+    by: dict[int, list[float]] = {}
+    for r in results:
+        if r.ok and r.turn:
+            by.setdefault(r.turn, []).append(r.ttft * 1000)
+    return [
+        {"turn": t, "n": len(v), "p50": _pct(v, 50), "p90": _pct(v, 90)}
+        for t, v in sorted(by.items())
+    ]
 
 
 def _meets_slo(r: RequestResult, cfg: BenchConfig) -> bool:
@@ -156,6 +179,133 @@ def _meets_slo(r: RequestResult, cfg: BenchConfig) -> bool:
         or (cfg.slo_tpot_ms is not None and tpot * 1000 > cfg.slo_tpot_ms)
         or (cfg.slo_e2e_ms is not None and r.e2e * 1000 > cfg.slo_e2e_ms)
     )
+
+
+# --- conversations ---------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    """A system prompt and the user turns; `answers` from a file, when given, replace the
+    generated ones in the history sent with the following turns."""
+
+    system: str
+    users: list[str]
+    answers: list[str] | None = None
+
+    def messages(self, turn: int, history: list[str]) -> list[dict]:
+        """The messages of 0-based `turn`: system, then every earlier user turn followed by
+        its answer (`history[i]`, or the file's), then this turn's user message."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for i in range(turn):
+            answer = self.answers[i] if self.answers is not None else history[i]
+            out.append({"role": "user", "content": self.users[i]})
+            out.append({"role": "assistant", "content": answer})
+        out.append({"role": "user", "content": self.users[turn]})
+        return out
+
+
+def build_conversations(
+    n: int, turns: int, system_tokens: int, user_tokens: int, seed: int | str
+) -> list[Conversation]:
+    """`n` conversations of `turns` user messages of about `user_tokens` words, all behind one
+    system prompt of about `system_tokens` words; deterministic from `seed`."""
+    system = make_prompt(system_tokens, f"{seed}-system") if system_tokens else ""
+    return [
+        Conversation(
+            system,
+            [
+                f"Question {c}.{t}: " + make_prompt(user_tokens, f"{seed}-{c}-{t}")
+                for t in range(turns)
+            ],
+        )
+        for c in range(n)
+    ]
+
+
+MAX_SHAREGPT_BYTES = 1 << 30
+_HUMAN = {"human", "user"}
+_GPT = {"gpt", "assistant", "chatgpt", "bard", "bing"}
+
+
+def parse_sharegpt(
+    data: object, max_conversations: int, max_turns: int
+) -> tuple[list[Conversation], int]:
+    """ShareGPT records (`[{"conversations": [{"from": ..., "value": ...}, ...]}, ...]`) as
+    conversations of at most `max_turns` user turns, the first `max_conversations` usable ones;
+    returns them and how many records were skipped as malformed (or holding no user turn)."""
+    if not isinstance(data, list):
+        raise ConfigError("a ShareGPT file holds a JSON list of {'conversations': [...]}")
+    out: list[Conversation] = []
+    skipped = 0
+    for rec in data:
+        if len(out) >= max_conversations:
+            break
+        conv = _sharegpt_record(rec, max_turns)
+        if conv is None:
+            skipped += 1
+        else:
+            out.append(conv)
+    return out, skipped
+
+
+def _sharegpt_record(rec: object, max_turns: int) -> Conversation | None:
+    msgs = rec.get("conversations") if isinstance(rec, dict) else None
+    if not isinstance(msgs, list) or not msgs:
+        return None
+    system: list[str] = []
+    users: list[str] = []
+    answers: list[str] = []
+    for m in msgs:
+        if not isinstance(m, dict):
+            return None
+        role, value = m.get("from"), m.get("value")
+        if not isinstance(role, str) or not isinstance(value, str):
+            return None
+        role = role.lower()
+        if role == "system":
+            system.append(value)
+        elif role in _HUMAN:
+            if len(users) > len(answers):  # two user messages in a row: one turn
+                users[-1] += "\n" + value
+            else:
+                users.append(value)
+        elif role in _GPT:
+            if len(users) > len(answers):
+                answers.append(value)
+            elif answers:  # two answers in a row: one answer
+                answers[-1] += "\n" + value
+            # an answer before any user turn (a greeting) is dropped
+        else:
+            return None
+    if not users or any(not u.strip() for u in users):
+        return None
+    users = users[:max_turns]
+    answers = (answers + [""] * len(users))[: len(users)]
+    return Conversation("\n".join(system), users, answers)
+
+
+def load_sharegpt(
+    path: str | Path, max_conversations: int, max_turns: int, max_bytes: int = MAX_SHAREGPT_BYTES
+) -> tuple[list[Conversation], int]:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"--sharegpt {path}: {exc.strerror or exc}") from exc
+    if size > max_bytes:
+        raise ConfigError(
+            f"--sharegpt {path}: {size} bytes, more than the {max_bytes} bytes read at most; "
+            "cut the file down first"
+        )
+    try:
+        data = json.loads(p.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--sharegpt {path}: not readable JSON: {exc}") from exc
+    convs, skipped = parse_sharegpt(data, max_conversations, max_turns)
+    if not convs:
+        raise ConfigError(f"--sharegpt {path}: no usable conversation ({skipped} malformed)")
+    return convs, skipped
 
 
 class Bench:
@@ -170,6 +320,7 @@ class Bench:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         self.client = httpx.AsyncClient(timeout=cfg.timeout, headers=headers, limits=limits)
         self._seed = 0
+        self._sharegpt: dict[tuple, list[Conversation]] = {}
 
     async def __aenter__(self) -> Bench:
         if self.cfg.model is None:
@@ -192,18 +343,34 @@ class Bench:
         body = {
             "model": self.cfg.model,
             "prompt": make_prompt(self.cfg.prompt_tokens, f"{self.cfg.nonce}-{self._seed}"),
+        }
+        return await self._stream("/completions", body)
+
+    async def chat(self, messages: list[dict], turn: int | None = None) -> RequestResult:
+        """One streamed chat completion; the answer's text comes back in `.text`."""
+        res = await self._stream(
+            "/chat/completions", {"model": self.cfg.model, "messages": messages}
+        )
+        res.turn = turn
+        return res
+
+    async def _stream(self, path: str, body: dict) -> RequestResult:
+        body |= {
             "max_tokens": self.cfg.output_tokens,
             "temperature": self.cfg.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
             "ignore_eos": True,
         }
+        if not self.cfg.cache_prompt:  # sent only when asked: older servers refuse the field
+            body["cache_prompt"] = False
         res = RequestResult(ok=False)
         start = time.perf_counter()
         last = None
         chunks = 0
+        parts: list[str] = []
         try:
-            async with self.client.stream("POST", self.base + "/completions", json=body) as r:
+            async with self.client.stream("POST", self.base + path, json=body) as r:
                 if r.status_code != 200:
                     await r.aread()
                     res.error = f"HTTP {r.status_code}: {r.text[:200]}"
@@ -222,7 +389,11 @@ class Bench:
                         res.prompt_tokens = obj["usage"].get("prompt_tokens", 0)
                         res.output_tokens = obj["usage"].get("completion_tokens", 0)
                     choices = obj.get("choices") or []
-                    if choices and choices[0].get("text"):
+                    if not choices:
+                        continue
+                    c = choices[0]
+                    piece = c.get("text") or (c.get("delta") or {}).get("content")
+                    if piece:
                         now = time.perf_counter()
                         if last is None:
                             res.ttft = now - start
@@ -230,11 +401,13 @@ class Bench:
                             res.itl.append(now - last)
                         last = now
                         chunks += 1
+                        parts.append(piece)
         except httpx.HTTPError as exc:
             res.error = f"{type(exc).__name__}: {exc}"
             return res
         res.e2e = time.perf_counter() - start
         res.output_tokens = res.output_tokens or chunks
+        res.text = "".join(parts)
         res.ok = last is not None
         if not res.ok:
             res.error = "no tokens received"
@@ -266,20 +439,90 @@ class Bench:
         results = await asyncio.gather(*tasks)
         return list(results), time.perf_counter() - t0
 
+    async def conversations(self, convs: list[Conversation]) -> tuple[list, float]:
+        """Every conversation at once, each one's turns in sequence; a failed turn ends its
+        conversation (the next turn would lack the answer)."""
+        results: list[RequestResult] = []
+
+        async def talk(conv: Conversation) -> None:
+            history: list[str] = []
+            for t in range(len(conv.users)):
+                res = await self.chat(conv.messages(t, history), turn=t + 1)
+                results.append(res)
+                if not res.ok:
+                    return
+                history.append(res.text)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(talk(c) for c in convs))
+        return results, time.perf_counter() - t0
+
+    async def shared_prefix(self, concurrency: int, n_requests: int) -> tuple[list, float]:
+        """Closed loop of single-turn chats: one long system prompt, distinct short questions."""
+        system = make_prompt(self.cfg.system_tokens, f"{self.cfg.nonce}-system")
+        results: list[RequestResult] = []
+        remaining = n_requests
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                self._seed += 1
+                q = make_prompt(self.cfg.prompt_tokens, f"{self.cfg.nonce}-q{self._seed}")
+                msgs = [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"Question {self._seed}: {q}"},
+                ]
+                results.append(await self.chat(msgs))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - t0
+
     async def run(self, sc: Scenario) -> tuple[list[RequestResult], float]:
+        if sc.kind == "multi-turn":
+            convs = build_conversations(
+                sc.conversations,
+                sc.turns,
+                self.cfg.system_tokens,
+                self.cfg.prompt_tokens,
+                f"{self.cfg.nonce}-{sc.name}",
+            )
+            return await self.conversations(convs)
+        if sc.kind == "sharegpt":
+            key = (sc.sharegpt or "", sc.conversations, sc.turns)
+            if key not in self._sharegpt:
+                self._sharegpt[key] = load_sharegpt(*key)[0]
+            convs = self._sharegpt[key]
+            if not sc.use_file_answers:
+                convs = [Conversation(c.system, c.users) for c in convs]
+            return await self.conversations(convs)
+        if sc.kind == "shared-prefix":
+            return await self.shared_prefix(sc.concurrency or 1, sc.requests)
         if sc.rate is not None:
             return await self.open_loop(sc.rate, sc.requests)
         return await self.closed_loop(sc.concurrency or 1, sc.requests)
 
 
+SCENARIO_KINDS = ("random", "multi-turn", "shared-prefix", "sharegpt")
+
+
 @dataclass
 class Scenario:
-    """Closed loop at `concurrency`, or open loop at `rate` requests/s; `requests` in all."""
+    """`random`: closed loop at `concurrency`, or open loop at `rate` requests/s, `requests`
+    in all, fresh prompts. `shared-prefix`: closed loop, `requests` chats behind one system
+    prompt. `multi-turn` / `sharegpt`: `conversations` at once, `turns` each."""
 
     name: str
     concurrency: int | None = None
     rate: float | None = None
     requests: int = 16
+    kind: str = "random"
+    conversations: int = 8
+    turns: int = 6
+    sharegpt: str | None = None
+    use_file_answers: bool = False
+    sharegpt_skipped: int | None = None  # malformed records the file held (reported)
 
 
 async def run_scenarios(cfg: BenchConfig, scenarios: list[Scenario], warmup: int = 1) -> list:
