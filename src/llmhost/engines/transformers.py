@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +31,16 @@ from llmhost.engines.torch_setup import (
     resolve_dtype,
     use_onednn_linears,
 )
-from llmhost.engines.transformers_batch import Sequence, TorchScheduler, batchable, new_cache
+from llmhost.engines.transformers_batch import (
+    CACHE_PROMPT,
+    Sequence,
+    TorchScheduler,
+    batchable,
+    new_cache,
+)
 from llmhost.errors import ConfigError, EngineNotReady, ModelLoadError
 from llmhost.store import crypto, in_memory
-from llmhost.types import ModelInfo
+from llmhost.types import GenerationRequest, ModelInfo, TokenDelta
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
@@ -207,12 +213,15 @@ class TransformersEngine(BatchedEngine):
         cache_arg = "cache" if "cache" in params else "past_key_values"
         probe = new_cache(config)
         parallel = self.parallel
+        prompt_cache = self.prompt_cache
         if not batchable(probe):
             log.warning(
-                "%s uses a sliding-window or recurrent cache; serving one sequence at a time",
+                "%s uses a sliding-window or recurrent cache; serving one sequence at a time "
+                "without a prompt cache",
                 config.model_type,
             )
             parallel = 1
+            prompt_cache = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
 
@@ -243,6 +252,8 @@ class TransformersEngine(BatchedEngine):
             max_queue=self.max_queue,
             cache_arg=cache_arg,
             config=config,
+            prompt_cache=prompt_cache,
+            prompt_cache_bytes=self.prompt_cache_bytes,
         )
         log.info(
             "loaded %s with transformers %s on %s (%s%s): context %d per sequence x %d, %d threads",
@@ -266,6 +277,24 @@ class TransformersEngine(BatchedEngine):
             torch.cuda.empty_cache()
 
     # --- requests -----------------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        # The sequence is built before the first delta; it reads the request's cache_prompt
+        # from CACHE_PROMPT, set only until then.
+        inner = super().stream(request)
+        try:
+            token = CACHE_PROMPT.set(request.cache_prompt)
+            try:
+                first = await inner.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                CACHE_PROMPT.reset(token)
+            yield first
+            async for delta in inner:
+                yield delta
+        finally:
+            await inner.aclose()
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         if self.tokenizer is None:

@@ -9,12 +9,19 @@ longer than the batch budget is fed alone, chunk by chunk, between decode steps)
 caches into the running one, decode one token for every row, and sample each row with its own
 settings and generator. Torch releases the GIL inside its kernels, so the event loop sends the
 previous step's tokens while the next forward pass runs.
+
+Prompt cache: when a row leaves, the KV of the tokens it fed through the model is copied to host
+memory (`PromptCache`, least recently used first out, within a byte budget). An admitted prompt
+takes the entry with the longest common prefix, cropped so at least its last token is fed again
+(its logits start the output), and prefills only the rest, like a chunked prompt resumed.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +36,12 @@ log = logging.getLogger("llmhost.engines.transformers")
 
 PENALTY_LAST_N = 64  # the same window as the llama.cpp engine's penalties
 DETOKENIZE_CONTEXT = 4  # prompt tokens decoded with the output, so word boundaries come out right
+PROMPT_CACHE_ENTRIES = 64  # at most this many cached prefixes (each lookup scans them all)
+MIN_REUSE = 2  # shorter common prefixes are prefilled with the batch instead
+
+# The request's `cache_prompt`, read when its Sequence is built (BatchedEngine.stream builds it
+# from the prompt and sampling alone; TransformersEngine.stream sets this around that call).
+CACHE_PROMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("cache_prompt", default=True)
 
 
 class Detokenizer:
@@ -66,6 +79,8 @@ class Sequence(BaseSequence):
     generator: torch.Generator | None = None
     cache: Any = None  # its own cache while a long prompt is fed in chunks
     detok: Detokenizer | None = None
+    cache_prompt: bool = field(default_factory=CACHE_PROMPT.get)
+    looked_up: bool = False  # the prompt cache was asked for its prefix
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +104,73 @@ def batchable(cache: Any) -> bool:
     """Whether rows of this cache type can be merged and dropped (plain full-attention
     layers); sliding-window or recurrent caches are served one sequence at a time."""
     return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class CachedPrefix:
+    """The KV of `tokens` (one row, on the host), per layer."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    nbytes: int
+
+
+class PromptCache:
+    """Host-memory KV of finished sequences keyed by their tokens, least recently used first
+    out, within `budget` bytes and `PROMPT_CACHE_ENTRIES` entries. Used by one thread."""
+
+    def __init__(self, budget: int, max_entries: int = PROMPT_CACHE_ENTRIES):
+        self.budget = max(0, budget)
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple[int, ...], CachedPrefix] = OrderedDict()
+        self.nbytes = 0
+
+    def longest(self, prompt: list[int]) -> tuple[int, CachedPrefix | None]:
+        """The entry sharing the longest prefix with `prompt`, and that length."""
+        best, found = 0, None
+        for tokens in self.entries:
+            n = common_prefix(tokens, prompt)
+            if n > best:
+                best, found = n, tokens
+        if found is None:
+            return 0, None
+        self.entries.move_to_end(found)
+        return best, self.entries[found]
+
+    def covers(self, tokens: tuple[int, ...]) -> bool:
+        """Whether an entry already holds `tokens` as (a prefix of) its own; touches it."""
+        for key in self.entries:
+            if len(key) >= len(tokens) and key[: len(tokens)] == tokens:
+                self.entries.move_to_end(key)
+                return True
+        return False
+
+    def put(self, tokens: tuple[int, ...], entry: CachedPrefix) -> None:
+        if entry.nbytes > self.budget:
+            return
+        for key in [k for k in self.entries if tokens[: len(k)] == k]:  # superseded prefixes
+            self._drop(key)
+        while self.entries and (
+            self.nbytes + entry.nbytes > self.budget or len(self.entries) >= self.max_entries
+        ):
+            self._drop(next(iter(self.entries)))
+        self.entries[tokens] = entry
+        self.nbytes += entry.nbytes
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        self.nbytes -= self.entries.pop(key).nbytes
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
 
 
 def apply_penalties(logits: torch.Tensor, history: list[int], sp: SamplingParams) -> None:
@@ -140,6 +222,8 @@ class TorchScheduler(BatchLoop):
         max_queue: int,
         cache_arg: str,
         config: Any,
+        prompt_cache: bool = False,
+        prompt_cache_bytes: int = 0,
     ):
         super().__init__(n_slots=n_slots, max_queue=max_queue, log=log)
         self.model = model
@@ -155,6 +239,10 @@ class TorchScheduler(BatchLoop):
         self._dead: set[Sequence] = set()
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # [rows, columns], 1 where a row has a token
+        self._prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache else None
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.prefix_cache_requests_hit = 0
         self.start()
 
     def _thread_context(self):
@@ -164,6 +252,20 @@ class TorchScheduler(BatchLoop):
         self._cache = self._mask = None
         self._rows.clear()
         self._pending.clear()
+        if self._prompt_cache is not None:
+            self._prompt_cache.clear()
+
+    def stats(self) -> dict[str, float]:
+        stats = super().stats()
+        pc = self._prompt_cache
+        stats.update(
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            prefix_cache_requests_hit=self.prefix_cache_requests_hit,
+            prompt_cache_bytes=pc.nbytes if pc is not None else 0,
+            prompt_cache_budget_bytes=pc.budget if pc is not None else 0,
+        )
+        return stats
 
     # --- admission and release --------------------------------------------------------------
 
@@ -211,6 +313,9 @@ class TorchScheduler(BatchLoop):
         return out.logits[:, -1, :].float()
 
     def _prefill(self) -> None:
+        for seq in self._pending:
+            if not seq.looked_up:
+                self._reuse_prefix(seq)
         first = self._pending[0]
         if first.n_fed or len(first.prompt) > self.batch_size:
             self._prefill_chunk(first)
@@ -275,6 +380,50 @@ class TorchScheduler(BatchLoop):
             s.kv_len += 1
         self._sample(list(rows), logits)
 
+    # --- the prompt cache -----------------------------------------------------------------
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start `seq` from the longest cached prefix of its prompt: its own cache holds that
+        prefix and only the rest is prefilled (at least the last prompt token, for logits)."""
+        seq.looked_up = True
+        pc = self._prompt_cache
+        if pc is None or not seq.cache_prompt or seq.n_fed:
+            return
+        self.prefix_cache_queries += len(seq.prompt)
+        n, entry = pc.longest(seq.prompt)
+        n = min(n, len(seq.prompt) - 1)
+        if entry is None or n < MIN_REUSE:
+            return
+        cache = new_cache(self._config)
+        for layer, k, v in zip(cache_kv(cache), entry.keys, entry.values, strict=True):
+            layer.keys = k[:, :, :n].to(self.device, copy=True)
+            layer.values = v[:, :, :n].to(self.device, copy=True)
+            layer.device = layer.keys.device
+            layer.is_initialized = True
+        seq.cache, seq.n_fed = cache, n
+        self.prefix_cache_hits += n
+        self.prefix_cache_requests_hit += 1
+
+    def _keep_prefix(self, row: int, seq: Sequence) -> None:
+        """Copy the KV of the tokens `seq` fed (row `row` of the running cache) to the host."""
+        pc = self._prompt_cache
+        if pc is None or not seq.cache_prompt or pc.budget == 0 or seq.kv_len == 0:
+            return
+        fed = seq.kv_len - len(seq.prompt)
+        tokens = tuple(seq.prompt) + tuple(seq.generated[:fed])
+        if len(tokens) != seq.kv_len or pc.covers(tokens):
+            return
+        keys, values = [], []
+        for layer in cache_kv(self._cache):
+            for src, dst in ((layer.keys, keys), (layer.values, values)):
+                dst.append(
+                    src[row : row + 1, :, -seq.kv_len :].to(
+                        "cpu", copy=True, memory_format=torch.contiguous_format
+                    )
+                )
+        nbytes = sum(t.numel() * t.element_size() for t in keys + values)
+        pc.put(tokens, CachedPrefix(keys, values, nbytes))
+
     # --- the batch cache -----------------------------------------------------------------
 
     def _join(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor) -> None:
@@ -300,7 +449,12 @@ class TorchScheduler(BatchLoop):
         """Drop rows whose sequences left, then columns that no remaining row uses."""
         if not self._dead:
             return
-        keep = [i for i, s in enumerate(self._rows) if s not in self._dead]
+        keep = []
+        for i, s in enumerate(self._rows):
+            if s in self._dead:
+                self._keep_prefix(i, s)
+            else:
+                keep.append(i)
         self._dead.clear()
         if not keep:
             self._cache = self._mask = None
