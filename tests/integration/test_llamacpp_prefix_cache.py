@@ -238,3 +238,12 @@ async def test_context_overflow_is_still_rejected(make_engine):
         await run(e, p[: n - 5], max_tokens=10)
     assert await run(e, p[: n - 12], max_tokens=10)
     assert_cells(e)
+
+
+async def test_a_few_common_tokens_are_not_copied(pair):
+    on, off = await pair(parallel=4)
+    prompts = [on.tokenize(u) for u in USERS[:4]]  # BOS and "User:" in common, no more
+    got = await asyncio.gather(*(run(on, p) for p in prompts))
+    assert list(got) == [await run(off, p) for p in prompts]
+    assert stats(on)["prefix_cache_requests_hit"] == 0
+    assert_cells(on)

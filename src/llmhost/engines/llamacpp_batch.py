@@ -35,6 +35,9 @@ from llmhost.engines.batching import BaseSequence, BatchLoop
 log = logging.getLogger("llmhost.engines.llamacpp")
 
 PENALTY_LAST_N = 64
+# Fewest prompt tokens worth copying from another sequence: across KV streams llama.cpp copies
+# a whole stream, and every prompt shares its first few tokens (BOS, the chat template's).
+MIN_SHARE = 32
 
 
 @dataclass(eq=False)
@@ -119,16 +122,12 @@ class BatchScheduler(BatchLoop):
                     best, reuse, rank = slot, n, key
             self._free_slots.discard(best)
             seq.slot = best
-            if reuse and not C.llama_memory_seq_rm(self._mem, best, reuse, -1):
-                reuse = 0  # this memory cannot drop a suffix: start over
-            if not reuse:
-                C.llama_memory_seq_rm(self._mem, best, -1, -1)
             self._cached[best] = []
-            seq.n_fed = reuse
+            seq.n_fed = self._trim(best, reuse)
             if caching:
-                self._share(seq, limit)
                 self.prefix_cache_queries += len(seq.prompt)
                 self.prefix_cache_hits += seq.n_fed
+                self._share(seq, limit)
                 self.prefix_cache_requests_hit += seq.n_fed > 0 or seq.source is not None
             seq.sampler = self._make_sampler(seq)
             self._active.append(seq)
@@ -136,7 +135,7 @@ class BatchScheduler(BatchLoop):
     def _share(self, seq: Sequence, limit: int) -> None:
         """Copy a longer prefix from an active sequence's cells: now if they are written,
         else once the source has fed them (the sequence is not prefilled until then)."""
-        src, share = None, seq.n_fed
+        src, share = None, seq.n_fed + MIN_SHARE - 1
         for other in self._active:
             if other.source is not None or other.cancelled or not other.cache_prompt:
                 continue
@@ -153,10 +152,22 @@ class BatchScheduler(BatchLoop):
     def _copy(self, src: Sequence, dst: Sequence, n: int) -> None:
         # Across KV streams llama.cpp copies whole buffers only (the copy happens at the
         # next decode, before that batch is written); then keep the first n positions.
+        before = dst.n_fed
         C.llama_memory_seq_cp(self._mem, src.slot, dst.slot, -1, -1)
-        C.llama_memory_seq_rm(self._mem, dst.slot, n, -1)
-        dst.n_fed = n
+        dst.n_fed = self._trim(dst.slot, n)
         dst.source, dst.share = None, 0
+        self.prefix_cache_hits += max(dst.n_fed - before, 0)
+
+    def _trim(self, slot: int, n: int) -> int:
+        """Keep the cells of positions [0, n) in `slot` and return how many were kept: none
+        where the memory cannot drop a suffix (recurrent state) or no longer holds the first
+        positions (a sliding-window cache), so the prompt is prefilled from its start."""
+        mem = self._mem
+        kept = n > 0 and C.llama_memory_seq_rm(mem, slot, n, -1)
+        if kept and C.llama_memory_seq_pos_min(mem, slot) == 0:
+            return n
+        C.llama_memory_seq_rm(mem, slot, -1, -1)
+        return 0
 
     def _sources_ready(self) -> None:
         for seq in self._active:
@@ -167,9 +178,7 @@ class BatchScheduler(BatchLoop):
                 seq.source, seq.share = None, 0
                 continue
             if src.n_fed + len(src.decoded) >= seq.share:
-                extra = seq.share - seq.n_fed
                 self._copy(src, seq, seq.share)
-                self.prefix_cache_hits += extra
 
     def _make_sampler(self, seq: Sequence) -> Any:
         sp = seq.sampling
@@ -215,8 +224,7 @@ class BatchScheduler(BatchLoop):
             for other in self._active:  # followers take what it has written so far
                 if other.source is seq:
                     n = min(other.share, seq.n_fed)
-                    if n > other.n_fed:
-                        self.prefix_cache_hits += n - other.n_fed
+                    if n >= other.n_fed + MIN_SHARE:
                         self._copy(seq, other, n)
                     other.source, other.share = None, 0
             slot = seq.slot
