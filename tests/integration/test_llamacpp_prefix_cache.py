@@ -247,3 +247,42 @@ async def test_a_few_common_tokens_are_not_copied(pair):
     assert list(got) == [await run(off, p) for p in prompts]
     assert stats(on)["prefix_cache_requests_hit"] == 0
     assert_cells(on)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+async def test_host_copy_of_an_overwritten_slot_is_restored(pair, sampling):
+    on, off = await pair(parallel=1)
+    p1 = on.tokenize(SYSTEM + USERS[0])
+    a1 = await run(on, p1, **sampling)
+    assert stats(on)["prompt_cache_bytes"] == 0
+    other = on.tokenize(USERS[1] * 8)  # shares nothing: the slot is saved, then overwritten
+    assert await run(on, other, **sampling) == await run(off, other, **sampling)
+    s = stats(on)
+    assert 0 < s["prompt_cache_bytes"] <= s["prompt_cache_budget_bytes"]
+    hits = s["prefix_cache_hits"]
+    p2 = p1 + a1 + on.tokenize("\nUser: more?\nAssistant:", False)
+    assert await run(on, p2, **sampling) == await run(off, p2, **sampling)
+    assert stats(on)["prefix_cache_hits"] - hits == len(p1) + len(a1) - 1
+    assert_cells(on)
+    # the second prompt, overwritten in turn, comes back from host memory as well
+    assert await run(on, other, **sampling) == await run(off, other, **sampling)
+    assert stats(on)["prefix_cache_hits"] - hits == len(p1) + len(a1) - 1 + len(other) - 1
+    assert_cells(on)
+    assert stats(off)["prompt_cache_bytes"] == stats(off)["prompt_cache_budget_bytes"] == 0
+
+
+async def test_host_cache_keeps_to_its_budget(make_engine):
+    probe = await make_engine(parallel=1, prompt_cache_bytes=1 << 30)
+    prompts = [probe.tokenize(u * 6) for u in USERS[:3]]  # nothing in common
+    await run(probe, prompts[0])
+    await run(probe, prompts[1])  # the first is saved
+    one = stats(probe)["prompt_cache_bytes"]
+    assert one > 0
+    e = await make_engine(parallel=1, prompt_cache_bytes=int(one * 1.5))
+    tiny = await make_engine(parallel=1, prompt_cache_bytes=one // 2)
+    for engine in (e, tiny):
+        for p in [*prompts, prompts[0]]:
+            await run(engine, p)  # each overwrites the previous
+        assert_cells(engine)
+    assert 0 < stats(e)["prompt_cache_bytes"] <= int(one * 1.5)
+    assert stats(tiny)["prompt_cache_bytes"] == 0

@@ -180,6 +180,7 @@ class LlamaCppEngine(BatchedEngine):
             batch_size=self.batch_size,
             max_queue=self.max_queue,
             prompt_cache=self.prompt_cache,
+            prompt_cache_bytes=self.prompt_cache_bytes,
         )
         log.info(
             "loaded %s: %d vocab, context %d per sequence x %d sequences, %d threads",

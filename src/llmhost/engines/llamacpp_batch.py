@@ -17,6 +17,9 @@ A prefix held by another active sequence is copied from it instead (`llama_memor
 with one KV stream per sequence llama.cpp copies whole streams, so the copy is trimmed after):
 at once when its cells are written, otherwise the request waits, unscheduled, until the source
 has fed that far, so requests sharing a system prompt that arrive together prefill it once.
+When a slot's cached tokens are about to be overwritten, its sequence state is saved to host
+memory (`llama_state_seq_get_data`, least recently used dropped past the byte budget) and
+restored into a slot for a later prompt that shares more with it than with any slot.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +76,7 @@ class BatchScheduler(BatchLoop):
         batch_size: int,
         max_queue: int,
         prompt_cache: bool = True,
+        prompt_cache_bytes: int = 0,
     ):
         super().__init__(n_slots=n_slots, max_queue=max_queue, log=log)
         self.ctx = ctx
@@ -93,18 +98,25 @@ class BatchScheduler(BatchLoop):
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.prefix_cache_requests_hit = 0
+        # Host copies of slot states: their tokens -> (buffer, size), least recently used first
+        self.host_budget = prompt_cache_bytes if prompt_cache else 0
+        self._host: OrderedDict[tuple[int, ...], tuple[Any, int]] = OrderedDict()
+        self._host_bytes = 0
+        self._copying = False  # a stream copy waits for the next decode: no state reads/writes
         self.start()
 
     def _shutdown(self) -> None:
         C.llama_batch_free(self._batch)
+        self._host.clear()
+        self._host_bytes = 0
 
     def prefix_stats(self) -> dict[str, float]:
         return {
             "prefix_cache_queries": self.prefix_cache_queries,
             "prefix_cache_hits": self.prefix_cache_hits,
             "prefix_cache_requests_hit": self.prefix_cache_requests_hit,
-            "prompt_cache_bytes": 0,  # no host-memory copies are kept
-            "prompt_cache_budget_bytes": 0,
+            "prompt_cache_bytes": self._host_bytes,
+            "prompt_cache_budget_bytes": self.host_budget,
         }
 
     def _admit(self) -> None:
@@ -122,7 +134,16 @@ class BatchScheduler(BatchLoop):
                     best, reuse, rank = slot, n, key
             self._free_slots.discard(best)
             seq.slot = best
+            if len(self._cached[best]) - reuse >= MIN_SHARE:
+                self._save(best)  # about to be overwritten
             self._cached[best] = []
+            if caching and self._host:
+                key, n = max(
+                    ((k, common_prefix(k, seq.prompt, limit)) for k in self._host),
+                    key=lambda kn: kn[1],
+                )
+                if n >= reuse + MIN_SHARE and self._restore(key, best):
+                    reuse = n
             seq.n_fed = self._trim(best, reuse)
             if caching:
                 self.prefix_cache_queries += len(seq.prompt)
@@ -153,10 +174,50 @@ class BatchScheduler(BatchLoop):
         # Across KV streams llama.cpp copies whole buffers only (the copy happens at the
         # next decode, before that batch is written); then keep the first n positions.
         before = dst.n_fed
+        self._copying = True
         C.llama_memory_seq_cp(self._mem, src.slot, dst.slot, -1, -1)
         dst.n_fed = self._trim(dst.slot, n)
         dst.source, dst.share = None, 0
         self.prefix_cache_hits += max(dst.n_fed - before, 0)
+
+    def _save(self, slot: int) -> None:
+        """Keep a host copy of the slot's state, within the byte budget."""
+        tokens = tuple(self._cached[slot])
+        if not self.host_budget or self._copying:
+            return
+        for key in self._host:
+            if key[: len(tokens)] == tokens:  # already held (within a longer entry)
+                self._host.move_to_end(key)
+                return
+        size = C.llama_state_seq_get_size(self.ctx, slot)
+        if not 0 < size <= self.host_budget:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        n = C.llama_state_seq_get_data(self.ctx, buf, size, slot)
+        if n == 0:
+            return
+        for key in [k for k in self._host if tokens[: len(k)] == k]:  # superseded
+            self._drop(key)
+        while self._host and self._host_bytes + size > self.host_budget:
+            self._drop(next(iter(self._host)))
+        self._host[tokens] = (buf, n)
+        self._host_bytes += size
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        buf, _ = self._host.pop(key)
+        self._host_bytes -= ctypes.sizeof(buf)
+
+    def _restore(self, key: tuple[int, ...], slot: int) -> bool:
+        """Load a host copy into `slot` (replacing its cells)."""
+        if self._copying:
+            return False
+        buf, n = self._host[key]
+        self._host.move_to_end(key)
+        if C.llama_state_seq_set_data(self.ctx, buf, n, slot):
+            return True
+        self._drop(key)
+        C.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        return False
 
     def _trim(self, slot: int, n: int) -> int:
         """Keep the cells of positions [0, n) in `slot` and return how many were kept: none
@@ -284,6 +345,7 @@ class BatchScheduler(BatchLoop):
         rc = C.llama_decode(self.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc}")
+        self._copying = False
         self.steps += 1
         for seq, idx in outputs:
             self._sample(seq, idx)
