@@ -193,10 +193,12 @@ async def test_cancelling_the_sequence_that_prefills_a_shared_prefix(pair):
             C.llama_memory_seq_rm(sched._mem, slot, -1, -1)
             sched._cached[slot] = []
         hits = stats(on)["prefix_cache_requests_hit"]
-        leader = asyncio.create_task(run(on, prompts[0]))
+        leader = asyncio.create_task(run(on, prompts[0], max_tokens=200))
         await asyncio.sleep(0)  # submitted first: it prefills, the others wait for it
         followers = [asyncio.create_task(run(on, p)) for p in prompts[1:]]
-        while not any(s.prompt == prompts[0] and s.n_fed >= stop_at for s in sched._active):
+        while not leader.done() and not any(
+            s.prompt == prompts[0] and s.n_fed >= stop_at for s in sched._active
+        ):
             await asyncio.sleep(0.0002)
         leader.cancel()
         assert [await f for f in followers] == expected
