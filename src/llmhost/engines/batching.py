@@ -51,6 +51,7 @@ class BaseSequence:
     last_token: int = -1
     cancelled: bool = False
     grammar: Matcher | None = None  # the constraint on its output, if any
+    cache_prompt: bool = True  # False: reuse no cached prefix and keep nothing afterwards
     stops: StopMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +121,12 @@ class BatchLoop(abc.ABC):
                 "slots": self.n_slots,
                 "steps": self.steps,
                 "kv_tokens": sum(s.n_fed + s.n_generated for s in self._active),
+                **self.prefix_stats(),
             }
+
+    def prefix_stats(self) -> dict[str, float]:
+        """Prefix-cache counters and gauges (see engines/base.py); none by default."""
+        return {}
 
     def close(self) -> None:
         with self._cond:
@@ -362,6 +368,7 @@ class BatchedEngine(Engine):
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
             grammar=await self._matcher(request.sampling.constraint),
+            cache_prompt=request.cache_prompt,
         )
         busy = (
             f"all {scheduler.n_slots} sequences are busy and {scheduler.max_queue} requests "

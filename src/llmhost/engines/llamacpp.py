@@ -179,6 +179,8 @@ class LlamaCppEngine(BatchedEngine):
             n_slots=self.parallel,
             batch_size=self.batch_size,
             max_queue=self.max_queue,
+            prompt_cache=self.prompt_cache,
+            prompt_cache_bytes=self.prompt_cache_bytes,
         )
         log.info(
             "loaded %s: %d vocab, context %d per sequence x %d sequences, %d threads",

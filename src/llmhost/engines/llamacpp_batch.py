@@ -7,14 +7,27 @@ decoding sequence plus as much pending prompt as the batch has room for (chunked
 long prompt never stalls running streams for more than one step), decode, and sample each
 sequence that produced logits with its own sampler chain. Results go back to the asyncio loop
 with `call_soon_threadsafe`; the GIL is released inside every llama.cpp call.
+
+Prefix caching (llama-server's `--cache-prompt`): a finished sequence leaves its KV cells in its
+slot, and the slot remembers the tokens they hold (the prompt tokens fed plus the generated
+tokens decoded; the last sampled token never was). A new request takes the free slot with the
+longest common prefix (ties and no match: the least recently used), drops the cells after it
+and prefills only the rest, always decoding at least its last prompt token for the logits.
+A prefix held by another active sequence is copied from it instead (`llama_memory_seq_cp`;
+with one KV stream per sequence llama.cpp copies whole streams, so the copy is trimmed after):
+at once when its cells are written, otherwise the request waits, unscheduled, until the source
+has fed that far, so requests sharing a system prompt that arrive together prefill it once.
+When a slot's cached tokens are about to be overwritten, its sequence state is saved to host
+memory (`llama_state_seq_get_data`, least recently used dropped past the byte budget) and
+restored into a slot for a later prompt that shares more with it than with any slot.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
-import heapq
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +39,9 @@ from llmhost.engines.batching import BaseSequence, BatchLoop
 log = logging.getLogger("llmhost.engines.llamacpp")
 
 PENALTY_LAST_N = 64
+# Fewest prompt tokens worth copying from another sequence: across KV streams llama.cpp copies
+# a whole stream, and every prompt shares its first few tokens (BOS, the chat template's).
+MIN_SHARE = 32
 
 
 @dataclass(eq=False)
@@ -35,6 +51,9 @@ class Sequence(BaseSequence):
     slot: int = -1
     sampler: Any = None
     decoder: Any = field(init=False)
+    decoded: list[int] = field(default_factory=list)  # generated tokens whose KV is written
+    source: Sequence | None = None  # waiting to copy `share` prompt tokens from its cells
+    share: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +75,8 @@ class BatchScheduler(BatchLoop):
         n_slots: int,
         batch_size: int,
         max_queue: int,
+        prompt_cache: bool = True,
+        prompt_cache_bytes: int = 0,
     ):
         super().__init__(n_slots=n_slots, max_queue=max_queue, log=log)
         self.ctx = ctx
@@ -69,18 +90,156 @@ class BatchScheduler(BatchLoop):
         self._mem = C.llama_get_memory(ctx)
         self._batch = C.llama_batch_init(batch_size, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
-        self._free_slots = list(range(n_slots))  # a min-heap: lowest slot first
+        self._free_slots = set(range(n_slots))
+        self.prompt_cache = prompt_cache
+        self._cached: list[list[int]] = [[] for _ in range(n_slots)]  # KV held by a free slot
+        self._used = [0] * n_slots  # when each slot was last released (LRU order)
+        self._clock = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.prefix_cache_requests_hit = 0
+        # Host copies of slot states: their tokens -> (buffer, size), least recently used first
+        self.host_budget = prompt_cache_bytes if prompt_cache else 0
+        self._host: OrderedDict[tuple[int, ...], tuple[Any, int]] = OrderedDict()
+        self._host_bytes = 0
+        self._copying = False  # a stream copy waits for the next decode: no state reads/writes
         self.start()
 
     def _shutdown(self) -> None:
         C.llama_batch_free(self._batch)
+        self._host.clear()
+        self._host_bytes = 0
+
+    def prefix_stats(self) -> dict[str, float]:
+        return {
+            "prefix_cache_queries": self.prefix_cache_queries,
+            "prefix_cache_hits": self.prefix_cache_hits,
+            "prefix_cache_requests_hit": self.prefix_cache_requests_hit,
+            "prompt_cache_bytes": self._host_bytes,
+            "prompt_cache_budget_bytes": self.host_budget,
+        }
 
     def _admit(self) -> None:
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            seq.slot = heapq.heappop(self._free_slots)
+            caching = self.prompt_cache and seq.cache_prompt
+            limit = len(seq.prompt) - 1  # the last prompt token is always decoded
+            # The longest cached prefix; then an empty slot, lowest first (dense slots batch
+            # into fewer ubatches); then the least recently used.
+            best, reuse, rank = -1, 0, None
+            for slot in sorted(self._free_slots):
+                n = common_prefix(self._cached[slot], seq.prompt, limit) if caching else 0
+                key = (n, not self._cached[slot], -self._used[slot])
+                if rank is None or key > rank:
+                    best, reuse, rank = slot, n, key
+            self._free_slots.discard(best)
+            seq.slot = best
+            if len(self._cached[best]) - reuse >= MIN_SHARE:
+                self._save(best)  # about to be overwritten
+            self._cached[best] = []
+            if caching and self._host:
+                key, n = max(
+                    ((k, common_prefix(k, seq.prompt, limit)) for k in self._host),
+                    key=lambda kn: kn[1],
+                )
+                if n >= reuse + MIN_SHARE and self._restore(key, best):
+                    reuse = n
+            seq.n_fed = self._trim(best, reuse)
+            if caching:
+                self.prefix_cache_queries += len(seq.prompt)
+                self.prefix_cache_hits += seq.n_fed
+                self._share(seq, limit)
+                self.prefix_cache_requests_hit += seq.n_fed > 0 or seq.source is not None
             seq.sampler = self._make_sampler(seq)
             self._active.append(seq)
+
+    def _share(self, seq: Sequence, limit: int) -> None:
+        """Copy a longer prefix from an active sequence's cells: now if they are written,
+        else once the source has fed them (the sequence is not prefilled until then)."""
+        src, share = None, seq.n_fed + MIN_SHARE - 1
+        for other in self._active:
+            if other.source is not None or other.cancelled or not other.cache_prompt:
+                continue
+            n = common_prefix(other.prompt + other.decoded, seq.prompt, limit)
+            if n > share:
+                src, share = other, n
+        if src is None:
+            return
+        if src.n_fed + len(src.decoded) >= share:
+            self._copy(src, seq, share)
+        else:
+            seq.source, seq.share = src, share
+
+    def _copy(self, src: Sequence, dst: Sequence, n: int) -> None:
+        # Across KV streams llama.cpp copies whole buffers only (the copy happens at the
+        # next decode, before that batch is written); then keep the first n positions.
+        before = dst.n_fed
+        self._copying = True
+        C.llama_memory_seq_cp(self._mem, src.slot, dst.slot, -1, -1)
+        dst.n_fed = self._trim(dst.slot, n)
+        dst.source, dst.share = None, 0
+        self.prefix_cache_hits += max(dst.n_fed - before, 0)
+
+    def _save(self, slot: int) -> None:
+        """Keep a host copy of the slot's state, within the byte budget."""
+        tokens = tuple(self._cached[slot])
+        if not self.host_budget or self._copying:
+            return
+        for key in self._host:
+            if key[: len(tokens)] == tokens:  # already held (within a longer entry)
+                self._host.move_to_end(key)
+                return
+        size = C.llama_state_seq_get_size(self.ctx, slot)
+        if not 0 < size <= self.host_budget:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        n = C.llama_state_seq_get_data(self.ctx, buf, size, slot)
+        if n == 0:
+            return
+        for key in [k for k in self._host if tokens[: len(k)] == k]:  # superseded
+            self._drop(key)
+        while self._host and self._host_bytes + size > self.host_budget:
+            self._drop(next(iter(self._host)))
+        self._host[tokens] = (buf, n)
+        self._host_bytes += size
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        buf, _ = self._host.pop(key)
+        self._host_bytes -= ctypes.sizeof(buf)
+
+    def _restore(self, key: tuple[int, ...], slot: int) -> bool:
+        """Load a host copy into `slot` (replacing its cells)."""
+        if self._copying:
+            return False
+        buf, n = self._host[key]
+        self._host.move_to_end(key)
+        if C.llama_state_seq_set_data(self.ctx, buf, n, slot):
+            return True
+        self._drop(key)
+        C.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        return False
+
+    def _trim(self, slot: int, n: int) -> int:
+        """Keep the cells of positions [0, n) in `slot` and return how many were kept: none
+        where the memory cannot drop a suffix (recurrent state) or no longer holds the first
+        positions (a sliding-window cache), so the prompt is prefilled from its start."""
+        mem = self._mem
+        kept = n > 0 and C.llama_memory_seq_rm(mem, slot, n, -1)
+        if kept and C.llama_memory_seq_pos_min(mem, slot) == 0:
+            return n
+        C.llama_memory_seq_rm(mem, slot, -1, -1)
+        return 0
+
+    def _sources_ready(self) -> None:
+        for seq in self._active:
+            src = seq.source
+            if src is None:
+                continue
+            if src.slot < 0 or src.cancelled:  # gone: copy what it wrote, prefill the rest
+                seq.source, seq.share = None, 0
+                continue
+            if src.n_fed + len(src.decoded) >= seq.share:
+                self._copy(src, seq, seq.share)
 
     def _make_sampler(self, seq: Sequence) -> Any:
         sp = seq.sampling
@@ -123,8 +282,23 @@ class BatchScheduler(BatchLoop):
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot >= 0:
-            C.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
-            heapq.heappush(self._free_slots, seq.slot)
+            for other in self._active:  # followers take what it has written so far
+                if other.source is seq:
+                    n = min(other.share, seq.n_fed)
+                    if n >= other.n_fed + MIN_SHARE:
+                        self._copy(seq, other, n)
+                    other.source, other.share = None, 0
+            slot = seq.slot
+            if self.prompt_cache and seq.cache_prompt:
+                # Exactly the tokens whose cells were written: a cancelled prefill keeps the
+                # part it fed, the last sampled token (never decoded) is not among them.
+                self._cached[slot] = seq.prompt[: seq.n_fed] + seq.decoded
+            else:
+                C.llama_memory_seq_rm(self._mem, slot, -1, -1)
+                self._cached[slot] = []
+            self._clock += 1
+            self._used[slot] = self._clock
+            self._free_slots.add(slot)
             seq.slot = -1
         if seq.sampler is not None:
             C.llama_sampler_free(seq.sampler)
@@ -134,11 +308,12 @@ class BatchScheduler(BatchLoop):
         # Room first for every decoding sequence (one token each), then prompt chunks in
         # admission order. Tokens are then laid out by slot: with one KV stream per sequence,
         # llama.cpp batches together only runs of consecutive sequence ids, so the batch
-        # must list slots in order (and slots are handed out lowest first to keep them dense).
+        # must list slots in order (and empty slots are handed out lowest first).
+        self._sources_ready()
         room = self.batch_size - sum(1 for s in self._active if not s.prefilling)
         plan: dict[int, int] = {}
         for seq in self._active:
-            if seq.prefilling:
+            if seq.prefilling and seq.source is None:
                 take = min(len(seq.prompt) - seq.n_fed, max(room, 0))
                 room -= take
                 if take:
@@ -150,6 +325,7 @@ class BatchScheduler(BatchLoop):
             if not seq.prefilling:
                 pos = len(seq.prompt) + seq.n_generated - 1
                 self._put(n, seq.last_token, pos, seq.slot, True)
+                seq.decoded.append(seq.last_token)
                 outputs.append((seq, n))
                 n += 1
                 continue
@@ -169,6 +345,7 @@ class BatchScheduler(BatchLoop):
         rc = C.llama_decode(self.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc}")
+        self._copying = False
         self.steps += 1
         for seq, idx in outputs:
             self._sample(seq, idx)
@@ -198,3 +375,12 @@ class BatchScheduler(BatchLoop):
 
     def _tail(self, seq: Sequence) -> str:
         return seq.stops.flush() + seq.decoder.decode(b"", final=True)
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
