@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,6 @@ from llmhost.engines.torch_setup import (
     use_onednn_linears,
 )
 from llmhost.engines.transformers_batch import (
-    CACHE_PROMPT,
     Sequence,
     TorchScheduler,
     batchable,
@@ -40,7 +39,7 @@ from llmhost.engines.transformers_batch import (
 )
 from llmhost.errors import ConfigError, EngineNotReady, ModelLoadError
 from llmhost.store import crypto, in_memory
-from llmhost.types import GenerationRequest, ModelInfo, TokenDelta
+from llmhost.types import ModelInfo
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
@@ -277,24 +276,6 @@ class TransformersEngine(BatchedEngine):
             torch.cuda.empty_cache()
 
     # --- requests -----------------------------------------------------------------------------
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        # The sequence is built before the first delta; it reads the request's cache_prompt
-        # from CACHE_PROMPT, set only until then.
-        inner = super().stream(request)
-        try:
-            token = CACHE_PROMPT.set(request.cache_prompt)
-            try:
-                first = await inner.__anext__()
-            except StopAsyncIteration:
-                return
-            finally:
-                CACHE_PROMPT.reset(token)
-            yield first
-            async for delta in inner:
-                yield delta
-        finally:
-            await inner.aclose()
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         if self.tokenizer is None:

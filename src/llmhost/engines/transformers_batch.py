@@ -18,7 +18,6 @@ takes the entry with the longest common prefix, cropped so at least its last tok
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import secrets
 from collections import OrderedDict
@@ -38,10 +37,6 @@ PENALTY_LAST_N = 64  # the same window as the llama.cpp engine's penalties
 DETOKENIZE_CONTEXT = 4  # prompt tokens decoded with the output, so word boundaries come out right
 PROMPT_CACHE_ENTRIES = 64  # at most this many cached prefixes (each lookup scans them all)
 MIN_REUSE = 2  # shorter common prefixes are prefilled with the batch instead
-
-# The request's `cache_prompt`, read when its Sequence is built (BatchedEngine.stream builds it
-# from the prompt and sampling alone; TransformersEngine.stream sets this around that call).
-CACHE_PROMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("cache_prompt", default=True)
 
 
 class Detokenizer:
@@ -79,7 +74,6 @@ class Sequence(BaseSequence):
     generator: torch.Generator | None = None
     cache: Any = None  # its own cache while a long prompt is fed in chunks
     detok: Detokenizer | None = None
-    cache_prompt: bool = field(default_factory=CACHE_PROMPT.get)
     looked_up: bool = False  # the prompt cache was asked for its prefix
 
     @property
