@@ -263,21 +263,22 @@ def check_conversation(messages: list[ChatMessage]) -> None:
             )
 
 
-def check_tools(tools: list[Tool] | None, choice: ToolChoice | None) -> None:
-    """Tools are few, uniquely named and bounded in size; a tool_choice needs tools and names
-    one of them."""
-    if tools is not None:
-        if not tools:
-            raise ValueError("tools must not be empty; leave it out instead")
-        if len(tools) > MAX_TOOLS:
-            raise ValueError(f"{len(tools)} tools were sent; at most {MAX_TOOLS} are allowed")
-        names = [t.function.name for t in tools]
-        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
-        if dup is not None:
-            raise ValueError(f"two tools are named {dup!r}")
-        size = sum(len(t.model_dump_json(exclude_none=True)) for t in tools)
-        if size > MAX_TOOLS_BYTES:
-            raise ValueError(f"tools are {size} bytes as JSON; at most {MAX_TOOLS_BYTES}")
+def check_tools(tools: list[Tool] | None) -> None:
+    """Tools, when given, are uniquely named. Their count and size are checked before they
+    are parsed (ChatCompletionRequest._few_tools)."""
+    if tools is None:
+        return
+    if not tools:
+        raise ValueError("tools must not be empty; leave it out instead")
+    seen: set[str] = set()
+    for t in tools:
+        if t.function.name in seen:
+            raise ValueError(f"two tools are named {t.function.name!r}")
+        seen.add(t.function.name)
+
+
+def check_tool_choice(tools: list[Tool] | None, choice: ToolChoice | None) -> None:
+    """A tool_choice other than none needs tools, and a named one names one of them."""
     if choice is None or choice == "none":
         return
     if not tools:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from llmhost.api.protocol import ChatCompletionRequest
 from llmhost.api.protocol_chat import (
     NamedToolChoice,
     check_conversation,
+    check_tool_choice,
     check_tools,
     schema_error,
 )
@@ -77,26 +79,39 @@ async def check_schemas(req: ChatCompletionRequest) -> None:
         raise InvalidRequest(found[1], param=found[0])
 
 
-def _check(req: ChatCompletionRequest, engine: Engine) -> None:
+def _tool_mode(req: ChatCompletionRequest) -> tuple[bool, str | None]:
+    """Whether the model is offered tools, and the call it is forced to make: "required",
+    the name of one function, or None."""
+    uses_tools = bool(req.tools) and req.tool_choice != "none"
+    if uses_tools and req.tool_choice == "required":
+        return True, "required"
+    if uses_tools and isinstance(req.tool_choice, NamedToolChoice):
+        return True, req.tool_choice.function.name
+    return uses_tools, None
+
+
+def _valid(check: Callable[[], None], param: str) -> None:
     try:
-        check_tools(req.tools, req.tool_choice)
-        check_conversation(req.messages)
+        check()
     except ValueError as exc:
-        param = "tool_choice" if "tool_choice" in str(exc) else "tools"
-        if "tool_call_id" in str(exc):
-            param = "messages"
         raise InvalidRequest(str(exc), param=param) from None
+
+
+def _check(
+    req: ChatCompletionRequest, engine: Engine, uses_tools: bool, forced: str | None
+) -> None:
+    _valid(lambda: check_tools(req.tools), "tools")
+    _valid(lambda: check_tool_choice(req.tools, req.tool_choice), "tool_choice")
+    _valid(lambda: check_conversation(req.messages), "messages")
     fmt = req.response_format
     wants_schema = fmt is not None and fmt.type != "text"
-    uses_tools = bool(req.tools) and req.tool_choice != "none"
     if uses_tools and not engine.supports_tools:
         raise _refuse(engine, "tools", "tool calling")
     if wants_schema and not engine.supports_schema:
         raise _refuse(engine, "response_format", f"response_format {fmt.type!r}")  # type: ignore[union-attr]
-    forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
-    if uses_tools and forced and not engine.supports_schema and not engine.remote:
+    if forced and not engine.supports_schema and not engine.remote:
         raise _refuse(engine, "tool_choice", "a forced tool_choice (constrained decoding)")
-    if req.stop and (wants_schema or (uses_tools and forced)) and not engine.remote:
+    if req.stop and (wants_schema or forced) and not engine.remote:
         raise InvalidRequest(
             "stop cannot be combined with a response_format schema or a forced tool_choice: "
             "a stop string would cut the structured output short",
@@ -104,12 +119,13 @@ def _check(req: ChatCompletionRequest, engine: Engine) -> None:
         )
 
 
-def _constraint(req: ChatCompletionRequest, forced: str | None) -> Constraint | None:
-    tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
+def _constraint(
+    req: ChatCompletionRequest, tools: list[dict[str, Any]] | None, forced: str | None
+) -> Constraint | None:
     if forced == "required":
-        return toolcalls.required_constraint(tools, req.parallel_tool_calls)
+        return toolcalls.required_constraint(tools or [], req.parallel_tool_calls)
     if forced is not None:
-        tool = next(t for t in tools if t["function"]["name"] == forced)
+        tool = next(t for t in tools or () if t["function"]["name"] == forced)
         return toolcalls.named_constraint(tool)
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
@@ -133,13 +149,8 @@ def _forward(req: ChatCompletionRequest) -> dict[str, Any]:
 
 def plan_chat(req: ChatCompletionRequest, engine: Engine, tool_parser: str | None) -> ChatPlan:
     """Check `req` against `engine` (400s name the field) and decide how it runs."""
-    _check(req, engine)
-    uses_tools = bool(req.tools) and req.tool_choice != "none"
-    forced: str | None = None
-    if uses_tools and req.tool_choice == "required":
-        forced = "required"
-    elif uses_tools and isinstance(req.tool_choice, NamedToolChoice):
-        forced = req.tool_choice.function.name
+    uses_tools, forced = _tool_mode(req)
+    _check(req, engine, uses_tools, forced)
     messages = tuple(m.for_template() for m in req.messages)
     tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if uses_tools else None
     # OpenAI's "developer" turn is the system turn to every template (llama-server does this).
@@ -161,7 +172,7 @@ def plan_chat(req: ChatCompletionRequest, engine: Engine, tool_parser: str | Non
     return ChatPlan(
         prompt=prompt,
         messages=messages,
-        constraint=_constraint(req, forced),
+        constraint=_constraint(req, tools, forced),
         forward=None,
         parser_name=parser_name,
         forced=forced,
