@@ -103,6 +103,7 @@ class BatchScheduler(BatchLoop):
         self._host: OrderedDict[tuple[int, ...], tuple[Any, int]] = OrderedDict()
         self._host_bytes = 0
         self._copying = False  # a stream copy waits for the next decode: no state reads/writes
+        self._arrivals: list[Sequence] = []  # admitted, not yet given a slot
         self.start()
 
     def _shutdown(self) -> None:
@@ -120,45 +121,59 @@ class BatchScheduler(BatchLoop):
         }
 
     def _admit(self) -> None:
-        while self._waiting and self._free_slots:
+        # Under the lock only the hand-over: choosing a slot may save or restore a prefix
+        # (megabytes copied), which must not hold up the event loop waiting on the lock.
+        while self._waiting and len(self._arrivals) < len(self._free_slots):
             seq = self._waiting.popleft()
-            caching = self.prompt_cache and seq.cache_prompt
-            limit = len(seq.prompt) - 1  # the last prompt token is always decoded
-            # The longest cached prefix; then an empty slot, lowest first (dense slots batch
-            # into fewer ubatches); then the least recently used.
-            best, reuse, rank = -1, 0, None
-            for slot in sorted(self._free_slots):
-                n = common_prefix(self._cached[slot], seq.prompt, limit) if caching else 0
-                key = (n, not self._cached[slot], -self._used[slot])
-                if rank is None or key > rank:
-                    best, reuse, rank = slot, n, key
-            self._free_slots.discard(best)
-            seq.slot = best
-            if len(self._cached[best]) - reuse >= MIN_SHARE:
-                self._save(best)  # about to be overwritten
-            self._cached[best] = []
-            if caching and self._host:
-                key, n = max(
-                    ((k, common_prefix(k, seq.prompt, limit)) for k in self._host),
-                    key=lambda kn: kn[1],
-                )
-                if n >= reuse + MIN_SHARE and self._restore(key, best):
-                    reuse = n
-            seq.n_fed = self._trim(best, reuse)
-            if caching:
-                self.prefix_cache_queries += len(seq.prompt)
-                self.prefix_cache_hits += seq.n_fed
-                self._share(seq, limit)
-                self.prefix_cache_requests_hit += seq.n_fed > 0 or seq.source is not None
-            seq.sampler = self._make_sampler(seq)
             self._active.append(seq)
+            self._arrivals.append(seq)
+
+    def _place_arrivals(self) -> None:
+        """Give each admitted sequence its slot and the longest cached prefix there is."""
+        arrivals, self._arrivals = self._arrivals, []
+        for seq in arrivals:
+            if not seq.cancelled:  # a cancelled one leaves at the next reaping
+                self._place(seq)
+
+    def _place(self, seq: Sequence) -> None:
+        caching = self.prompt_cache and seq.cache_prompt
+        limit = len(seq.prompt) - 1  # the last prompt token is always decoded
+        # The longest cached prefix; then an empty slot, lowest first (dense slots batch
+        # into fewer ubatches); then the least recently used.
+        best, reuse, rank = -1, 0, None
+        for slot in sorted(self._free_slots):
+            n = common_prefix(self._cached[slot], seq.prompt, limit) if caching else 0
+            key = (n, not self._cached[slot], -self._used[slot])
+            if rank is None or key > rank:
+                best, reuse, rank = slot, n, key
+        self._free_slots.discard(best)
+        seq.slot = best
+        if len(self._cached[best]) - reuse >= MIN_SHARE:
+            self._save(best)  # about to be overwritten
+        self._cached[best] = []
+        if caching and self._host:
+            key, n = max(
+                ((k, common_prefix(k, seq.prompt, limit)) for k in self._host),
+                key=lambda kn: kn[1],
+            )
+            if n >= reuse + MIN_SHARE and self._restore(key, best):
+                reuse = n
+        seq.n_fed = self._trim(best, reuse)
+        if caching:
+            self.prefix_cache_queries += len(seq.prompt)
+            self.prefix_cache_hits += seq.n_fed
+            self._share(seq, limit)
+            self.prefix_cache_requests_hit += seq.n_fed > 0 or seq.source is not None
+        seq.sampler = self._make_sampler(seq)
 
     def _share(self, seq: Sequence, limit: int) -> None:
         """Copy a longer prefix from an active sequence's cells: now if they are written,
         else once the source has fed them (the sequence is not prefilled until then)."""
         src, share = None, seq.n_fed + MIN_SHARE - 1
         for other in self._active:
-            if other.source is not None or other.cancelled or not other.cache_prompt:
+            if other is seq or other.slot < 0 or other.source is not None or other.cancelled:
+                continue
+            if not other.cache_prompt:
                 continue
             n = common_prefix(other.prompt + other.decoded, seq.prompt, limit)
             if n > share:
@@ -281,6 +296,8 @@ class BatchScheduler(BatchLoop):
         return chain
 
     def _release(self, seq: Sequence) -> None:
+        if seq in self._arrivals:
+            self._arrivals.remove(seq)
         if seq.slot >= 0:
             for other in self._active:  # followers take what it has written so far
                 if other.source is seq:
@@ -309,10 +326,12 @@ class BatchScheduler(BatchLoop):
         # admission order. Tokens are then laid out by slot: with one KV stream per sequence,
         # llama.cpp batches together only runs of consecutive sequence ids, so the batch
         # must list slots in order (and empty slots are handed out lowest first).
+        self._place_arrivals()
         self._sources_ready()
-        room = self.batch_size - sum(1 for s in self._active if not s.prefilling)
+        active = [s for s in self._active if s.slot >= 0]
+        room = self.batch_size - sum(1 for s in active if not s.prefilling)
         plan: dict[int, int] = {}
-        for seq in self._active:
+        for seq in active:
             if seq.prefilling and seq.source is None:
                 take = min(len(seq.prompt) - seq.n_fed, max(room, 0))
                 room -= take
@@ -321,7 +340,7 @@ class BatchScheduler(BatchLoop):
         batch = self._batch
         n = 0
         outputs: list[tuple[Sequence, int]] = []
-        for seq in sorted(self._active, key=lambda s: s.slot):
+        for seq in sorted(active, key=lambda s: s.slot):
             if not seq.prefilling:
                 pos = len(seq.prompt) + seq.n_generated - 1
                 self._put(n, seq.last_token, pos, seq.slot, True)
@@ -342,6 +361,8 @@ class BatchScheduler(BatchLoop):
         # Hand over the previous step's tokens now: the event loop formats and sends them
         # while llama_decode runs without the GIL, instead of contending with sampling.
         self._flush()
+        if n == 0:  # only cancelled arrivals, reaped before the next step
+            return
         rc = C.llama_decode(self.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc}")
