@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llmhost.engines.llamacpp import LlamaCppEngine
 from llmhost.ops.bench import make_prompt
-from llmhost.store.demo import DEMO_SHAPE, TINYLLAMA_SHAPE, build_model
+from llmhost.store.demo import DEMO_SHAPE, TINYLLAMA_SHAPE, ensure_model
 from llmhost.types import Constraint, GenerationRequest, SamplingParams
 
 
@@ -76,15 +76,7 @@ def model_path(smoke: bool) -> Path:
         ("demo", "demo", "f32") if smoke else ("tinyllama", "tinyllama-q4_0", "q4_0")
     )
     path = cache / folder / f"llmhost-{shape}.gguf"
-    if not path.exists():
-        build_model(
-            path.parent,
-            shape=DEMO_SHAPE if smoke else TINYLLAMA_SHAPE,
-            gguf_quant=quant,
-            name=f"llmhost-{shape}",
-            formats=("gguf",),
-        )
-    return path
+    return ensure_model(path, DEMO_SHAPE if smoke else TINYLLAMA_SHAPE, quant)
 
 
 async def generate(engine, prompt: str, seed: int, constraint, max_tokens: int) -> int:

@@ -63,10 +63,11 @@ else
     MODEL_DIR="$CACHE/tinyllama-q4_0"; SHAPE=tinyllama; QUANT=q4_0; REQ1=6; REQ8=16
 fi
 MODEL="$MODEL_DIR/llmhost-$SHAPE.gguf"
-if [ ! -f "$MODEL" ]; then
-    log "building the $SHAPE-shaped $QUANT model"
-    $LLMHOST demo-model "$MODEL_DIR" --shape "$SHAPE" --quant "$QUANT" --format gguf >&2
-fi
+log "the $SHAPE-shaped $QUANT model (built on first use, rebuilt when out of date)"
+# Rebuilt when an older llmhost built it (another tokenizer, say).
+$PY -c "import sys; from llmhost.store import demo as d; d.ensure_model(sys.argv[1], \
+    {'demo': d.DEMO_SHAPE, 'tinyllama': d.TINYLLAMA_SHAPE}[sys.argv[2]], sys.argv[3])" \
+    "$MODEL" "$SHAPE" "$QUANT" >&2
 
 log "llama-bench"
 BENCH_JSON=$("$BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p "$PROMPT_TOKENS" -n "$OUT_TOKENS" \

@@ -59,3 +59,38 @@ def test_quantized_gguf(tmp_path):
     types = {t.name: t.tensor_type for t in r.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+def test_a_large_vocabulary_is_ordinary_text_that_round_trips():
+    """Past what the shipped text yields, the vocabulary is learned from made-up words, so a
+    random model's output sent back in a conversation costs about as many tokens again."""
+    import random
+
+    from llmhost.store.demo import train_tokenizer
+
+    tok = train_tokenizer(4096)
+    assert tok.get_vocab_size() == 4096
+    assert not [t for t in tok.get_vocab() if t.startswith("<|reserved_")]
+    rng = random.Random(3)
+    for _ in range(20):
+        ids = [rng.randrange(len(SPECIAL_TOKENS), 4096) for _ in range(64)]
+        again = tok.encode(tok.decode(ids), add_special_tokens=False).ids
+        assert len(again) <= 1.25 * len(ids)
+
+
+def test_ensure_model_rebuilds_what_an_older_llmhost_built(tmp_path):
+    from llmhost.store.demo import REVISION, ensure_model, is_current
+
+    path = ensure_model(tmp_path / "m" / "llmhost-demo.gguf")
+    assert is_current(path)
+    built = path.stat().st_mtime_ns
+    assert ensure_model(path).stat().st_mtime_ns == built  # current: kept
+    # an older build: an earlier revision
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llmhost.demo.revision", REVISION - 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert not is_current(path)
+    assert is_current(ensure_model(path))

@@ -26,6 +26,10 @@ SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
 log = logging.getLogger("llmhost.store.demo")
 
 CHAT_TEMPLATE = "{{ bos_token }}" + FALLBACK_TEMPLATE
+SHIPPED_VOCAB = 1024  # the most tokens the shipped text alone is trained into
+# Bumped whenever the same shape and seed would build another model (tokenizer, metadata):
+# models built by an older llmhost are rebuilt on first use.
+REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,23 @@ def _corpus() -> str:
     return resources.files("llmhost.store").joinpath("demo_corpus.txt").read_text("utf-8")
 
 
+def _word_corpus(n_lines: int) -> str:
+    """Made-up words of one to three syllables, deterministic: enough distinct pairs for the
+    BPE trainer to learn a vocabulary of tens of thousands of tokens."""
+    import random
+
+    rng = random.Random(0)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    drawn = {"".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(60000)}
+    words = sorted(drawn)
+    return "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(n_lines))
+
+
 def train_tokenizer(vocab_size: int):
-    """A GPT-2 style byte-level BPE; reserved tokens pad it to exactly `vocab_size`."""
+    """A GPT-2 style byte-level BPE of exactly `vocab_size` tokens. A vocabulary larger than
+    the shipped text yields is learned from made-up words as well, so that every token is
+    ordinary text: a random model's output, sent back in a conversation, tokenizes to about
+    as many tokens as were generated, as a real model's does."""
     from tokenizers import (
         AddedToken,
         Tokenizer,
@@ -84,19 +103,20 @@ def train_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 1024),
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = _corpus()
-    tok.train_from_iterator([text] * 4, trainer=trainer)
+    texts = [_corpus()] * 4
+    if vocab_size > SHIPPED_VOCAB:
+        texts.append(_word_corpus(20000))
+    tok.train_from_iterator(texts, trainer=trainer)
     extra = vocab_size - tok.get_vocab_size()
     if extra < 0:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the trained vocabulary")
-    # Ordinary (not special) tokens with visible text: a random model samples them often, and
-    # each must stream as text just as a real model's tokens do.
+    # Whatever the text did not yield: ordinary (not special) tokens with visible text.
     tok.add_tokens(
         [AddedToken(f"<|reserved_{i}|>", special=False, normalized=False) for i in range(extra)]
     )
@@ -221,6 +241,7 @@ def write_gguf(
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_uint32("llmhost.demo.revision", REVISION)
 
     for tname, t in _gguf_tensors(w, shape):
         # Norms stay f32 as llama.cpp's converters keep them; so do rows too short to block.
@@ -324,12 +345,35 @@ def gguf_chat_template(path: Path) -> str | None:
     return bytes(field.parts[field.data[0]]).decode() if field else None
 
 
+def is_current(path: Path) -> bool:
+    """Whether the GGUF at `path` is what this llmhost would build (revision and template)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    rev = fields.get("llmhost.demo.revision")
+    if rev is None or int(rev.parts[rev.data[0]][0]) != REVISION:
+        return False
+    tmpl = fields.get("tokenizer.chat_template")
+    return tmpl is not None and bytes(tmpl.parts[tmpl.data[0]]).decode() == CHAT_TEMPLATE
+
+
+def ensure_model(path: Path, shape: ModelShape = DEMO_SHAPE, quant: str = "f32") -> Path:
+    """The GGUF at `path`, built (GGUF only) when missing or built by an older llmhost."""
+    path = Path(path)
+    if path.exists() and not is_current(path):
+        log.info("%s was built by an older llmhost; rebuilding it", path)
+        path.unlink()
+    if not path.exists():
+        build_model(path.parent, shape=shape, name=path.stem, gguf_quant=quant, formats=("gguf",))
+    return path
+
+
 def ensure_demo_model(models_dir: Path) -> Path:
-    """The demo GGUF under `models_dir/demo`, built on first use and rebuilt when it was built
-    by an older llmhost with another chat template (one without tools, say)."""
+    """The demo GGUF (and its Hugging Face folder) under `models_dir/demo`, built on first use
+    and rebuilt when an older llmhost built it (another chat template or tokenizer)."""
     target = Path(models_dir) / "demo" / "llmhost-demo.gguf"
-    if target.exists() and gguf_chat_template(target) != CHAT_TEMPLATE:
-        log.info("the demo model's chat template is out of date; rebuilding it")
+    if target.exists() and not is_current(target):
+        log.info("the demo model is out of date; rebuilding it")
         target.unlink()
     if not target.exists():
         build_model(target.parent)
