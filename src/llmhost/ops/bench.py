@@ -320,6 +320,7 @@ class Bench:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         self.client = httpx.AsyncClient(timeout=cfg.timeout, headers=headers, limits=limits)
         self._seed = 0
+        self._runs = 0  # each run of a chat scenario gets prompts of its own
         self._sharegpt: dict[tuple, list[Conversation]] = {}
 
     async def __aenter__(self) -> Bench:
@@ -458,8 +459,9 @@ class Bench:
         return results, time.perf_counter() - t0
 
     async def shared_prefix(self, concurrency: int, n_requests: int) -> tuple[list, float]:
-        """Closed loop of single-turn chats: one long system prompt, distinct short questions."""
-        system = make_prompt(self.cfg.system_tokens, f"{self.cfg.nonce}-system")
+        """Closed loop of single-turn chats: one long system prompt (new for each run, so each
+        run meets it cold), distinct short questions."""
+        system = make_prompt(self.cfg.system_tokens, f"{self.cfg.nonce}-system-{self._runs}")
         results: list[RequestResult] = []
         remaining = n_requests
 
@@ -480,13 +482,14 @@ class Bench:
         return results, time.perf_counter() - t0
 
     async def run(self, sc: Scenario) -> tuple[list[RequestResult], float]:
+        self._runs += 1
         if sc.kind == "multi-turn":
             convs = build_conversations(
                 sc.conversations,
                 sc.turns,
                 self.cfg.system_tokens,
                 self.cfg.prompt_tokens,
-                f"{self.cfg.nonce}-{sc.name}",
+                f"{self.cfg.nonce}-{sc.name}-{self._runs}",
             )
             return await self.conversations(convs)
         if sc.kind == "sharegpt":
