@@ -4,7 +4,6 @@ and shape the result as a JSON body or an SSE stream."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -12,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import orjson
 from fastapi.responses import StreamingResponse
 
 from llmhost.api.protocol import (
@@ -92,7 +92,41 @@ def usage_noted(notes: dict[str, Any]) -> dict[str, int]:
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class _ChunkWriter:
+    """The SSE events of one stream. A plain text delta, nearly every chunk, is written into
+    the stream's pre-rendered event: only the text itself is JSON-encoded."""
+
+    _MARK = "\x00"
+
+    def __init__(self, head: dict[str, Any], kind: _Kind, include_usage: bool):
+        self.base = {**head, "object": kind.chunk_object}
+        self.include_usage = include_usage
+        self.chat = bool(kind.body_key)
+        plain = {"content": self._MARK} if self.chat else {"text": self._MARK}
+        inner = {"delta": plain} if self.chat else plain
+        sample = self._full({"index": 0, **inner, "finish_reason": None, "logprobs": None})
+        self.before, self.after = sample.rsplit(orjson.dumps(self._MARK), 1)
+
+    def _full(self, choice: dict[str, Any]) -> bytes:
+        obj = {**self.base, "choices": [choice]}
+        if self.include_usage:
+            obj["usage"] = None  # OpenAI's shape: null on every chunk but the last
+        return _sse(obj)
+
+    def chunk(self, choice: dict[str, Any]) -> bytes:
+        if choice["finish_reason"] is None:
+            part = choice["delta"] if self.chat else choice
+            if len(part) == (1 if self.chat else 4):
+                text = part.get("content" if self.chat else "text")
+                if type(text) is str:
+                    return self.before + orjson.dumps(text) + self.after
+        return self._full(choice)
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return _sse({**self.base, "choices": [], "usage": usage})
 
 
 class _TextShaper:
@@ -299,7 +333,7 @@ class OpenAIServing:
                 "choices": [choice],
                 "usage": _usage(done.usage),
             }
-        include_usage = req.include_usage
+        writer = _ChunkWriter(head, kind, req.include_usage)
 
         async def body() -> AsyncIterator[bytes]:
             delta, opening = first, True
@@ -315,10 +349,7 @@ class OpenAIServing:
                         notes["tokens_sent"] = notes.get("tokens_sent", 0) + len(delta.token_ids)
                     for choice in _chunk_choices(kind, shaper, delta, opening):
                         opening = False
-                        obj = {**head, "object": kind.chunk_object, "choices": [choice]}
-                        if include_usage:
-                            obj["usage"] = None
-                        yield _sse(obj)
+                        yield writer.chunk(choice)
                     if delta.finish_reason is not None:
                         notes["usage"] = _usage(delta.usage)
                         break
@@ -328,15 +359,8 @@ class OpenAIServing:
                             code="shutting_down",
                         )
                     delta = await anext(stream)
-                if include_usage:
-                    yield _sse(
-                        {
-                            **head,
-                            "object": kind.chunk_object,
-                            "choices": [],
-                            "usage": _usage(delta.usage),
-                        }
-                    )
+                if req.include_usage:
+                    yield writer.usage(_usage(delta.usage))
             except LlmhostError as exc:
                 # The status line is gone already; the error travels in-band as OpenAI does.
                 log.warning("stream %s failed: %s", gen.request_id, exc.message)
