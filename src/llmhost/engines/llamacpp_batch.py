@@ -3,8 +3,8 @@ every active sequence in one `llama_decode` per step.
 
 Each step: drop cancelled sequences (their KV cells are freed with `llama_memory_seq_rm`), admit
 waiting requests into free sequence slots, then fill one batch with the next token of every
-decoding sequence plus as much pending prompt as the batch has room for (chunked prefill, so a
-long prompt never stalls running streams for more than one step), decode, and sample each
+decoding sequence plus a chunk of pending prompt (shortest first, small while others decode:
+a long prompt never stalls running streams for more than one short step), decode, and sample each
 sequence that produced logits with its own sampler chain. Results go back to the asyncio loop
 with `call_soon_threadsafe`; the GIL is released inside every llama.cpp call.
 
@@ -42,6 +42,10 @@ PENALTY_LAST_N = 64
 # Fewest prompt tokens worth copying from another sequence: across KV streams llama.cpp copies
 # a whole stream, and every prompt shares its first few tokens (BOS, the chat template's).
 MIN_SHARE = 32
+# Prompt tokens a step takes at least (fewer only when no more are waiting), and at most
+# while other sequences are decoding (see plan_prefill).
+PREFILL_FLOOR = 64
+PREFILL_DECODING = 128
 
 
 @dataclass(eq=False)
@@ -54,6 +58,7 @@ class Sequence(BaseSequence):
     decoded: list[int] = field(default_factory=list)  # generated tokens whose KV is written
     source: Sequence | None = None  # waiting to copy `share` prompt tokens from its cells
     share: int = 0
+    waited: int = 0  # steps it has been ready to prefill (its priority grows with them)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -322,21 +327,14 @@ class BatchScheduler(BatchLoop):
             seq.sampler = None
 
     def _step(self) -> None:
-        # Room first for every decoding sequence (one token each), then prompt chunks in
-        # admission order. Tokens are then laid out by slot: with one KV stream per sequence,
+        # Room first for every decoding sequence (one token each), then prompt chunks (see
+        # plan_prefill). Tokens are then laid out by slot: with one KV stream per sequence,
         # llama.cpp batches together only runs of consecutive sequence ids, so the batch
         # must list slots in order (and empty slots are handed out lowest first).
         self._place_arrivals()
         self._sources_ready()
         active = [s for s in self._active if s.slot >= 0]
-        room = self.batch_size - sum(1 for s in active if not s.prefilling)
-        plan: dict[int, int] = {}
-        for seq in active:
-            if seq.prefilling and seq.source is None:
-                take = min(len(seq.prompt) - seq.n_fed, max(room, 0))
-                room -= take
-                if take:
-                    plan[seq.slot] = take
+        plan = plan_prefill(active, self.batch_size)
         batch = self._batch
         n = 0
         outputs: list[tuple[Sequence, int]] = []
@@ -396,6 +394,35 @@ class BatchScheduler(BatchLoop):
 
     def _tail(self, seq: Sequence) -> str:
         return seq.stops.flush() + seq.decoder.decode(b"", final=True)
+
+
+def plan_prefill(active: list[Sequence], batch_size: int) -> dict[int, int]:
+    """How many prompt tokens each prefilling slot feeds this step.
+
+    Every decoding sequence has its token in the batch first. Prompts then go shortest
+    remaining first (a prompt's rank improves with every step it waits, so none starves),
+    and the step stops taking prompts once it holds PREFILL_FLOOR prompt tokens: requests
+    arriving together get their first tokens one after another instead of all at the end
+    of one long step. While sequences are decoding, a step holds at most PREFILL_DECODING
+    prompt tokens, so a long prompt delays their next token by one short step at a time."""
+    decoding = sum(1 for s in active if not s.prefilling)
+    room = batch_size - decoding
+    if decoding:
+        room = min(room, max(PREFILL_DECODING, PREFILL_FLOOR))
+    ready = [s for s in active if s.prefilling and s.source is None]
+    for seq in ready:
+        seq.waited += 1
+    ready.sort(key=lambda s: ((len(s.prompt) - s.n_fed) / s.waited, s.slot))
+    plan: dict[int, int] = {}
+    taken = 0
+    for seq in ready:
+        if room <= 0 or taken >= PREFILL_FLOOR:
+            break
+        take = min(len(seq.prompt) - seq.n_fed, room)
+        plan[seq.slot] = take
+        room -= take
+        taken += take
+    return plan
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
