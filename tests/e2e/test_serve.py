@@ -31,6 +31,11 @@ def test_demo_model_was_built_in_home(server):
 def test_models_list(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["llmhost-demo"]
+    # the SDK's retrieve, with the time the model was loaded as `created`
+    model = client.models.retrieve("llmhost-demo")
+    assert model.id == "llmhost-demo" and model.created == models.data[0].created > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 def test_completion(client):

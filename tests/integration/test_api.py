@@ -52,6 +52,20 @@ async def test_health_ready_models(env):
     assert models["data"][0]["context_length"] == 64
 
 
+async def test_retrieve_model_and_its_created_time(env):
+    import time
+
+    c, _ = env
+    card = (await c.get("/v1/models")).json()["data"][0]
+    assert 0 < time.time() - card["created"] < 60  # when it was loaded, not 0
+    r = await c.get("/v1/models/fake-model")
+    assert r.status_code == 200 and r.json() == card
+    for other in ("other-model", "org/fake-model", "fake-model/x", "%00"):
+        err = assert_error(await c.get(f"/v1/models/{other}"), 404, "does not exist")
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+    assert (await c.get("/v1/models/")).status_code == 404
+
+
 async def test_completion(env):
     c, engine = env
     r = await c.post(

@@ -16,10 +16,11 @@ from llmhost.api.protocol import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    ModelCard,
     ModelList,
 )
 from llmhost.api.serving import OpenAIServing
-from llmhost.errors import EngineNotReady, NotFound, PermissionDenied
+from llmhost.errors import EngineNotReady, ModelNotFound, NotFound, PermissionDenied
 from llmhost.observability.metrics import CONTENT_TYPE
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -116,19 +117,18 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/v1/models", response_model=ModelList, tags=["openai"])
 async def list_models(s: OpenAIServing = Depends(serving)) -> dict[str, Any]:
-    info = s.engine.model_info
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": info.id,
-                "object": "model",
-                "created": info.created,
-                "owned_by": info.owned_by,
-                "context_length": info.context_length,
-            }
-        ],
-    }
+    return {"object": "list", "data": [s.model_card()]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
+async def retrieve_model(model_id: str, s: OpenAIServing = Depends(serving)) -> dict[str, Any]:
+    """One model (the openai SDK's `models.retrieve`); 404 for any other id."""
+    if model_id != s.model_id:
+        raise ModelNotFound(
+            f"The model '{model_id}' does not exist; this server serves '{s.model_id}'.",
+            param="model",
+        )
+    return s.model_card()
 
 
 @router.post(

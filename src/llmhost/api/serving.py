@@ -229,10 +229,22 @@ class OpenAIServing:
         self.metrics = metrics
         self.drain = drain or Drain()
         self.tool_parser = tool_parser  # a setting's override of the model's tool-call format
+        # OpenAI's `created`: when the model was registered; here, when it was loaded
+        self.created = engine.model_info.created or int(time.time())
 
     @property
     def model_id(self) -> str:
         return self.engine.model_info.id
+
+    def model_card(self) -> dict[str, Any]:
+        info = self.engine.model_info
+        return {
+            "id": info.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": info.owned_by,
+            "context_length": info.context_length,
+        }
 
     def check_model(self, requested: str | None) -> str:
         if requested and requested != self.model_id:
