@@ -337,44 +337,43 @@ def build_model(
     return BuiltModel(gguf=gguf_path, hf_dir=hf_dir)
 
 
-def gguf_chat_template(path: Path) -> str | None:
-    """The chat template a GGUF file carries (its metadata only is read)."""
+def _metadata(path: Path, *keys: str) -> list:
+    """Values of GGUF metadata `keys` (None where absent); only the header is read."""
     from gguf import GGUFReader
 
-    field = GGUFReader(path).fields.get("tokenizer.chat_template")
-    return bytes(field.parts[field.data[0]]).decode() if field else None
+    fields = GGUFReader(path).fields
+    return [f.contents() if (f := fields.get(k)) is not None else None for k in keys]
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """The chat template a GGUF file carries."""
+    return _metadata(path, "tokenizer.chat_template")[0]
 
 
 def is_current(path: Path) -> bool:
     """Whether the GGUF at `path` is what this llmhost would build (revision and template)."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(path).fields
-    rev = fields.get("llmhost.demo.revision")
-    if rev is None or int(rev.parts[rev.data[0]][0]) != REVISION:
-        return False
-    tmpl = fields.get("tokenizer.chat_template")
-    return tmpl is not None and bytes(tmpl.parts[tmpl.data[0]]).decode() == CHAT_TEMPLATE
+    revision, template = _metadata(path, "llmhost.demo.revision", "tokenizer.chat_template")
+    return revision == REVISION and template == CHAT_TEMPLATE
 
 
-def ensure_model(path: Path, shape: ModelShape = DEMO_SHAPE, quant: str = "f32") -> Path:
-    """The GGUF at `path`, built (GGUF only) when missing or built by an older llmhost."""
+def ensure_model(
+    path: Path,
+    shape: ModelShape = DEMO_SHAPE,
+    quant: str = "f32",
+    formats: tuple[str, ...] = ("gguf",),
+) -> Path:
+    """The GGUF at `path` (with the Hugging Face folder beside it when `formats` asks for
+    one), built when missing or rebuilt when an older llmhost built it (another chat template
+    or tokenizer)."""
     path = Path(path)
     if path.exists() and not is_current(path):
         log.info("%s was built by an older llmhost; rebuilding it", path)
         path.unlink()
     if not path.exists():
-        build_model(path.parent, shape=shape, name=path.stem, gguf_quant=quant, formats=("gguf",))
+        build_model(path.parent, shape=shape, name=path.stem, gguf_quant=quant, formats=formats)
     return path
 
 
 def ensure_demo_model(models_dir: Path) -> Path:
-    """The demo GGUF (and its Hugging Face folder) under `models_dir/demo`, built on first use
-    and rebuilt when an older llmhost built it (another chat template or tokenizer)."""
-    target = Path(models_dir) / "demo" / "llmhost-demo.gguf"
-    if target.exists() and not is_current(target):
-        log.info("the demo model is out of date; rebuilding it")
-        target.unlink()
-    if not target.exists():
-        build_model(target.parent)
-    return target
+    """The demo GGUF and its Hugging Face folder under `models_dir/demo`."""
+    return ensure_model(Path(models_dir) / "demo" / "llmhost-demo.gguf", formats=("gguf", "hf"))
