@@ -111,3 +111,18 @@ def shm() -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def start_engine():
+    """Starts the engines a test builds (`await start_engine(engine)`) and closes each after it."""
+    engines = []
+
+    async def start(engine):
+        await engine.start()
+        engines.append(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        await engine.close()

@@ -42,19 +42,12 @@ async def run(engine, prompt, **sampling):
 
 
 @pytest.fixture
-async def make_engine(tiny_model):
-    engines = []
-
+def make_engine(tiny_model, start_engine):
     async def make(**kw):
         kw.setdefault("threads", 2)
-        e = LlamaCppEngine(tiny_model.gguf, **kw)
-        await e.start()
-        engines.append(e)
-        return e
+        return await start_engine(LlamaCppEngine(tiny_model.gguf, **kw))
 
-    yield make
-    for e in engines:
-        await e.close()
+    return make
 
 
 async def test_loads_metadata(make_engine):

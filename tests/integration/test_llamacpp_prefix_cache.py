@@ -90,20 +90,13 @@ def assert_cells(engine):
 
 
 @pytest.fixture
-async def make_engine(tiny_model):
-    engines = []
-
+def make_engine(tiny_model, start_engine):
     async def make(**kw):
         kw.setdefault("threads", 2)
         kw.setdefault("ctx_size", 512)
-        e = LlamaCppEngine(tiny_model.gguf, **kw)
-        await e.start()
-        engines.append(e)
-        return e
+        return await start_engine(LlamaCppEngine(tiny_model.gguf, **kw))
 
-    yield make
-    for e in engines:
-        await e.close()
+    return make
 
 
 @pytest.fixture

@@ -85,19 +85,12 @@ async def assert_generates_like_reference(engine, reference) -> None:
 
 
 @pytest.fixture
-async def make_engine(tiny_model):
-    engines = []
-
+def make_engine(tiny_model, start_engine):
     async def make(**kw):
         kw.setdefault("threads", 2)
-        e = TransformersEngine(tiny_model.hf_dir, **kw)
-        await e.start()
-        engines.append(e)
-        return e
+        return await start_engine(TransformersEngine(tiny_model.hf_dir, **kw))
 
-    yield make
-    for e in engines:
-        await e.close()
+    return make
 
 
 async def test_loads_tokenizer_template_and_metadata(make_engine, reference):

@@ -36,19 +36,12 @@ async def run(engine, prompt, *, cache_prompt: bool = True, **sampling) -> list[
 
 
 @pytest.fixture
-async def make_engine(tiny_model):
-    engines = []
-
+def make_engine(tiny_model, start_engine):
     async def make(**kw):
         kw.setdefault("threads", 2)
-        e = TransformersEngine(tiny_model.hf_dir, **kw)
-        await e.start()
-        engines.append(e)
-        return e
+        return await start_engine(TransformersEngine(tiny_model.hf_dir, **kw))
 
-    yield make
-    for e in engines:
-        await e.close()
+    return make
 
 
 @pytest.fixture
