@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llmhost.api.serving import CHAT, COMPLETION, _ChunkWriter, _sse
+from llmhost.api.sse import CHAT, COMPLETION, ChunkWriter, sse
 
 HEAD = {"id": "chatcmpl-x", "created": 1764180000, "model": "m\u00e9/\\x00"}
 TEXTS = ["", " word", 'quote " and \\ back', "\u00e9t\u00e9 \U0001f600", "\x00\x1f\n\t", "\u2028"]
@@ -23,10 +23,10 @@ def full(kind, choice, include_usage):
 @pytest.mark.parametrize("include_usage", [False, True])
 @pytest.mark.parametrize("text", TEXTS)
 def test_plain_text_chunks_equal_the_whole_encoding(text, include_usage):
-    chat = _ChunkWriter(HEAD, CHAT, include_usage)
+    chat = ChunkWriter(HEAD, CHAT, include_usage)
     choice = {"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": None}
     assert chat.chunk(choice) == full(CHAT, choice, include_usage)
-    comp = _ChunkWriter(HEAD, COMPLETION, include_usage)
+    comp = ChunkWriter(HEAD, COMPLETION, include_usage)
     choice = {"index": 0, "text": text, "finish_reason": None, "logprobs": None}
     assert comp.chunk(choice) == full(COMPLETION, choice, include_usage)
     assert json.loads(chat.chunk({**choice, "delta": {"content": text}})[6:])
@@ -48,13 +48,13 @@ def test_plain_text_chunks_equal_the_whole_encoding(text, include_usage):
     ],
 )
 def test_other_chunks_take_the_full_path(choice):
-    w = _ChunkWriter(HEAD, CHAT, True)
+    w = ChunkWriter(HEAD, CHAT, True)
     assert w.chunk(choice) == full(CHAT, choice, True)
 
 
 def test_usage_chunk():
-    w = _ChunkWriter(HEAD, CHAT, True)
+    w = ChunkWriter(HEAD, CHAT, True)
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     got = json.loads(w.usage(usage)[len(b"data: ") :])
     assert got == {**HEAD, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-    assert _sse({"a": "\u00e9"}) == 'data: {"a":"\u00e9"}\n\n'.encode()
+    assert sse({"a": "\u00e9"}) == 'data: {"a":"\u00e9"}\n\n'.encode()

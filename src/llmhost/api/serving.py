@@ -8,10 +8,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import orjson
 from fastapi.responses import StreamingResponse
 
 from llmhost.api.protocol import (
@@ -21,6 +20,16 @@ from llmhost.api.protocol import (
     _SamplingRequest,
 )
 from llmhost.api.serving_chat import ChatShaper, check_schemas, gather_remote_calls, plan_chat
+from llmhost.api.sse import (
+    CHAT,
+    COMPLETION,
+    SSE_HEADERS,
+    ChunkWriter,
+    Kind,
+    chunk_choices,
+    sse,
+    whole_choice,
+)
 from llmhost.engines.base import Engine
 from llmhost.errors import (
     ContextLengthExceeded,
@@ -33,8 +42,6 @@ from llmhost.observability.metrics import Metrics
 from llmhost.types import GenerationRequest, SamplingParams, TokenDelta, Usage
 
 log = logging.getLogger("llmhost.api")
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def check_text(text: str, param: str) -> None:
@@ -91,44 +98,6 @@ def usage_noted(notes: dict[str, Any]) -> dict[str, int]:
     return _usage(Usage(0, int(notes.get("tokens_sent", 0))))
 
 
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-class _ChunkWriter:
-    """The SSE events of one stream. A plain text delta, nearly every chunk, is written into
-    the stream's pre-rendered event: only the text itself is JSON-encoded."""
-
-    _MARK = "\x00"
-
-    def __init__(self, head: dict[str, Any], kind: _Kind, include_usage: bool):
-        self.base = {**head, "object": kind.chunk_object}
-        self.include_usage = include_usage
-        self.chat = bool(kind.body_key)
-        plain = {"content": self._MARK} if self.chat else {"text": self._MARK}
-        inner = {"delta": plain} if self.chat else plain
-        sample = self._full({"index": 0, **inner, "finish_reason": None, "logprobs": None})
-        self.before, self.after = sample.rsplit(orjson.dumps(self._MARK), 1)
-
-    def _full(self, choice: dict[str, Any]) -> bytes:
-        obj = {**self.base, "choices": [choice]}
-        if self.include_usage:
-            obj["usage"] = None  # OpenAI's shape: null on every chunk but the last
-        return _sse(obj)
-
-    def chunk(self, choice: dict[str, Any]) -> bytes:
-        if choice["finish_reason"] is None:
-            part = choice["delta"] if self.chat else choice
-            if len(part) == (1 if self.chat else 4):
-                text = part.get("content" if self.chat else "text")
-                if type(text) is str:
-                    return self.before + orjson.dumps(text) + self.after
-        return self._full(choice)
-
-    def usage(self, usage: dict[str, int]) -> bytes:
-        return _sse({**self.base, "choices": [], "usage": usage})
-
-
 class _TextShaper:
     """Completions: the text as it comes."""
 
@@ -140,45 +109,6 @@ class _TextShaper:
 
     def message(self, text: str, remote_calls: list[dict[str, Any]]) -> dict[str, Any]:
         return {"text": text}
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """How one endpoint names and shapes its choices."""
-
-    id_prefix: str
-    object: str
-    chunk_object: str
-    body_key: str  # where a choice's content goes: "message" (chat) or inline (completions)
-
-
-COMPLETION = _Kind("cmpl", "text_completion", "text_completion", "")
-CHAT = _Kind("chatcmpl", "chat.completion", "chat.completion.chunk", "message")
-
-
-def _whole_choice(kind: _Kind, body: dict[str, Any], finish: str | None) -> dict[str, Any]:
-    inner = {kind.body_key: body} if kind.body_key else body
-    return {"index": 0, **inner, "finish_reason": finish, "logprobs": None}
-
-
-def _chunk_choices(kind: _Kind, shaper: Any, d: TokenDelta, opening: bool) -> list[dict[str, Any]]:
-    """The choices of the chunks one engine delta makes; the finish reason rides on the last."""
-    pieces = shaper.deltas(d)
-    if kind.body_key and opening:
-        pieces = [{"role": "assistant", **(pieces[0] if pieces else {})}, *pieces[1:]]
-    finish = shaper.finish_reason(d.finish_reason)
-    if not pieces and finish is None:
-        return []
-    if not pieces:
-        pieces = [{} if kind.body_key else {"text": ""}]
-    out = []
-    for i, piece in enumerate(pieces):
-        last = i == len(pieces) - 1
-        inner = {"delta": piece} if kind.body_key else piece
-        out.append(
-            {"index": 0, **inner, "finish_reason": finish if last else None, "logprobs": None}
-        )
-    return out
 
 
 class _Measured:
@@ -320,7 +250,7 @@ class OpenAIServing:
         req: _SamplingRequest,
         gen: GenerationRequest,
         model: str,
-        kind: _Kind,
+        kind: Kind,
         notes: dict[str, Any],
         shaper: Any = None,
     ) -> dict[str, Any] | StreamingResponse:
@@ -338,14 +268,14 @@ class OpenAIServing:
             done = await self._collect(first, stream, notes)
             notes.update(usage=_usage(done.usage), chars=len(done.text))
             body = shaper.message(done.text, list(done.tool_calls))
-            choice = _whole_choice(kind, body, shaper.finish_reason(done.finish_reason))
+            choice = whole_choice(kind, body, shaper.finish_reason(done.finish_reason))
             return {
                 **head,
                 "object": kind.object,
                 "choices": [choice],
                 "usage": _usage(done.usage),
             }
-        writer = _ChunkWriter(head, kind, req.include_usage)
+        writer = ChunkWriter(head, kind, req.include_usage)
 
         async def body() -> AsyncIterator[bytes]:
             delta, opening = first, True
@@ -359,7 +289,7 @@ class OpenAIServing:
                         notes["usage_so_far"] = delta.usage
                     elif delta.token_ids:  # an engine that reports usage only at the end
                         notes["tokens_sent"] = notes.get("tokens_sent", 0) + len(delta.token_ids)
-                    for choice in _chunk_choices(kind, shaper, delta, opening):
+                    for choice in chunk_choices(kind, shaper, delta, opening):
                         opening = False
                         yield writer.chunk(choice)
                     if delta.finish_reason is not None:
@@ -377,7 +307,7 @@ class OpenAIServing:
                 # The status line is gone already; the error travels in-band as OpenAI does.
                 log.warning("stream %s failed: %s", gen.request_id, exc.message)
                 notes["status"] = exc.status_code
-                yield _sse(exc.to_openai())
+                yield sse(exc.to_openai())
             finally:
                 await stream.aclose()
             yield b"data: [DONE]\n\n"

@@ -1,0 +1,90 @@
+"""The shapes of OpenAI responses and SSE events: how each endpoint names its choices, the
+choices one engine delta makes, and the bytes of a stream's events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from llmhost.types import TokenDelta
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How one endpoint names and shapes its choices."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    body_key: str  # where a choice's content goes: "message" (chat) or inline (completions)
+
+
+COMPLETION = Kind("cmpl", "text_completion", "text_completion", "")
+CHAT = Kind("chatcmpl", "chat.completion", "chat.completion.chunk", "message")
+
+
+def whole_choice(kind: Kind, body: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    inner = {kind.body_key: body} if kind.body_key else body
+    return {"index": 0, **inner, "finish_reason": finish, "logprobs": None}
+
+
+def chunk_choices(kind: Kind, shaper: Any, d: TokenDelta, opening: bool) -> list[dict[str, Any]]:
+    """The choices of the chunks one engine delta makes; the finish reason rides on the last."""
+    pieces = shaper.deltas(d)
+    if kind.body_key and opening:
+        pieces = [{"role": "assistant", **(pieces[0] if pieces else {})}, *pieces[1:]]
+    finish = shaper.finish_reason(d.finish_reason)
+    if not pieces and finish is None:
+        return []
+    if not pieces:
+        pieces = [{} if kind.body_key else {"text": ""}]
+    out = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        inner = {"delta": piece} if kind.body_key else piece
+        out.append(
+            {"index": 0, **inner, "finish_reason": finish if last else None, "logprobs": None}
+        )
+    return out
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class ChunkWriter:
+    """The SSE events of one stream. A plain text delta, nearly every chunk, is written into
+    the stream's pre-rendered event: only the text itself is JSON-encoded."""
+
+    _MARK = "\x00"
+
+    def __init__(self, head: dict[str, Any], kind: Kind, include_usage: bool):
+        self.base = {**head, "object": kind.chunk_object}
+        self.include_usage = include_usage
+        self.chat = bool(kind.body_key)
+        plain = {"content": self._MARK} if self.chat else {"text": self._MARK}
+        inner = {"delta": plain} if self.chat else plain
+        sample = self._full({"index": 0, **inner, "finish_reason": None, "logprobs": None})
+        self.before, self.after = sample.rsplit(orjson.dumps(self._MARK), 1)
+
+    def _full(self, choice: dict[str, Any]) -> bytes:
+        obj = {**self.base, "choices": [choice]}
+        if self.include_usage:
+            obj["usage"] = None  # OpenAI's shape: null on every chunk but the last
+        return sse(obj)
+
+    def chunk(self, choice: dict[str, Any]) -> bytes:
+        if choice["finish_reason"] is None:
+            part = choice["delta"] if self.chat else choice
+            if len(part) == (1 if self.chat else 4):
+                text = part.get("content" if self.chat else "text")
+                if type(text) is str:
+                    return self.before + orjson.dumps(text) + self.after
+        return self._full(choice)
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return sse({**self.base, "choices": [], "usage": usage})
