@@ -35,6 +35,15 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     ignore_eos: bool = False
     constraint: Constraint | None = None
+    # Added to the logits of these token ids before penalties (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Report each generated token's log-probability and this many likeliest alternatives
+    # (0..20); None: none. Log-probabilities are taken after logit_bias, the grammar and the
+    # penalties, before temperature and truncation (OpenAI's definition).
+    logprobs: int | None = None
+    # Also report the prompt tokens' log-probabilities (from the raw logits) with this many
+    # alternatives; None: none. The prompt is then prefilled whole, not reused from a cache.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the likeliest alternatives at its position, by token
+    id, likeliest first. A prompt's first token has no log-probability (None)."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     """One step of a stream: new text (may be empty), the usage so far where the engine
     knows it, and on the last delta the finish reason and the final usage."""
@@ -79,6 +98,10 @@ class TokenDelta:
     # OpenAI-shaped tool-call delta fragments from an engine that parses tool calls itself (a
     # remote upstream); in-process engines leave this empty and the api layer parses the text.
     tool_calls: tuple[dict[str, Any], ...] = ()
+    # With `sampling.logprobs`: one entry per token of `token_ids`. With
+    # `sampling.prompt_logprobs`, the first delta also carries one per prompt token.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

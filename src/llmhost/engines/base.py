@@ -34,6 +34,11 @@ class Engine(abc.ABC):
     # Applies the chat template and parses tool calls itself (a remote server): it gets the
     # messages and `GenerationRequest.forward` instead of a rendered prompt and a constraint.
     remote: bool = False
+    supports_logprobs: bool = False  # logprobs, top_logprobs, echo with logprobs
+    supports_logit_bias: bool = False
+    # Sequences that can run at once: a request's n choices run together, so n is held to
+    # it (a 400 naming the limit). None: no fixed limit.
+    max_sequences: int | None = None
     # The tool-call format of the model (a name in engines.toolcalls), found from its chat
     # template when loaded; a setting may override it.
     tool_parser: str | None = None
@@ -61,6 +66,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def health(self) -> EngineHealth:
         """Cheap liveness of the loaded engine, with optional statistics."""
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes token `token` stands for (special tokens as their text), which logprobs
+        report; engines with `supports_logprobs` implement it."""
+        raise NotImplementedError(f"the {self.name} engine does not report tokens")
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, context_length: int) -> int:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from llmhost.engines.base import Engine, StopMatcher, check_context
@@ -25,6 +25,7 @@ from llmhost.types import (
     GenerationRequest,
     SamplingParams,
     TokenDelta,
+    TokenLogprob,
     Usage,
 )
 
@@ -53,6 +54,8 @@ class BaseSequence:
     grammar: Matcher | None = None  # the constraint on its output, if any
     cache_prompt: bool = True  # False: reuse no cached prefix and keep nothing afterwards
     stops: StopMatcher = field(init=False)
+    # The prompt's log-probabilities as they are computed; sent with the first delta
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.stops = StopMatcher(self.sampling.stop)
@@ -191,6 +194,9 @@ class BatchLoop(abc.ABC):
                 self._step()
 
     def _post(self, seq: Any, item: TokenDelta | BaseException) -> None:
+        if seq.prompt_lps and isinstance(item, TokenDelta):
+            item = replace(item, prompt_logprobs=tuple(seq.prompt_lps))
+            seq.prompt_lps = []
         self._outbox.append((seq, item))
 
     def _flush(self) -> None:
@@ -242,31 +248,48 @@ class BatchLoop(abc.ABC):
 
     # --- output: the same finish rules for every engine ---------------------------------------
 
-    def _emit(self, seq: Any, token: int, is_eos: bool) -> None:
+    def _emit(
+        self, seq: Any, token: int, is_eos: bool, logprob: TokenLogprob | None = None
+    ) -> None:
         """A sampled token ends the stream at EOS (unless ignored), a stop string or the
-        budget; otherwise its text goes out."""
+        budget; otherwise its text goes out. A budget of 0 (a prompt scored, nothing
+        generated) ends it before the token."""
         seq.last_token = token
+        if seq.budget == 0:
+            self._done(seq, "length", "")
+            return
         if is_eos and not seq.sampling.ignore_eos:
             self._done(seq, "stop", self._tail(seq))
             return
         seq.n_generated += 1
+        lps = () if logprob is None else (logprob,)
         text, hit = seq.stops.feed(self._take(seq, token))
         if hit:
-            self._done(seq, "stop", text, (token,))
+            self._done(seq, "stop", text, (token,), lps)
         elif seq.grammar is not None and seq.grammar.advance(token):
-            self._done(seq, "stop", text + self._tail(seq), (token,))
+            self._done(seq, "stop", text + self._tail(seq), (token,), lps)
         elif seq.n_generated >= seq.budget:
-            self._done(seq, "length", text + self._tail(seq), (token,))
+            self._done(seq, "length", text + self._tail(seq), (token,), lps)
         else:
             # Usage so far on every delta: a stream dropped midway is charged what it got.
             self._post(
                 seq,
                 TokenDelta(
-                    text=text, token_ids=(token,), usage=Usage(len(seq.prompt), seq.n_generated)
+                    text=text,
+                    token_ids=(token,),
+                    usage=Usage(len(seq.prompt), seq.n_generated),
+                    logprobs=lps,
                 ),
             )
 
-    def _done(self, seq: Any, reason: str, text: str, ids: tuple[int, ...] = ()) -> None:
+    def _done(
+        self,
+        seq: Any,
+        reason: str,
+        text: str,
+        ids: tuple[int, ...] = (),
+        lps: tuple[TokenLogprob, ...] = (),
+    ) -> None:
         with self._cond:
             self._finish(seq)
         self._post(
@@ -276,6 +299,7 @@ class BatchLoop(abc.ABC):
                 token_ids=ids,
                 finish_reason=reason,  # type: ignore[arg-type]
                 usage=Usage(len(seq.prompt), seq.n_generated),
+                logprobs=lps,
             ),
         )
 
@@ -328,9 +352,22 @@ class BatchedEngine(Engine):
     once loaded."""
 
     sequence_type: type[BaseSequence] = BaseSequence
+    supports_logprobs = True
+    supports_logit_bias = True
     _scheduler: BatchLoop | None = None
     _n_vocab: int = 0
     _grammars: GrammarCompiler | None = None
+
+    @property  # type: ignore[override]
+    def max_sequences(self) -> int | None:
+        return None if self._scheduler is None else self._scheduler.n_slots
+
+    def _check_ids(self, ids: list[int] | tuple[int, ...], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {bad} is outside the vocabulary (0..{self._n_vocab - 1})", param=param
+            )
 
     def health(self) -> EngineHealth:
         if self._scheduler is None:
@@ -345,14 +382,10 @@ class BatchedEngine(Engine):
         scheduler = self._scheduler
         if scheduler is None:
             raise EngineNotReady("the model is not loaded", retry_after=5)
+        self._check_ids([t for t, _ in request.sampling.logit_bias], "logit_bias")
         if isinstance(request.prompt, list):
             prompt = list(request.prompt)
-            bad = [t for t in prompt if not 0 <= t < self._n_vocab]
-            if bad:
-                raise InvalidRequest(
-                    f"token id {bad[0]} is outside the vocabulary (0..{self._n_vocab - 1})",
-                    param="prompt",
-                )
+            self._check_ids(prompt, "prompt")
         elif len(request.prompt) > THREAD_TOKENIZE_CHARS:
             # The tokenizers release the GIL: a huge prompt never holds up the event loop.
             prompt = await asyncio.to_thread(self.tokenize, request.prompt, request.add_special)

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 from llmhost.engines.base import Engine, StopMatcher, check_context
 from llmhost.errors import EngineNotReady
-from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta, Usage
+from llmhost.types import (
+    EngineHealth,
+    GenerationRequest,
+    ModelInfo,
+    TokenDelta,
+    TokenLogprob,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
@@ -24,6 +31,9 @@ class FakeEngine(Engine):
     # Tools are rendered into the prompt and the scripted text is parsed for calls; the fake
     # constrains nothing, so structured outputs and forced tool choices are refused.
     supports_tools = True
+    # Scripted log-probabilities: the scripted word is always the likeliest, at -0.25, and
+    # the other words follow at -2, -3, ... (token id of word i: i + 1).
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -62,6 +72,16 @@ class FakeEngine(Engine):
         # Text without words is one token, as a real tokenizer's BOS makes it.
         return [hash(w) & 0xFFFF for w in text.split()] or [0]
 
+    def token_bytes(self, token: int) -> bytes:
+        if 1 <= token <= len(self.script):
+            return self.script[token - 1].encode("utf-8")
+        return f"<{token}>".encode()
+
+    def _logprob(self, token: int, k: int) -> TokenLogprob:
+        others = [t for t in range(1, len(self.script) + 1) if t != token]
+        top = [(token, -0.25)] + [(t, -2.0 - i) for i, t in enumerate(others)]
+        return TokenLogprob(token, -0.25, tuple(top[:k]))
+
     def health(self) -> EngineHealth:
         return EngineHealth(ok=self.started, stats={"active": self.active})
 
@@ -89,15 +109,19 @@ class FakeEngine(Engine):
                     await asyncio.sleep(self.token_delay)
                 else:
                     await asyncio.sleep(0)
-                word = self.script[produced % len(self.script)]
+                token = produced % len(self.script) + 1
+                word = self.script[token - 1]
                 produced += 1
+                lps = () if sp.logprobs is None else (self._logprob(token, sp.logprobs),)
                 text, hit = stops.feed(word)
                 if hit:
                     finish = "stop"
                     if text:
-                        yield TokenDelta(text=text, token_ids=(produced,))
+                        yield TokenDelta(text=text, token_ids=(token,), logprobs=lps)
                     break
-                yield TokenDelta(text=text, token_ids=(produced,), usage=Usage(n_prompt, produced))
+                yield TokenDelta(
+                    text=text, token_ids=(token,), usage=Usage(n_prompt, produced), logprobs=lps
+                )
             tail = "" if finish == "stop" else stops.flush()
             yield TokenDelta(text=tail, finish_reason=finish, usage=Usage(n_prompt, produced))
         except (asyncio.CancelledError, GeneratorExit):

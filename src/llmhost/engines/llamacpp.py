@@ -96,6 +96,7 @@ class LlamaCppEngine(BatchedEngine):
         self._vocab = None
         self._scheduler: BatchScheduler | None = None
         self._threadpool: ThreadPool | None = None
+        self._pieces: dict[int, bytes] = {}  # token -> bytes, at most the vocabulary
         self.model_info = ModelInfo(id=self._model_id, context_length=0)
 
     @classmethod
@@ -214,6 +215,16 @@ class LlamaCppEngine(BatchedEngine):
             self._model = None
 
     # --- requests -----------------------------------------------------------------------------
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            if self._vocab is None:
+                raise EngineNotReady("the model is not loaded")
+            buf = ctypes.create_string_buffer(256)
+            n = C.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            piece = self._pieces[token] = buf.raw[: max(n, 0)]
+        return piece
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         if self._vocab is None:

@@ -35,6 +35,8 @@ import llama_cpp as C
 import numpy as np
 
 from llmhost.engines.batching import BaseSequence, BatchLoop
+from llmhost.engines.logprobs import log_softmax, token_logprob
+from llmhost.types import TokenLogprob
 
 log = logging.getLogger("llmhost.engines.llamacpp")
 
@@ -54,6 +56,9 @@ class Sequence(BaseSequence):
 
     slot: int = -1
     sampler: Any = None
+    # With logprobs the chain is split: `pre` (logit bias, penalties) changes the logits the
+    # log-probabilities are taken from, `sampler` then picks (truncation, temperature, draw).
+    pre: Any = None
     decoder: Any = field(init=False)
     decoded: list[int] = field(default_factory=list)  # generated tokens whose KV is written
     source: Sequence | None = None  # waiting to copy `share` prompt tokens from its cells
@@ -95,6 +100,12 @@ class BatchScheduler(BatchLoop):
         self._mem = C.llama_get_memory(ctx)
         self._batch = C.llama_batch_init(batch_size, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
+        # Candidates for samplers run by hand (logprobs): llama_token_data laid out in numpy
+        self._cand = np.zeros(
+            n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        )
+        self._cand_ptr = self._cand.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
+        self._ids = np.arange(n_vocab, dtype=np.int32)
         self._free_slots = set(range(n_slots))
         self.prompt_cache = prompt_cache
         self._cached: list[list[int]] = [[] for _ in range(n_slots)]  # KV held by a free slot
@@ -141,7 +152,8 @@ class BatchScheduler(BatchLoop):
                 self._place(seq)
 
     def _place(self, seq: Sequence) -> None:
-        caching = self.prompt_cache and seq.cache_prompt
+        # A prompt whose log-probabilities are asked for is fed whole: cached cells have none.
+        caching = self.prompt_cache and seq.cache_prompt and seq.sampling.prompt_logprobs is None
         limit = len(seq.prompt) - 1  # the last prompt token is always decoded
         # The longest cached prefix; then an empty slot, lowest first (dense slots batch
         # into fewer ubatches); then the least recently used.
@@ -174,14 +186,16 @@ class BatchScheduler(BatchLoop):
     def _share(self, seq: Sequence, limit: int) -> None:
         """Copy a longer prefix from an active sequence's cells: now if they are written,
         else once the source has fed them (the sequence is not prefilled until then)."""
-        src, share = None, seq.n_fed + MIN_SHARE - 1
+        src, share = None, seq.n_fed
         for other in self._active:
             if other is seq or other.slot < 0 or other.source is not None or other.cancelled:
                 continue
             if not other.cache_prompt:
                 continue
             n = common_prefix(other.prompt + other.decoded, seq.prompt, limit)
-            if n > share:
+            # The same prompt (a request's n choices) is worth sharing however short it is.
+            enough = n >= seq.n_fed + MIN_SHARE or (n == limit and other.prompt == seq.prompt)
+            if enough and n > share:
                 src, share = other, n
         if src is None:
             return
@@ -265,6 +279,11 @@ class BatchScheduler(BatchLoop):
         sp = seq.sampling
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         add = C.llama_sampler_chain_add
+        if sp.logit_bias:
+            bias = (C.llama_logit_bias * len(sp.logit_bias))(
+                *[C.llama_logit_bias(token=t, bias=b) for t, b in sp.logit_bias]
+            )  # copied by llama.cpp
+            add(chain, C.llama_sampler_init_logit_bias(self.n_vocab, len(sp.logit_bias), bias))
         if sp.ignore_eos and self._eog:
             add(
                 chain, C.llama_sampler_init_logit_bias(self.n_vocab, len(self._eog), self._eog_bias)
@@ -283,6 +302,9 @@ class BatchScheduler(BatchLoop):
                     sp.presence_penalty,
                 ),
             )
+        if sp.logprobs is not None:
+            seq.pre = chain
+            chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         if sp.temperature <= 0.0:
             add(chain, C.llama_sampler_init_greedy())
         else:
@@ -297,7 +319,7 @@ class BatchScheduler(BatchLoop):
             add(chain, C.llama_sampler_init_dist(seed))
         if penalised:
             for tok in seq.prompt[-PENALTY_LAST_N:]:
-                C.llama_sampler_accept(chain, tok)
+                C.llama_sampler_accept(seq.pre or chain, tok)
         return chain
 
     def _release(self, seq: Sequence) -> None:
@@ -322,9 +344,10 @@ class BatchScheduler(BatchLoop):
             self._used[slot] = self._clock
             self._free_slots.add(slot)
             seq.slot = -1
-        if seq.sampler is not None:
-            C.llama_sampler_free(seq.sampler)
-            seq.sampler = None
+        for chain in (seq.sampler, seq.pre):
+            if chain is not None:
+                C.llama_sampler_free(chain)
+        seq.sampler = seq.pre = None
 
     def _step(self) -> None:
         # Room first for every decoding sequence (one token each), then prompt chunks (see
@@ -338,6 +361,7 @@ class BatchScheduler(BatchLoop):
         batch = self._batch
         n = 0
         outputs: list[tuple[Sequence, int]] = []
+        scored: list[tuple[Sequence, int, int]] = []  # (seq, batch index, prompt position)
         for seq in sorted(active, key=lambda s: s.slot):
             if not seq.prefilling:
                 pos = len(seq.prompt) + seq.n_generated - 1
@@ -347,12 +371,15 @@ class BatchScheduler(BatchLoop):
                 n += 1
                 continue
             take = plan.get(seq.slot, 0)
+            scoring = seq.sampling.prompt_logprobs is not None
             for j in range(take):
                 pos = seq.n_fed + j
                 last = pos == len(seq.prompt) - 1
-                self._put(n, seq.prompt[pos], pos, seq.slot, last)
+                self._put(n, seq.prompt[pos], pos, seq.slot, last or scoring)
                 if last:
                     outputs.append((seq, n))
+                if scoring:
+                    scored.append((seq, n, pos))
                 n += 1
             seq.n_fed += take
         batch.n_tokens = n
@@ -366,6 +393,8 @@ class BatchScheduler(BatchLoop):
             raise RuntimeError(f"llama_decode failed with status {rc}")
         self._copying = False
         self.steps += 1
+        for seq, idx, pos in scored:
+            self._score_prompt(seq, idx, pos)
         for seq, idx in outputs:
             self._sample(seq, idx)
 
@@ -377,16 +406,51 @@ class BatchScheduler(BatchLoop):
         b.seq_id[i][0] = slot
         b.logits[i] = logits
 
+    def _logits(self, idx: int) -> np.ndarray:
+        return np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
+
+    def _score_prompt(self, seq: Sequence, idx: int, pos: int) -> None:
+        """The log-probability of the prompt token after `pos`, from the raw logits there."""
+        if seq.cancelled:
+            return
+        if pos == 0:
+            seq.prompt_lps.append(TokenLogprob(seq.prompt[0], None))
+        if pos + 1 < len(seq.prompt):
+            lps = log_softmax(self._logits(idx))
+            k = seq.sampling.prompt_logprobs or 0
+            seq.prompt_lps.append(token_logprob(lps, seq.prompt[pos + 1], k))
+
     def _sample(self, seq: Sequence, idx: int) -> None:
         if seq.cancelled:
             return
         if seq.grammar is not None:
             # Masked in place in llama.cpp's logits: the sampler chain (penalties,
             # temperature, greedy) then sees only the tokens the grammar allows.
-            logits = C.llama_get_logits_ith(self.ctx, idx)
-            seq.grammar.mask_logits(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))
+            seq.grammar.mask_logits(self._logits(idx))
+        if seq.sampling.logprobs is not None:
+            token, logprob = self._sample_by_hand(seq, idx)
+            self._emit(seq, token, token in self._eog, logprob)
+            return
         token = C.llama_sampler_sample(seq.sampler, self.ctx, idx)
         self._emit(seq, token, token in self._eog)
+
+    def _sample_by_hand(self, seq: Sequence, idx: int) -> tuple[int, TokenLogprob]:
+        """What llama_sampler_sample does with the whole chain, with the log-probabilities
+        taken between its two halves: after bias and penalties, before the rest."""
+        cand = self._cand
+        cand["id"] = self._ids
+        cand["logit"] = self._logits(idx)
+        cand["p"] = 0.0
+        cur = C.llama_token_data_array(
+            data=self._cand_ptr, size=self.n_vocab, selected=-1, sorted=False
+        )
+        C.llama_sampler_apply(seq.pre, ctypes.byref(cur))  # in place, order kept
+        lps = log_softmax(cand["logit"])
+        C.llama_sampler_apply(seq.sampler, ctypes.byref(cur))
+        token = int(cand["id"][cur.selected])
+        C.llama_sampler_accept(seq.pre, token)
+        C.llama_sampler_accept(seq.sampler, token)
+        return token, token_logprob(lps, token, seq.sampling.logprobs or 0)
 
     def _take(self, seq: Sequence, token: int) -> str:
         n = C.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)

@@ -10,6 +10,8 @@ the batch thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -122,6 +124,7 @@ class TransformersEngine(BatchedEngine):
         self.prompt_cache_bytes = prompt_cache_bytes
         self.model: Any = None
         self.tokenizer: Any = None
+        self._pieces: dict[int, bytes] = {}  # token -> bytes, at most the vocabulary
         self._scheduler: TorchScheduler | None = None
         self._n_vocab = 0
         self.model_info = ModelInfo(id=self._model_id, context_length=0)
@@ -277,7 +280,50 @@ class TransformersEngine(BatchedEngine):
 
     # --- requests -----------------------------------------------------------------------------
 
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            if self.tokenizer is None:
+                raise EngineNotReady("the model is not loaded")
+            piece = self._pieces[token] = hf_token_bytes(self.tokenizer, token)
+        return piece
+
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise EngineNotReady("the model is not loaded")
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): printable bytes stand for themselves, the other
+    bytes for the characters from U+0100 on, in order."""
+    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table = {chr(b): b for b in shown}
+    extra = 0
+    for b in range(256):
+        if b not in table.values():
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def hf_token_bytes(tokenizer: Any, token: int) -> bytes:
+    """The bytes one token of a Hugging Face tokenizer stands for: byte-level BPE's characters
+    mapped back to bytes, SentencePiece's byte tokens (<0x0A>) and word marks undone, special
+    and added tokens as their text."""
+    text = tokenizer.convert_ids_to_tokens(token)
+    if not isinstance(text, str):
+        return b""
+    if token in tokenizer.all_special_ids or text in tokenizer.get_added_vocab():
+        return text.encode("utf-8")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is not None and "ByteLevel" in type(decoder).__name__ + repr(decoder)[:4096]:
+        table = _byte_level_table()
+        if all(c in table for c in text):
+            return bytes(table[c] for c in text)
+    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(text[3:5])
+    return text.replace("\u2581", " ").encode("utf-8")

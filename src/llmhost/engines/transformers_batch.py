@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from llmhost.engines.batching import BaseSequence, BatchLoop
-from llmhost.types import SamplingParams
+from llmhost.engines.logprobs import log_softmax, token_logprob
+from llmhost.types import SamplingParams, TokenLogprob
 
 log = logging.getLogger("llmhost.engines.transformers")
 
@@ -79,6 +80,23 @@ class Sequence(BaseSequence):
     @property
     def greedy(self) -> bool:
         return self.sampling.temperature <= 0.0
+
+    @property
+    def scoring(self) -> bool:
+        """The prompt's log-probabilities are asked for: it is fed alone, with every logit."""
+        return self.sampling.prompt_logprobs is not None
+
+    @property
+    def plain(self) -> bool:
+        """Greedy on the raw logits: the batch's argmax is its token."""
+        sp = self.sampling
+        return (
+            self.greedy
+            and not self.penalised
+            and not sp.ignore_eos
+            and not sp.logit_bias
+            and sp.logprobs is None
+        )
 
     @property
     def penalised(self) -> bool:
@@ -295,41 +313,47 @@ class TorchScheduler(BatchLoop):
             self._compact()
         self.steps += 1
 
-    def _forward(self, ids: torch.Tensor, mask, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, mask, pos: torch.Tensor, cache: Any, every: bool = False
+    ) -> torch.Tensor:
+        """The last position's logits of each row, or with `every` all positions' ([1, n, V])."""
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every else 1,
             **{self._cache_arg: cache},
         )
-        return out.logits[:, -1, :].float()
+        return out.logits.float() if every else out.logits[:, -1, :].float()
 
     def _prefill(self) -> None:
         for seq in self._pending:
             if not seq.looked_up:
                 self._reuse_prefix(seq)
         first = self._pending[0]
-        if first.n_fed or len(first.prompt) > self.batch_size:
+        if first.n_fed or len(first.prompt) > self.batch_size or first.scoring:
             self._prefill_chunk(first)
             return
         group: list[Sequence] = []
+        unique: dict[tuple[int, ...], int] = {}  # prompt -> its row in the forward pass
         width = 0
         for seq in self._pending:
-            if seq.n_fed or len(seq.prompt) > self.batch_size:
+            if seq.n_fed or len(seq.prompt) > self.batch_size or seq.scoring:
                 break
-            w = max(width, len(seq.prompt))
-            if group and w * (len(group) + 1) > self.batch_size:
-                break
+            key = tuple(seq.prompt)
+            if key not in unique:
+                w = max(width, len(seq.prompt))
+                if unique and w * (len(unique) + 1) > self.batch_size:
+                    break
+                unique[key] = len(unique)
+                width = w
             group.append(seq)
-            width = w
-        ids = torch.zeros((len(group), width), dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, seq in enumerate(group):
-            n = len(seq.prompt)
-            ids[i, width - n :] = torch.tensor(seq.prompt)
-            mask[i, width - n :] = 1
+        ids = torch.zeros((len(unique), width), dtype=torch.long)
+        mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for prompt, i in unique.items():
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         padded = bool((mask == 0).any())
         cache = new_cache(self._config)
@@ -339,6 +363,14 @@ class TorchScheduler(BatchLoop):
             pos.to(self.device),
             cache,
         )
+        rows = [unique[tuple(seq.prompt)] for seq in group]
+        if len(rows) > len(unique):
+            # The same prompt (a request's n choices) was fed once; its rows are repeated.
+            idx = torch.tensor(rows, device=self.device)
+            for layer in cache_kv(cache):
+                layer.keys = layer.keys.index_select(0, idx)
+                layer.values = layer.values.index_select(0, idx)
+            logits, mask = logits.index_select(0, idx), mask.index_select(0, idx.cpu())
         for seq in group:
             seq.n_fed = seq.kv_len = len(seq.prompt)
             self._pending.remove(seq)
@@ -351,7 +383,12 @@ class TorchScheduler(BatchLoop):
             seq.cache = new_cache(self._config)
         ids = torch.tensor([seq.prompt[seq.n_fed : seq.n_fed + take]], device=self.device)
         pos = torch.arange(seq.n_fed, seq.n_fed + take, device=self.device)[None]
-        logits = self._forward(ids, None, pos, seq.cache)
+        if seq.scoring:
+            every = self._forward(ids, None, pos, seq.cache, every=True)[0]
+            self._score_prompt(seq, every)
+            logits = every[-1:]
+        else:
+            logits = self._forward(ids, None, pos, seq.cache)
         seq.n_fed += take
         if seq.prefilling:
             return
@@ -381,7 +418,7 @@ class TorchScheduler(BatchLoop):
         prefix and only the rest is prefilled (at least the last prompt token, for logits)."""
         seq.looked_up = True
         pc = self._prompt_cache
-        if pc is None or not seq.cache_prompt or seq.n_fed:
+        if pc is None or not seq.cache_prompt or seq.n_fed or seq.scoring:
             return
         self.prefix_cache_queries += len(seq.prompt)
         n, entry = pc.longest(seq.prompt)
@@ -470,28 +507,49 @@ class TorchScheduler(BatchLoop):
         for i, seq in enumerate(seqs):
             if seq.grammar is not None and not seq.cancelled:
                 seq.grammar.mask_row(logits[i])
-        greedy = (
-            logits.argmax(-1).tolist() if all(s.greedy and not s.penalised for s in seqs) else None
-        )
+        greedy = logits.argmax(-1).tolist() if all(s.plain for s in seqs) else None
         for i, seq in enumerate(seqs):
             if seq.cancelled:
                 continue
-            if greedy is not None and not seq.sampling.ignore_eos:
+            logprob = None
+            if greedy is not None:
                 token = greedy[i]
             else:
-                token = self._pick(seq, logits[i])
-            self._emit(seq, token, token in self.eos_ids)
+                token, logprob = self._pick(seq, logits[i])
+            self._emit(seq, token, token in self.eos_ids, logprob)
 
-    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """Bias, EOS ban and penalties change the logits (which log-probabilities are read
+        from), then the token is chosen; the llama.cpp engine's order."""
         sp = seq.sampling
+        if sp.logit_bias:
+            ids = torch.tensor([t for t, _ in sp.logit_bias], device=logits.device)
+            logits.index_add_(0, ids, torch.tensor([b for _, b in sp.logit_bias]).to(logits))
         if sp.ignore_eos and len(self._eos_index):
             logits[self._eos_index.to(logits.device)] = float("-inf")
         if seq.penalised:
             apply_penalties(logits, seq.prompt[-PENALTY_LAST_N:] + seq.generated, sp)
         if seq.greedy:
-            return int(logits.argmax())
-        assert seq.generator is not None
-        return sample_token(logits, sp, seq.generator)
+            token = int(logits.argmax())
+        else:
+            assert seq.generator is not None
+            token = sample_token(logits, sp, seq.generator)
+        if sp.logprobs is None:
+            return token, None
+        lps = log_softmax(logits.cpu().numpy())
+        return token, token_logprob(lps, token, sp.logprobs)
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens after this chunk's positions (raw logits)."""
+        start = seq.n_fed
+        if start == 0:
+            seq.prompt_lps.append(TokenLogprob(seq.prompt[0], None))
+        rows = logits.cpu().numpy()
+        k = seq.sampling.prompt_logprobs or 0
+        for j in range(rows.shape[0]):
+            nxt = start + j + 1
+            if nxt < len(seq.prompt):
+                seq.prompt_lps.append(token_logprob(log_softmax(rows[j]), seq.prompt[nxt], k))
 
     def _take(self, seq: Sequence, token: int) -> str:
         assert seq.detok is not None
