@@ -222,7 +222,7 @@ BIG_SCHEMA = {
         ({"response_format": {"type": "xml"}}, "response_format", ""),
         ({"functions": [{"name": "f"}]}, "functions", "unknown field"),
         ({"frobnicate": 1}, "frobnicate", "unknown field"),
-        ({"top_logprobs": 3}, "top_logprobs", "unknown field"),
+        ({"top_logprobs": 3}, "top_logprobs", "needs logprobs"),
     ],
 )
 async def test_bad_tools_and_formats_are_400s_naming_the_field(env, body, param, fragment):

@@ -11,29 +11,61 @@ def test_completion_defaults_follow_openai():
 
 
 def test_prompt_forms():
-    assert CompletionRequest(prompt=["one"]).prompt == "one"
-    assert CompletionRequest(prompt=[1, 2, 3]).prompt == [1, 2, 3]
-    with pytest.raises(ValidationError, match="one prompt"):
-        CompletionRequest(prompt=["a", "b"])
-    with pytest.raises(ValidationError):
-        CompletionRequest(prompt=[])
-    with pytest.raises(ValidationError):
-        CompletionRequest(prompt=[1, -2])
+    assert CompletionRequest(prompt="one").prompts == ["one"]
+    assert CompletionRequest(prompt=["one"]).prompts == ["one"]
+    assert CompletionRequest(prompt=["a", "b"]).prompts == ["a", "b"]
+    assert CompletionRequest(prompt=[1, 2, 3]).prompts == [[1, 2, 3]]
+    assert CompletionRequest(prompt=[[1], [2, 3]]).prompts == [[1], [2, 3]]
+    for bad in ([], [1, -2], [[1], []], [[1], [-1]], ["a"] * 129, [[1]] * 10_000):
+        with pytest.raises(ValidationError):
+            CompletionRequest(prompt=bad)
+    with pytest.raises(ValidationError, match="10000 prompts"):
+        CompletionRequest(prompt=["x"] * 10_000)
+    with pytest.raises(ValidationError, match="choices"):
+        CompletionRequest(prompt=["a"] * 10, n=20)
+
+
+def test_logit_bias_forms():
+    assert CompletionRequest(prompt="x", logit_bias={"5": -100, "7": 2.5}).bias == (
+        (5, -100.0),
+        (7, 2.5),
+    )
+    for bad in ({"x": 1}, {"-1": 1}, {"5": 101}, {"5": -100.5}, {"05": 1, "5": 2}, {"٣": 1}):
+        with pytest.raises(ValidationError):
+            CompletionRequest(prompt="x", logit_bias=bad)
+    with pytest.raises(ValidationError, match="2000 logit_bias"):
+        CompletionRequest(prompt="x", logit_bias={str(i): 1 for i in range(2000)})
+
+
+def test_logprob_fields():
+    assert (
+        ChatCompletionRequest(
+            messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=20
+        ).top_logprobs
+        == 20
+    )
+    for bad in ({"top_logprobs": 3}, {"logprobs": True, "top_logprobs": 21}, {"logprobs": 1}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **bad)
+    assert CompletionRequest(prompt="x", logprobs=5, echo=True, max_tokens=0).max_tokens == 0
 
 
 @pytest.mark.parametrize(
     "field, value",
     [
         ("max_tokens", -1),
-        ("max_tokens", 0),
+        ("max_tokens", 0),  # only with echo
         ("temperature", -0.1),
         ("temperature", 2.5),
         ("top_p", 0),
         ("top_p", 1.5),
         ("top_k", -5),
-        ("n", 2),
-        ("logprobs", 3),
-        ("echo", True),
+        ("n", 0),
+        ("n", 129),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("echo", "yes"),
+        ("logit_bias", {"1": 200}),
         ("stop", [""]),
         ("stop", ["s"] * 17),
         ("presence_penalty", 3),

@@ -39,6 +39,13 @@ def test_plain_text_chunks_equal_the_whole_encoding(text, include_usage):
         {"index": 0, "delta": {"content": "a"}, "finish_reason": "stop", "logprobs": None},
         {"index": 0, "delta": {}, "finish_reason": "length", "logprobs": None},
         {"index": 0, "delta": {"content": None}, "finish_reason": None, "logprobs": None},
+        {"index": 3, "delta": {"content": "a"}, "finish_reason": None, "logprobs": None},
+        {
+            "index": 0,
+            "delta": {"content": "a"},
+            "finish_reason": None,
+            "logprobs": {"content": [], "refusal": None},
+        },
         {
             "index": 0,
             "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]},

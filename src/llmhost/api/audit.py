@@ -38,16 +38,19 @@ def _capped(text: str, max_chars: int) -> str:
 
 
 def stored_prompt(
-    prompt: str | list[int] | None,
+    prompt: str | list[int] | list[str] | list[list[int]] | None,
     mode: PromptMode,
     redactor: Redactor,
     max_chars: int = DEFAULT_PROMPT_CHARS,
 ) -> str | None:
     """The prompt as the audit log keeps it. Text is redacted (or kept, or hashed) and cut at
     `max_chars` with the cut recorded; token ids are kept as ids (`token_ids:[1,2,3]`), never
-    redacted, and cut the same way."""
+    redacted, and cut the same way. Several prompts (a completion request's list) are kept
+    as one text, one prompt per paragraph, or as one list of id lists."""
     if prompt is None or mode == "none":
         return None
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompt = "\n\n".join(prompt)  # type: ignore[arg-type]
     if isinstance(prompt, list):
         text = "token_ids:" + json.dumps(prompt, separators=(",", ":"))
         if mode == "hash":
@@ -66,7 +69,7 @@ class PendingRecord:
     """A record whose prompt is still raw: `PromptPolicy.prepare` finishes it."""
 
     record: AuditRecord
-    raw_prompt: str | list[int] | None
+    raw_prompt: str | list[int] | list[str] | list[list[int]] | None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -30,6 +31,9 @@ from llmhost.api.protocol_chat import (
 __all__ = ["ChatMessage", "TextPart"]
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 128  # n, times the prompts of a completion request
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_TOP_LOGPROBS = 20
 
 
 def _not_bool(v: Any) -> Any:
@@ -93,7 +97,11 @@ class _SamplingRequest(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: JsonInt = Field(
-        1, ge=1, description="Only 1 is supported.", json_schema_extra={"maximum": 1}
+        1,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Choices to generate; they share the prompt's prefill and run together, "
+        "so at most the engine's parallel sequences. Choice i is seeded with seed + i.",
     )
     presence_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
@@ -106,9 +114,15 @@ class _SamplingRequest(BaseModel):
         description="Extension (llama-server's): reuse the cached KV of this prompt's longest "
         "cached prefix and keep this prompt's for later requests; false: prefill it all.",
     )
-    # Refused when set (see _unsupported); the schema says so, so clients and fuzzers know.
-    logprobs: bool | int | None = Field(None, json_schema_extra={"enum": [False, 0, None]})
-    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
+    logit_bias: dict[str, JsonFloat] | None = Field(
+        None,
+        description="Token id (as a string) -> bias added to its logit, -100..100.",
+        json_schema_extra={
+            "maxProperties": MAX_LOGIT_BIAS,
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
+    )
     # Accepted and deliberately ignored: they ask the OpenAI service to store, tag, route or
     # cache on its side, which changes nothing in what is generated here.
     user: str | None = Field(
@@ -134,14 +148,29 @@ class _SamplingRequest(BaseModel):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _few_biases(cls, v: Any) -> Any:
+        # Counted before each entry is checked, so a huge map costs nothing.
+        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"{len(v)} logit_bias entries; at most {MAX_LOGIT_BIAS}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise ValueError(f"logit_bias keys are token ids, got {key!r:.40}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias for token {key} is {bias}; it must be -100..100")
+        ids = [int(k) for k in v or ()]
+        if len(set(ids)) != len(ids):
+            raise ValueError("logit_bias names a token id twice")
+        return v
+
     @model_validator(mode="after")
-    def _unsupported(self):
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported; send separate requests")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+    def _consistent(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -150,50 +179,101 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
+
+
+def _few_prompts(v: Any) -> Any:
+    # Counted before the items are checked, so 10,000 prompts cost nothing.
+    if isinstance(v, list) and v and isinstance(v[0], (str, list)) and len(v) > MAX_CHOICES:
+        raise ValueError(f"{len(v)} prompts were sent; at most {MAX_CHOICES} per request")
+    return v
+
+
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[JsonInt] = Field(
+    prompt: Annotated[
+        str | list[str] | list[JsonInt] | list[list[JsonInt]], BeforeValidator(_few_prompts)
+    ] = Field(
         ...,
-        description="Text, [text] or token ids.",
+        description=f"Text, token ids, or a list of up to {MAX_CHOICES} of either (each its "
+        "own choices).",
         json_schema_extra={
             "anyOf": [
                 {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
-                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "minItems": 1,
+                    "maxItems": MAX_CHOICES,
+                },
+                _TOKEN_IDS,
+                {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_CHOICES},
             ]
         },
     )
-    max_tokens: PositiveInt | None = Field(
-        16, description="Tokens to generate; null: fill context."
+    max_tokens: JsonInt | None = Field(
+        16,
+        ge=0,
+        description="Tokens to generate; null: fill context; 0 only with echo (score a prompt).",
     )
-    echo: StrictBool = Field(False, json_schema_extra={"enum": [False]})
+    logprobs: JsonInt | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Report each token's log-probability with this many likeliest alternatives.",
+    )
+    echo: StrictBool = Field(
+        False, description="Return the prompt before the completion (with logprobs: scored)."
+    )
     suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str] | list[int]) -> str | list[int]:
+    def _prompts(cls, v: Any) -> Any:
         if isinstance(v, list):
             if not v:
                 raise ValueError("prompt must not be empty")
-            if all(isinstance(p, str) for p in v):
-                if len(v) != 1:
-                    raise ValueError("only one prompt per request is supported")
-                return v[0]
-            if any(p < 0 for p in v):
-                raise ValueError("token ids must be non-negative")
+            for p in v:
+                if isinstance(p, list) and not p:
+                    raise ValueError("a prompt of token ids must not be empty")
+                if (isinstance(p, int) and p < 0) or (isinstance(p, list) and min(p) < 0):
+                    raise ValueError("token ids must be non-negative")
         return v
 
     @model_validator(mode="after")
-    def _no_echo(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
+    def _fits(self):
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing; it is only allowed with echo")
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise ValueError(
+                f"{len(self.prompts)} prompts x n={self.n} is more than {MAX_CHOICES} choices"
+            )
         return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice group: a string or token ids each."""
+        p = self.prompt
+        if isinstance(p, str) or not p or isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: StrictBool = Field(False, description="Report each output token's log-probability.")
+    top_logprobs: JsonInt | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: this many likeliest alternatives at each position.",
+    )
     max_tokens: PositiveInt | None = Field(None, description="Deprecated alias of the below.")
     max_completion_tokens: PositiveInt | None = Field(None)
     tools: list[Tool] | None = Field(None, description="Function tools, at most 128.")
@@ -224,6 +304,13 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError(f"tools are {size} bytes as JSON; at most {MAX_TOOLS_BYTES}")
         return v
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
     @property
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -249,11 +336,35 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: parallel lists, the alternatives as token -> log-probability."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -281,7 +392,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

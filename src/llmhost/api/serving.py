@@ -7,12 +7,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 
+from llmhost.api.choices import Choice, Choices, chunk_body, total_usage, whole_body
+from llmhost.api.logprobs import LogprobShaper
 from llmhost.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,9 +28,8 @@ from llmhost.api.sse import (
     SSE_HEADERS,
     ChunkWriter,
     Kind,
-    chunk_choices,
     sse,
-    whole_choice,
+    usage_body,
 )
 from llmhost.engines.base import Engine
 from llmhost.errors import (
@@ -42,6 +43,9 @@ from llmhost.observability.metrics import Metrics
 from llmhost.types import GenerationRequest, SamplingParams, TokenDelta, Usage
 
 log = logging.getLogger("llmhost.api")
+# Prompt groups of one request run at most this many at a time on an engine without a fixed
+# number of sequences (a remote server)
+REMOTE_WIDTH = 16
 
 
 def check_text(text: str, param: str) -> None:
@@ -78,15 +82,6 @@ class Drain:
         self.expired = True
 
 
-def _usage(u: Usage | None) -> dict[str, int]:
-    u = u or Usage(0, 0)
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-
-
 def usage_noted(notes: dict[str, Any]) -> dict[str, int]:
     """The usage a request's notes hold: the final usage, else what was produced so far (a
     stream dropped midway, a request cut by shutdown), else zeros."""
@@ -94,8 +89,8 @@ def usage_noted(notes: dict[str, Any]) -> dict[str, int]:
         return notes["usage"]
     so_far = notes.get("usage_so_far")
     if so_far is not None:
-        return _usage(so_far)
-    return _usage(Usage(0, int(notes.get("tokens_sent", 0))))
+        return usage_body(so_far)
+    return usage_body(Usage(0, int(notes.get("tokens_sent", 0))))
 
 
 class _TextShaper:
@@ -185,7 +180,9 @@ class OpenAIServing:
         return self.model_id
 
     @staticmethod
-    def sampling(req: _SamplingRequest, max_tokens: int | None) -> SamplingParams:
+    def sampling(
+        req: _SamplingRequest, max_tokens: int | None, logprobs: int | None = None
+    ) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -198,7 +195,30 @@ class OpenAIServing:
             frequency_penalty=req.frequency_penalty,
             repeat_penalty=req.repetition_penalty,
             ignore_eos=req.ignore_eos,
+            logit_bias=req.bias,
+            logprobs=logprobs,
         )
+
+    def _check_features(self, req: _SamplingRequest, logprobs: bool) -> None:
+        """What the request asks of the engine beyond text, refused by name where it lacks it."""
+        engine = self.engine
+        if logprobs and not engine.supports_logprobs:
+            raise InvalidRequest(
+                f"logprobs are not supported by this model's engine ({engine.name})",
+                param="logprobs",
+            )
+        if req.logit_bias and not engine.supports_logit_bias:
+            raise InvalidRequest(
+                f"logit_bias is not supported by this model's engine ({engine.name})",
+                param="logit_bias",
+            )
+        limit = engine.max_sequences
+        if limit is not None and req.n > limit:
+            raise InvalidRequest(
+                f"n is {req.n}, but this server runs at most {limit} sequences at once (its "
+                f"parallel setting) and a request's choices run together; ask for n <= {limit}",
+                param="n",
+            )
 
     async def _start(
         self, gen: GenerationRequest, model: str
@@ -248,91 +268,134 @@ class OpenAIServing:
     async def _respond(
         self,
         req: _SamplingRequest,
-        gen: GenerationRequest,
+        choices: list[Choice],
         model: str,
         kind: Kind,
         notes: dict[str, Any],
-        shaper: Any = None,
     ) -> dict[str, Any] | StreamingResponse:
-        """Run `gen` and answer as one JSON body, or as SSE chunks when `req.stream`. What the
-        audit log needs (model, prompt, usage, length of the text) is left in `notes`."""
-        notes.update(model=model, prompt=gen.prompt, stream=bool(req.stream))
-        shaper = shaper or _TextShaper()
-        first, stream = await self._start(gen, model)
+        """Run the choices and answer as one JSON body, or as SSE chunks when `req.stream`.
+        What the audit log needs (model, prompt, usage, length of the text) is left in
+        `notes`."""
+        notes.update(stream=bool(req.stream))
+        limit = self.engine.max_sequences or REMOTE_WIDTH
+        run = Choices(choices, lambda g: self._start(g, model), limit // req.n)
+        await run.open()
         head = {
-            "id": f"{kind.id_prefix}-{gen.request_id}",
+            "id": f"{kind.id_prefix}-{choices[0].gen.request_id}",
             "created": int(time.time()),
             "model": model,
         }
         if not req.stream:
-            done = await self._collect(first, stream, notes)
-            notes.update(usage=_usage(done.usage), chars=len(done.text))
-            body = shaper.message(done.text, list(done.tool_calls))
-            choice = whole_choice(kind, body, shaper.finish_reason(done.finish_reason))
-            return {
-                **head,
-                "object": kind.object,
-                "choices": [choice],
-                "usage": _usage(done.usage),
-            }
+            try:
+                return await whole_body(run, kind, head, notes)
+            finally:
+                await run.aclose()
         writer = ChunkWriter(head, kind, req.include_usage)
+        one = len(choices) == 1
 
         async def body() -> AsyncIterator[bytes]:
-            delta, opening = first, True
-            chars = 0
             drain = self.drain
+            chars = 0
             try:
-                while True:
+                async for c, delta in run.deltas():
                     chars += len(delta.text)
                     notes["chars"] = chars
-                    if delta.usage is not None:
-                        notes["usage_so_far"] = delta.usage
-                    elif delta.token_ids:  # an engine that reports usage only at the end
-                        notes["tokens_sent"] = notes.get("tokens_sent", 0) + len(delta.token_ids)
-                    for choice in chunk_choices(kind, shaper, delta, opening):
-                        opening = False
+                    notes["usage_so_far"] = c.usage if one else total_usage(run.all)
+                    for choice in chunk_body(kind, c, delta):
                         yield writer.chunk(choice)
-                    if delta.finish_reason is not None:
-                        notes["usage"] = _usage(delta.usage)
-                        break
-                    if drain.expired:
+                    if delta.finish_reason is None and drain.expired:
                         raise ServiceUnavailable(
                             "the server is shutting down; this stream was ended early",
                             code="shutting_down",
                         )
-                    delta = await anext(stream)
+                notes["usage"] = usage_body(total_usage(run.all))
                 if req.include_usage:
-                    yield writer.usage(_usage(delta.usage))
+                    yield writer.usage(notes["usage"])
             except LlmhostError as exc:
                 # The status line is gone already; the error travels in-band as OpenAI does.
-                log.warning("stream %s failed: %s", gen.request_id, exc.message)
+                log.warning("stream %s failed: %s", head["id"], exc.message)
                 notes["status"] = exc.status_code
                 yield sse(exc.to_openai())
             finally:
-                await stream.aclose()
+                await run.aclose()
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    def _new_choices(
+        self,
+        req: _SamplingRequest,
+        prompts: list[Any],
+        gen: GenerationRequest,
+        logprobs: bool,
+        shaper: Callable[[], Any],
+    ) -> list[Choice]:
+        """n choices per prompt, in OpenAI's order; choice j of a prompt is seeded with
+        seed + j, so it equals a request for that prompt alone with that seed."""
+        out: list[Choice] = []
+        seed = gen.sampling.seed
+        for g, prompt in enumerate(prompts):
+            for j in range(req.n):
+                sampling = gen.sampling
+                if seed is not None and j:
+                    sampling = replace(sampling, seed=(seed + j) % 2**64)
+                lp = None
+                if logprobs:
+                    lp = LogprobShaper(self.engine.token_bytes, chat=gen.messages is not None)
+                out.append(
+                    Choice(
+                        index=len(out),
+                        group=g,
+                        gen=replace(gen, prompt=prompt, sampling=sampling),
+                        shaper=shaper(),
+                        logprobs=lp,
+                    )
+                )
+        return out
+
+    def _echo(self, prompt: str | list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if not self.engine.supports_logprobs:
+            raise InvalidRequest(
+                f"echo of a token-id prompt is not supported by this model's engine "
+                f"({self.engine.name})",
+                param="echo",
+            )
+        data = b"".join(self.engine.token_bytes(t) for t in prompt)
+        return data.decode("utf-8", errors="replace")
 
     async def completion(
         self, req: CompletionRequest, request_id: str, notes: dict[str, Any] | None = None
     ):
         model = self.check_model(req.model)
+        notes = {} if notes is None else notes
+        notes.update(model=model, prompt=req.prompt)
+        wants = req.logprobs is not None
+        self._check_features(req, wants)
+        sampling = self.sampling(req, req.max_tokens, req.logprobs)
+        if req.echo and wants:
+            sampling = replace(sampling, prompt_logprobs=req.logprobs)
         gen = GenerationRequest(
-            prompt=req.prompt,
-            sampling=self.sampling(req, req.max_tokens),
-            request_id=request_id,
-            cache_prompt=req.cache_prompt,
+            prompt="", sampling=sampling, request_id=request_id, cache_prompt=req.cache_prompt
         )
-        return await self._respond(req, gen, model, COMPLETION, {} if notes is None else notes)
+        prompts = req.prompts
+        choices = self._new_choices(req, prompts, gen, wants, _TextShaper)
+        if req.echo:
+            for c in choices:
+                c.echo = self._echo(prompts[c.group])
+        return await self._respond(req, choices, model, COMPLETION, notes)
 
     async def chat(
         self, req: ChatCompletionRequest, request_id: str, notes: dict[str, Any] | None = None
     ):
         model = self.check_model(req.model)
+        notes = {} if notes is None else notes
+        self._check_features(req, req.logprobs)
         await check_schemas(req)
         plan = plan_chat(req, self.engine, self.tool_parser)
-        sampling = self.sampling(req, req.token_budget)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        sampling = self.sampling(req, req.token_budget, top)
         if plan.constraint is not None:
             sampling = replace(sampling, constraint=plan.constraint)
         gen = GenerationRequest(
@@ -343,16 +406,16 @@ class OpenAIServing:
             forward=plan.forward,
             cache_prompt=req.cache_prompt,
         )
-        notes = {} if notes is None else notes
+        notes.update(model=model, prompt=plan.prompt)
+        choices = self._new_choices(
+            req,
+            [plan.prompt],
+            gen,
+            req.logprobs,
+            lambda: ChatShaper(plan.parser(), forced=plan.forced is not None),
+        )
         try:
-            return await self._respond(
-                req,
-                gen,
-                model,
-                CHAT,
-                notes,
-                ChatShaper(plan.parser(), forced=plan.forced is not None),
-            )
+            return await self._respond(req, choices, model, CHAT, notes)
         except InvalidRequest as exc:
             # A forced call's grammar is built from the tools' schemas: name those.
             if plan.forced is not None and exc.param == "response_format":
@@ -385,8 +448,12 @@ class OpenAIServing:
             self.model_id,
         )
         done = await self._collect(first, stream, notes)
-        notes.update(usage=_usage(done.usage), chars=len(done.text))
-        return {"text": done.text, "finish_reason": done.finish_reason, "usage": _usage(done.usage)}
+        notes.update(usage=usage_body(done.usage), chars=len(done.text))
+        return {
+            "text": done.text,
+            "finish_reason": done.finish_reason,
+            "usage": usage_body(done.usage),
+        }
 
 
 def new_request_id() -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from llmhost.types import TokenDelta
+from llmhost.types import TokenDelta, Usage
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -27,18 +27,41 @@ COMPLETION = Kind("cmpl", "text_completion", "text_completion", "")
 CHAT = Kind("chatcmpl", "chat.completion", "chat.completion.chunk", "message")
 
 
-def whole_choice(kind: Kind, body: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def usage_body(u: Usage | None) -> dict[str, int]:
+    u = u or Usage(0, 0)
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+
+
+def whole_choice(
+    kind: Kind,
+    body: dict[str, Any],
+    finish: str | None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     inner = {kind.body_key: body} if kind.body_key else body
-    return {"index": 0, **inner, "finish_reason": finish, "logprobs": None}
+    return {"index": index, **inner, "finish_reason": finish, "logprobs": logprobs}
 
 
-def chunk_choices(kind: Kind, shaper: Any, d: TokenDelta, opening: bool) -> list[dict[str, Any]]:
-    """The choices of the chunks one engine delta makes; the finish reason rides on the last."""
+def chunk_choices(
+    kind: Kind,
+    shaper: Any,
+    d: TokenDelta,
+    opening: bool,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The choices of the chunks one engine delta makes; the finish reason and the delta's
+    log-probabilities ride on the last."""
     pieces = shaper.deltas(d)
     if kind.body_key and opening:
         pieces = [{"role": "assistant", **(pieces[0] if pieces else {})}, *pieces[1:]]
     finish = shaper.finish_reason(d.finish_reason)
-    if not pieces and finish is None:
+    if not pieces and finish is None and logprobs is None:
         return []
     if not pieces:
         pieces = [{} if kind.body_key else {"text": ""}]
@@ -47,7 +70,12 @@ def chunk_choices(kind: Kind, shaper: Any, d: TokenDelta, opening: bool) -> list
         last = i == len(pieces) - 1
         inner = {"delta": piece} if kind.body_key else piece
         out.append(
-            {"index": 0, **inner, "finish_reason": finish if last else None, "logprobs": None}
+            {
+                "index": index,
+                **inner,
+                "finish_reason": finish if last else None,
+                "logprobs": logprobs if last else None,
+            }
         )
     return out
 
@@ -78,7 +106,8 @@ class ChunkWriter:
         return sse(obj)
 
     def chunk(self, choice: dict[str, Any]) -> bytes:
-        if choice["finish_reason"] is None:
+        plain = choice.get("logprobs") is None and not choice["index"]
+        if plain and choice["finish_reason"] is None:
             part = choice["delta"] if self.chat else choice
             if len(part) == (1 if self.chat else 4):
                 text = part.get("content" if self.chat else "text")
