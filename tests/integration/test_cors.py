@@ -10,10 +10,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from llmhost.api import create_app
 from llmhost.api.cors import CorsMiddleware
 from llmhost.audit.store import SqliteAuditStore
+from llmhost.cli import serve as serve_cli
+from llmhost.cli.main import app as cli_app
 from llmhost.config import Settings, load_settings
 from llmhost.engines.fake import FakeEngine
 from llmhost.errors import ConfigError
@@ -254,3 +257,41 @@ def test_bad_entry_is_a_config_error_naming_it(entry):
 def test_entries_are_normalized():
     s = load_settings(cors_origins=["HTTPS://App.Example.com:443, http://localhost:*", APP])
     assert s.cors_origins == [APP, "http://localhost:*"]
+
+
+@pytest.fixture
+def served(monkeypatch, tmp_path):
+    """`llmhost serve` up to the point it would start the server: the settings it would use."""
+    got: list[Settings] = []
+    model = tmp_path / "demo.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setattr(serve_cli, "serve_settings", got.append)
+    monkeypatch.setattr("llmhost.store.demo.ensure_demo_model", lambda _dir: model)
+    monkeypatch.setattr(serve_cli, "_check_model_files", lambda _s: None)
+
+    def run(*args: str) -> Settings:
+        r = CliRunner().invoke(cli_app, ["serve", *args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return got.pop()
+
+    return run
+
+
+def test_serve_flag_and_demo_default(served, monkeypatch):
+    assert served("--demo").cors_origins == ["http://localhost:*", "http://127.0.0.1:*"]
+    s = served(
+        "--engine",
+        "fake",
+        "--cors-origins",
+        APP,
+        "--cors-origins",
+        "http://localhost:3000,http://localhost:3001",
+    )
+    assert s.cors_origins == [APP, "http://localhost:3000", "http://localhost:3001"]
+    assert served("--engine", "fake").cors_origins == []
+    assert served("--demo", "--cors-origins", APP).cors_origins == [APP]
+    # set by the user, even to nothing, it wins over the demo default
+    monkeypatch.setenv("LLMHOST_CORS_ORIGINS", "")
+    assert served("--demo").cors_origins == []
+    monkeypatch.setenv("LLMHOST_CORS_ORIGINS", "http://127.0.0.1:8000")
+    assert served("--demo").cors_origins == ["http://127.0.0.1:8000"]
