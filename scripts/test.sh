@@ -9,9 +9,10 @@ LLMHOST_EXTRAS=dev,transformers ./scripts/install.sh
 # Debian packages the tests drive for real: aria2 and nginx for the download benchmark's smoke
 # run (curl and bc time it), redis-server for rate limits shared between instances, wrk for the
 # gateway benchmark's smoke run, postgresql for the shared audit log, prometheus (with promtool)
-# for the alert rules and a real scrape (the tests start their own throwaway servers on
-# loopback). Installed when missing and we may (root); otherwise the tests that need them skip,
-# except under CI=true, where they fail.
+# for the alert rules and a real scrape, chromium (headless) for a page on another origin
+# calling the server through CORS (the tests start their own throwaway servers on loopback).
+# Installed when missing and we may (root); otherwise the tests that need them skip, except
+# under CI=true, where they fail.
 need=()
 command -v aria2c >/dev/null || need+=(aria2)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
@@ -21,6 +22,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v wrk >/dev/null || need+=(wrk)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "[test] installing ${need[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

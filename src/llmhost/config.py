@@ -4,14 +4,16 @@ arguments), environment variables `LLMHOST_*`, the TOML file `$LLMHOST_HOME/conf
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import psutil
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -29,6 +31,69 @@ def default_home() -> Path:
 def config_file_path() -> Path:
     explicit = os.environ.get("LLMHOST_CONFIG")
     return Path(explicit).expanduser() if explicit else default_home() / "config.toml"
+
+
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789+-.")
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+_IPV6_CHARS = frozenset("0123456789abcdef:.")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+ANY_PORT = "*"
+
+
+def parse_origin(text: str, *, port_wildcard: bool = False) -> tuple[str, str, int | str | None]:
+    """(scheme, host, port) of a browser origin, `scheme://host[:port]`, lower-cased and with a
+    default port (80 for http, 443 for https) as None, the way browsers send the Origin header.
+    With `port_wildcard`, `:*` stands for any port (port `ANY_PORT`). Parsed by hand rather
+    than with a regex, so no input can make matching slow. ValueError when it is no origin."""
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or not scheme or not scheme[0].isalpha() or not set(scheme) <= _SCHEME_CHARS:
+        raise ValueError("no scheme://")
+    if not rest or any(c in rest for c in "/?#@\\") or not rest.isprintable() or " " in rest:
+        raise ValueError("it has a path, query or user part")
+    rest = rest.lower()
+    if rest.startswith("["):  # an IPv6 literal
+        end = rest.find("]")
+        host, tail = rest[: end + 1], rest[end + 1 :]
+        if end < 2 or not set(host[1:-1]) <= _IPV6_CHARS:
+            raise ValueError(f"bad IPv6 address in {rest!r}")
+    else:
+        host, colon, tail = rest.partition(":")
+        tail = colon + tail
+        if not host or not set(host) <= _HOST_CHARS or host.startswith((".", "-")):
+            raise ValueError(f"bad host {host!r}")
+    port: int | str | None = None
+    if tail:
+        digits = tail[1:]
+        if not tail.startswith(":"):
+            raise ValueError(f"unexpected {tail!r} after the host")
+        if digits == ANY_PORT and port_wildcard:
+            port = ANY_PORT
+        elif digits.isascii() and digits.isdigit() and 0 < len(digits) <= 5:
+            port = int(digits)
+            if not 0 < port <= 65535:
+                raise ValueError(f"port {port} out of range")
+            if _DEFAULT_PORTS.get(scheme) == port:
+                port = None
+        else:
+            raise ValueError(f"bad port {digits!r}")
+    return scheme, host, port
+
+
+def normalize_origin_entry(entry: str) -> str:
+    """A `cors_origins` entry in the form requests are matched against: `*`, or an origin as
+    browsers send it, or one with `:*` for any port."""
+    entry = entry.strip()
+    if entry == "*":
+        return entry
+    try:
+        scheme, host, port = parse_origin(entry, port_wildcard=True)
+    except ValueError as exc:
+        raise ValueError(
+            f"{entry!r} is not an origin ({exc}): give scheme://host[:port] with no path, "
+            "e.g. https://app.example.com, http://localhost:* (any port) or * (any origin)"
+        ) from None
+    return f"{scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 def default_parallel() -> int:
@@ -176,11 +241,38 @@ class Settings(BaseSettings):
         None,
         description="The model's tool-call format; by default found from its chat template.",
     )
+    # NoDecode: the env var is a comma-separated list, not JSON (the validator splits it).
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (CORS): https://app.example.com, "
+        "http://localhost:* (any port) or * (any origin, no credentials); empty = no CORS "
+        "headers, so browsers on other origins cannot read any response.",
+    )
 
     @field_validator("home", mode="before")
     @classmethod
     def _expand_home(cls, v: Any) -> Any:
         return Path(v).expanduser() if isinstance(v, str | Path) else v
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):  # a JSON list, as pydantic-settings takes lists elsewhere
+                try:
+                    return json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"not a JSON list of origins: {exc}") from None
+            v = [text]
+        if isinstance(v, list | tuple):
+            return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(normalize_origin_entry(e) for e in v))
 
     @classmethod
     def settings_customise_sources(

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from llmhost.config import DEFAULT_PORT, load_settings
+from llmhost.config import DEFAULT_PORT, load_settings, parse_origin
 from llmhost.errors import ConfigError
 
 
@@ -75,3 +75,63 @@ def test_malformed_config_file(tmp_path):
 def test_home_expands_user(monkeypatch):
     s = load_settings(home="~/somewhere")
     assert s.home == Path.home() / "somewhere"
+
+
+def test_cors_origins_from_env_file_and_flags(tmp_path, monkeypatch):
+    s = load_settings()
+    assert s.cors_origins == [] and "cors_origins" not in s.model_fields_set
+    (tmp_path / "config.toml").write_text(
+        'cors_origins = ["https://a.example", "http://localhost:*"]\n'
+    )
+    s = load_settings()
+    assert s.cors_origins == ["https://a.example", "http://localhost:*"]
+    assert "cors_origins" in s.model_fields_set  # so --demo keeps the user's choice
+    monkeypatch.setenv("LLMHOST_CORS_ORIGINS", "https://b.example, HTTP://127.0.0.1:*")
+    assert load_settings().cors_origins == ["https://b.example", "http://127.0.0.1:*"]
+    monkeypatch.setenv("LLMHOST_CORS_ORIGINS", '["https://c.example:8443"]')
+    assert load_settings().cors_origins == ["https://c.example:8443"]
+    monkeypatch.setenv("LLMHOST_CORS_ORIGINS", "")
+    assert load_settings().cors_origins == []
+    s = load_settings(cors_origins=["https://d.example:443", "*", "https://d.example"])
+    assert s.cors_origins == ["https://d.example", "*"]  # default port dropped, duplicates too
+
+
+def test_bad_cors_origin_names_the_entry(monkeypatch):
+    monkeypatch.setenv("LLMHOST_CORS_ORIGINS", "https://ok.example,https://bad.example/app")
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert "cors_origins" in exc.value.message and "'https://bad.example/app'" in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "origin, parsed",
+    [
+        ("https://a.example", ("https", "a.example", None)),
+        ("http://a.example:80", ("http", "a.example", None)),
+        ("http://a.example:8080", ("http", "a.example", 8080)),
+        ("http://[::1]:5173", ("http", "[::1]", 5173)),
+        ("chrome-extension://abcdef", ("chrome-extension", "abcdef", None)),
+    ],
+)
+def test_parse_origin(origin, parsed):
+    assert parse_origin(origin) == parsed
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "null",
+        "",
+        "https://",
+        "https://a.example/",
+        "https://a b",
+        "http://a.example:*",
+        "a:b",
+        "http://a.example:65536",
+        "http://[::1",
+        "http://é.example",
+    ],
+)
+def test_parse_origin_refuses(origin):
+    with pytest.raises(ValueError):
+        parse_origin(origin)

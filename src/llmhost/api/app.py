@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmhost import __version__
 from llmhost.api.audit import AuditMiddleware, InFlight, PromptPolicy
+from llmhost.api.cors import CorsMiddleware
 from llmhost.api.errors import install_error_handlers
 from llmhost.api.metrics import METRICS_PATH, MetricsMiddleware
 from llmhost.api.routes import router
@@ -237,4 +238,8 @@ def create_app(
         ) - {""}
         app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.add_middleware(RequestIdMiddleware)
+    if settings is not None and settings.cors_origins:
+        # Outermost: a preflight is answered before auth, limits and the body limit, and every
+        # response, the refusals of those included, carries the headers a page needs to read it.
+        app.add_middleware(CorsMiddleware, origins=settings.cors_origins)
     return app

@@ -117,7 +117,8 @@ class AuditMiddleware:
         self.tracker = tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in AUDITED:
+        # OPTIONS (a CORS preflight that reached here with CORS off) generates nothing
+        if scope["type"] != "http" or scope["path"] not in AUDITED or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         t0 = time.time()

@@ -10,6 +10,7 @@ import time
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmhost.api.audit import AUDITED, ResponseOutcome
+from llmhost.api.cors import is_preflight
 from llmhost.observability.metrics import Metrics
 
 METRICS_PATH = "/metrics"
@@ -24,7 +25,9 @@ class MetricsMiddleware:
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        # A preflight is the browser asking, not an API request: with CORS on it never gets
+        # here, with CORS off it is refused and must not count as a client error.
+        if scope["type"] != "http" or is_preflight(scope):
             await self.app(scope, receive, send)
             return
         path = scope["path"]

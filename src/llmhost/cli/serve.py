@@ -17,6 +17,8 @@ from llmhost.errors import ConfigError, ModelLoadError
 log = logging.getLogger("llmhost.serve")
 # Engines whose model is a name on another server, not a file here.
 REMOTE_ENGINES = frozenset({"openai"})
+# --demo lets pages served from this machine call it, e.g. a front end under development.
+DEMO_CORS_ORIGINS = ["http://localhost:*", "http://127.0.0.1:*"]
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -233,6 +235,13 @@ def register(app: typer.Typer) -> None:
             help="The model's tool-call format: hermes, llama3, mistral, deepseek or json "
             "[found from the chat template].",
         ),
+        cors_origins: list[str] | None = typer.Option(
+            None,
+            "--cors-origins",
+            help="Browser origin allowed to call the API (CORS), e.g. https://app.example.com, "
+            "http://localhost:* (any port) or * (any); repeat or separate with commas. "
+            "Default: none; with --demo, http://localhost:* and http://127.0.0.1:*.",
+        ),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API. Clients need an API key
         (`llmhost keys create`) or a JWT, except with --no-auth or --demo."""
@@ -277,6 +286,7 @@ def register(app: typer.Typer) -> None:
             vllm_args=vllm_args,
             verify_on_load=verify_on_load,
             tool_parser=tool_parser,
+            cors_origins=cors_origins or None,
         )
         if from_plan is not None:
             settings = settings.model_copy(update=_plan_settings(from_plan, plan_gpu, settings))
@@ -289,9 +299,10 @@ def register(app: typer.Typer) -> None:
             from llmhost.store.demo import ensure_demo_model
 
             path = ensure_demo_model(settings.models_dir)
-            settings = settings.model_copy(
-                update={"model": str(path), "model_name": settings.model_name or "llmhost-demo"}
-            )
+            update = {"model": str(path), "model_name": settings.model_name or "llmhost-demo"}
+            if "cors_origins" not in settings.model_fields_set:  # not set by flag, env or file
+                update["cors_origins"] = DEMO_CORS_ORIGINS
+            settings = settings.model_copy(update=update)
             Console(stderr=True).print(
                 "[yellow]Serving the demo model: random weights, its output is meaningless.[/] "
                 "Pass a GGUF path to serve a real model.",
