@@ -115,6 +115,8 @@ class Choices:
                 self._queue.put_nowait((c, None))  # ended without a finish reason
             except Exception as exc:  # handed to the consumer, which answers in-band
                 self._queue.put_nowait((c, exc))
+            finally:
+                await stream.aclose()
 
         self._spawn(pump())
 

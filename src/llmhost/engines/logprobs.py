@@ -10,10 +10,8 @@ from llmhost.types import TokenLogprob
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log(softmax(logits)) in float32, stable for rows holding -inf (masked tokens)."""
-    row = np.asarray(logits, dtype=np.float32)
-    top = float(row.max())
-    lse = top + float(np.log(np.exp(row - top, dtype=np.float64).sum()))
-    return row - np.float32(lse)
+    shifted = np.asarray(logits, dtype=np.float32) - np.float32(logits.max())
+    return shifted - np.float32(np.log(np.exp(shifted, dtype=np.float64).sum()))
 
 
 def token_logprob(logprobs: np.ndarray, token: int, k: int) -> TokenLogprob:
