@@ -370,6 +370,7 @@ OutputItem = Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="
 
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class OutputTokensDetails(BaseModel):

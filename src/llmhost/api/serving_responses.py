@@ -23,7 +23,6 @@ from llmhost.api.protocol_chat import (
     NamedFunction,
     NamedToolChoice,
     ResponseFormat,
-    TextPart,
     Tool,
     ToolCall,
 )
@@ -72,10 +71,10 @@ def _renamed(exc: LlmhostError, forced: bool) -> LlmhostError:
 # --- the request as a chat request ---------------------------------------------------------
 
 
-def _content(content: str | list[InputText | OutputText]) -> str | list[TextPart]:
+def _content(content: str | list[InputText | OutputText]) -> str | list[dict[str, str]]:
     if isinstance(content, str):
         return content
-    return [TextPart(type="text", text=p.text) for p in content]
+    return [{"type": "text", "text": p.text} for p in content]
 
 
 def _messages(req: ResponsesRequest) -> list[ChatMessage]:
@@ -320,7 +319,8 @@ def _usage(u: Usage | None) -> dict[str, Any]:
         "input_tokens": u.prompt_tokens,
         "output_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        # the engines do not report their prefix cache's share per request
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens_details": {"reasoning_tokens": 0},
     }
 
