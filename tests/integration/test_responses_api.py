@@ -584,6 +584,8 @@ async def test_metered_like_chat(env):
         ({"input": "a", "text": {"verbosity": "low"}}, 400, "text", "unknown"),
         ({"input": "a", "include": ["file_search_call.results"]}, 400, "include", "include"),
         ({"input": "a", "reasoning": {"effort": "low"}}, 400, "reasoning", "reasoning"),
+        ({"input": "a", "reasoning": {}}, 400, "reasoning", "reasoning"),
+        ({"input": "a", "previous_response_id": ""}, 400, "previous_response_id", "stored"),
         ({"input": "a", "truncation": "auto"}, 400, "truncation", "disabled"),
         ({"input": "a", "background": True}, 400, "background", "unknown field"),
         ({"input": "a", "max_output_tokens": 0}, 400, "max_output_tokens", ""),

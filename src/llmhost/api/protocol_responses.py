@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -18,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from llmhost.api.protocol import JsonFloat, JsonInt, PositiveInt
+from llmhost.api.protocol import JsonInt, PositiveInt, _not_bool
 from llmhost.api.protocol_chat import (
     MAX_TOOLS,
     MAX_TOOLS_BYTES,
@@ -36,6 +37,9 @@ MAX_METADATA = 16  # OpenAI's limits: 16 pairs, keys of 64 characters, values of
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 ItemId = Annotated[str, Field(max_length=MAX_ID)]
 CallId = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
+# The bounds before the check, so that the JSON schema states them inside the union with null.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0), BeforeValidator(_not_bool)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0), BeforeValidator(_not_bool)]
 Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
 
 
@@ -163,7 +167,7 @@ class TextFormat(_Strict):
     """`text.format`: plain text, any JSON object, or JSON matching a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
-    name: str | None = Field(None, json_schema_extra=NAME_SCHEMA)
+    name: Annotated[str, Field(json_schema_extra=NAME_SCHEMA)] | None = None
     description: str | None = None
     schema_: dict[str, Any] | None = Field(
         None, alias="schema", description="With json_schema: the schema the output must match."
@@ -199,11 +203,13 @@ class TextConfig(_Strict):
     format: TextFormat | None = None
 
 
-def _refuse_set(what: str) -> Any:
+def _refused(what: str, *, empty_ok: bool = False) -> Any:
+    """A validator refusing any value but null (and [] where `empty_ok`), as the schema says."""
+
     def check(v: Any) -> Any:
-        if v:
-            raise ValueError(what)
-        return v
+        if v is None or (empty_ok and v == []):
+            return v
+        raise ValueError(what)
 
     return check
 
@@ -245,8 +251,8 @@ class ResponsesRequest(BaseModel):
     )
     text: TextConfig | None = None
     max_output_tokens: PositiveInt | None = Field(None, description="Tokens to generate.")
-    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0, description="Default 1.")
-    top_p: JsonFloat | None = Field(None, gt=0.0, le=1.0, description="Default 1.")
+    temperature: Temperature | None = Field(None, description="Default 1.")
+    top_p: TopP | None = Field(None, description="Default 1.")
     seed: JsonInt | None = Field(None, description="Extension: any integer; used modulo 2**64.")
     stream: StrictBool = False
     store: StrictBool | None = Field(
@@ -282,16 +288,16 @@ class ResponsesRequest(BaseModel):
     )
 
     _no_previous = field_validator("previous_response_id")(
-        _refuse_set(
+        _refused(
             "responses are not stored on this server, so a response cannot be continued by id; "
             "send the whole conversation in input"
         )
     )
     _no_reasoning = field_validator("reasoning")(
-        _refuse_set("reasoning is not supported: the models served here have no reasoning control")
+        _refused("reasoning is not supported: the models served here have no reasoning control")
     )
     _no_include = field_validator("include")(
-        _refuse_set("include is not supported: there is nothing more to include")
+        _refused("include is not supported: there is nothing more to include", empty_ok=True)
     )
 
     @field_validator("input", mode="before")
