@@ -30,7 +30,7 @@ from llmhost.security.auth import KeyStore
 from tests.conftest import IN_CI
 from tests.e2e.conftest import free_port, wait_until_ready
 
-AUDITED = ("/v1/completions", "/v1/chat/completions", "/generate")
+AUDITED = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate")
 # A schema-valid request can still ask for more tokens than the model's context holds: that
 # is a 400 (context_length_exceeded), as OpenAI answers it, so positive data may get a 400.
 SCHEMATHESIS_CONFIG = """
@@ -140,6 +140,30 @@ SAMPLING = {
     "logprobs": JSON_SCALAR,
     "stream_options": JSON,
 }
+ITEM = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["message", "function_call", "function_call_output"]) | ANY_TEXT,
+        "role": st.sampled_from(["user", "assistant", "developer", "tool"]) | ANY_TEXT,
+        "content": ANY_TEXT | JSON,
+        "call_id": ANY_TEXT,
+        "name": ANY_TEXT,
+        "arguments": ANY_TEXT,
+        "output": ANY_TEXT | JSON,
+    },
+)
+RESPONSES = {
+    "instructions": ANY_TEXT | JSON_SCALAR,
+    "temperature": JSON_SCALAR,
+    "top_p": JSON_SCALAR,
+    "seed": JSON_SCALAR,
+    "stream": st.booleans() | JSON_SCALAR,
+    "max_output_tokens": st.integers(-2, 8) | JSON_SCALAR,
+    "tools": JSON,
+    "tool_choice": JSON,
+    "text": JSON,
+    "previous_response_id": JSON_SCALAR,
+}
 BODIES = st.one_of(
     st.tuples(
         st.just("/v1/completions"),
@@ -152,6 +176,12 @@ BODIES = st.one_of(
         st.just("/v1/chat/completions"),
         st.fixed_dictionaries(
             {"messages": st.lists(MESSAGE, max_size=4) | JSON}, optional=SAMPLING
+        ),
+    ),
+    st.tuples(
+        st.just("/v1/responses"),
+        st.fixed_dictionaries(
+            {"input": ANY_TEXT | st.lists(ITEM, max_size=4) | JSON}, optional=RESPONSES
         ),
     ),
     st.tuples(

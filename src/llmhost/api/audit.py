@@ -24,7 +24,7 @@ from llmhost.security.redact import Redactor
 
 log = logging.getLogger("llmhost.audit")
 PromptMode = Literal["redacted", "full", "hash", "none"]
-AUDITED = frozenset({"/v1/completions", "/v1/chat/completions", "/generate"})
+AUDITED = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate"})
 CLIENT_CLOSED = 499
 DEFAULT_PROMPT_CHARS = 32768
 

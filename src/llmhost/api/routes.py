@@ -19,7 +19,9 @@ from llmhost.api.protocol import (
     ModelCard,
     ModelList,
 )
+from llmhost.api.protocol_responses import ResponseObject, ResponsesRequest
 from llmhost.api.serving import OpenAIServing
+from llmhost.api.serving_responses import create_response
 from llmhost.errors import EngineNotReady, ModelNotFound, NotFound, PermissionDenied
 from llmhost.observability.metrics import CONTENT_TYPE
 
@@ -156,6 +158,18 @@ async def chat_completions(
     notes: dict[str, Any] = Depends(audit_notes),
 ):
     return await s.chat(body, rid, notes)
+
+
+@router.post("/v1/responses", response_model=ResponseObject, responses=_STREAM_DOC, tags=["openai"])
+async def responses(
+    body: ResponsesRequest,
+    s: OpenAIServing = Depends(serving),
+    rid: str = Depends(request_id),
+    notes: dict[str, Any] = Depends(audit_notes),
+):
+    """OpenAI's Responses API, stateless: nothing is stored, so each request carries its
+    whole conversation in `input` (previous_response_id is refused)."""
+    return await create_response(s, body, rid, notes)
 
 
 @router.post("/generate", response_model=GenerateResponse, tags=["simple"])
