@@ -8,7 +8,9 @@ llama.cpp's own llama-server, which has no `n`, answering n concurrent requests 
 Each measurement sends a prompt neither server has seen (fresh words every time, so no
 prompt cache helps), `--prompt-words` long, and asks for `--output-tokens` tokens per choice
 with ignore_eos, not streamed; the wall time is the request's (llama-server: until the last of
-its n requests answers). Both servers get the same threads, sequences and context per
+its n requests answers). A decode-only pair (an 8-word prompt) shows what n sequences cost
+per step without a prompt to share: on a CPU, n sequences' decode is compute-bound, which sets
+the floor of the n/1 ratio for both servers. Both get the same threads, sequences and context per
 sequence; the model is the TinyLlama-shaped Q4_0 GGUF (random weights), built once into
 $LLMHOST_BENCH_CACHE, as is llama-server (see servers.py). The sides alternate for `--rounds`
 rounds; medians are reported.
@@ -51,9 +53,9 @@ async def timed(client: httpx.AsyncClient, url: str, body: dict, copies: int) ->
     return wall
 
 
-def body(args: argparse.Namespace, n: int) -> dict:
+def body(args: argparse.Namespace, n: int, words: int = 0) -> dict:
     return {
-        "prompt": make_prompt(args.prompt_words, uuid.uuid4().hex),
+        "prompt": make_prompt(words or args.prompt_words, uuid.uuid4().hex),
         "max_tokens": args.output_tokens,
         "temperature": 0.8,
         "ignore_eos": True,
@@ -62,19 +64,30 @@ def body(args: argparse.Namespace, n: int) -> dict:
 
 
 async def measure(args: argparse.Namespace, lh: str, ls: str | None) -> dict:
-    runs: dict[str, list[float]] = {"llmhost_n1": [], "llmhost_n": []}
-    if ls is not None:
-        runs |= {"llama_server_1": [], "llama_server_n": []}
+    runs: dict[str, list[float]] = {}
+    short = 8  # words: the decode-only pair, what n sequences cost per step without a prompt
+
+    async def side(c: httpx.AsyncClient, name: str, url: str, copies_for_n: bool) -> None:
+        def put(key: str, wall: float) -> None:
+            runs.setdefault(f"{name}_{key}", []).append(wall)
+
+        n_body, copies = (body(args, 1), args.n) if copies_for_n else (body(args, args.n), 1)
+        put("n1", await timed(c, url, body(args, 1), 1))
+        put("n", await timed(c, url, n_body, copies))
+        n_body, copies = (
+            (body(args, 1, short), args.n) if copies_for_n else (body(args, args.n, short), 1)
+        )
+        put("decode_n1", await timed(c, url, body(args, 1, short), 1))
+        put("decode_n", await timed(c, url, n_body, copies))
+
     async with httpx.AsyncClient(timeout=3600) as c:
         await timed(c, lh, body(args, 1) | {"max_tokens": 4}, 1)  # warm up
         if ls is not None:
             await timed(c, ls, body(args, 1) | {"max_tokens": 4}, 1)
         for _ in range(args.rounds):
-            runs["llmhost_n1"].append(await timed(c, lh, body(args, 1), 1))
-            runs["llmhost_n"].append(await timed(c, lh, body(args, args.n), 1))
-            if ls is not None:
-                runs["llama_server_1"].append(await timed(c, ls, body(args, 1), 1))
-                runs["llama_server_n"].append(await timed(c, ls, body(args, 1), args.n))
+            await side(c, "llmhost", lh, False)
+            if ls is not None:  # no n: n concurrent requests
+                await side(c, "llama_server", ls, True)
     return {k: round(statistics.median(v), 3) for k, v in runs.items()}
 
 
@@ -91,9 +104,14 @@ async def run(args: argparse.Namespace, model: Path) -> dict:
         stop(procs)
     report: dict = {"model": str(model), "config": vars(args) | {"model": str(model)}}
     report["wall_s"] = wall
-    ratios = {"llmhost_n_vs_n1": round(wall["llmhost_n"] / wall["llmhost_n1"], 3)}
+    ratios = {}
+    for name in ("llmhost", "llama_server"):
+        if f"{name}_n" in wall:
+            ratios[f"{name}_n_vs_n1"] = round(wall[f"{name}_n"] / wall[f"{name}_n1"], 3)
+            ratios[f"{name}_decode_n_vs_n1"] = round(
+                wall[f"{name}_decode_n"] / wall[f"{name}_decode_n1"], 3
+            )
     if "llama_server_n" in wall:
-        ratios["llama_server_n_vs_1"] = round(wall["llama_server_n"] / wall["llama_server_1"], 3)
         ratios["llmhost_n_vs_llama_server_n"] = round(wall["llmhost_n"] / wall["llama_server_n"], 3)
     report["ratios"] = ratios
     report["targets"] = {f"n{args.n}_le_1.3x_n1": ratios["llmhost_n_vs_n1"] <= 1.3}

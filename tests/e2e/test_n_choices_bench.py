@@ -29,4 +29,5 @@ def test_n_choices_benchmark_smoke(tmp_path):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["wall_s"]["llmhost_n1"] > 0 and out["wall_s"]["llmhost_n"] > 0
     assert out["ratios"]["llmhost_n_vs_n1"] > 0
+    assert out["ratios"]["llmhost_decode_n_vs_n1"] > 0
     assert "llama_server_n" not in out["wall_s"]  # not run
