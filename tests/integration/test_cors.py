@@ -91,7 +91,10 @@ async def test_no_cors_headers_by_default(tmp_path):
         assert r.status_code == 401 and not cors_headers(r)
         # the preflight is refused, but is neither a generation request nor a counted 4xx
         assert requests_counted(app, "401") == 1
-    assert sorted(rec.status for rec in records(tmp_path)) == [200, 401]
+        # a plain OPTIONS is an API request like any other: counted and audited alike
+        r = await c.options("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 405 and requests_counted(app, "405") == 1
+    assert sorted(rec.status for rec in records(tmp_path)) == [200, 401, 405]
 
 
 async def test_preflight_is_answered_before_auth(tmp_path):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmhost.api.cors import is_preflight
 from llmhost.api.serving import usage_noted
 from llmhost.audit.store import AuditRecord
 from llmhost.audit.writer import AuditWriter
@@ -117,8 +118,9 @@ class AuditMiddleware:
         self.tracker = tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # OPTIONS (a CORS preflight that reached here with CORS off) generates nothing
-        if scope["type"] != "http" or scope["path"] not in AUDITED or scope["method"] == "OPTIONS":
+        # A CORS preflight that reached here (CORS off) asks nothing of the API: not a request
+        # to audit, as the metrics do not count it; any other OPTIONS is (a 405).
+        if scope["type"] != "http" or scope["path"] not in AUDITED or is_preflight(scope):
             await self.app(scope, receive, send)
             return
         t0 = time.time()

@@ -44,12 +44,14 @@ class FakeEngine(Engine):
         token_delay: float = 0.0,
         eos_after: int | None = None,
         chat_template: str | None = None,
+        max_sequences: int | None = None,
     ):
         self.model_info = ModelInfo(id=model_id, context_length=context_length)
         self.script = tuple(script)
         self.token_delay = token_delay
         self.eos_after = eos_after
         self.chat_template = chat_template
+        self.max_sequences = max_sequences  # as an engine with that many slots holds n to it
         self.requests: list[GenerationRequest] = []
         self.active = 0
         self.cancelled = 0
@@ -60,6 +62,7 @@ class FakeEngine(Engine):
         return cls(
             model_id=settings.model_name or "fake-model",
             context_length=settings.ctx_size or 256,
+            max_sequences=settings.parallel,
         )
 
     async def start(self) -> None:
