@@ -11,6 +11,7 @@ an OpenAI-style error type, so the CLI prints one line and the API answers with 
     ├── PermissionDenied                      403 permission_error
     ├── NotFound(LookupError)                 404 not_found_error
     │   └── ModelNotFound                     404 code=model_not_found
+    ├── Conflict                              409 conflict (e.g. unloading a busy model)
     ├── RateLimited                           429 rate_limit_error (retry_after seconds)
     ├── ServiceUnavailable                    503 service_unavailable
     │   ├── EngineNotReady                    503 code=engine_not_ready
@@ -97,6 +98,11 @@ class NotFound(LlmhostError, LookupError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class Conflict(LlmhostError):
+    status_code = 409
+    error_type = "conflict_error"
 
 
 class RateLimited(LlmhostError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from llmhost.audit.store import open_store
 from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
 from llmhost.engines.base import Engine
+from llmhost.engines.pool import Pool
 from llmhost.errors import ConfigError
 from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import authenticator_from_settings
@@ -88,17 +90,36 @@ def serve_metrics(metrics: Metrics, host: str, port: int):
     return server
 
 
+class LeaseMiddleware:
+    """Releases the model leases a request took (routes.serving_for) once its response is
+    over, a stream's last byte or a client gone included."""
+
+    def __init__(self, app: ASGIApp, pool: Pool):
+        self.app = app
+        self.pool = pool
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for model_id in scope.get("state", {}).pop("leases", ()):
+                self.pool.release(model_id)
+
+
 def create_app(
-    engine: Engine,
+    engine: Engine | Pool,
     settings: Settings | None = None,
     *,
     on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The app serving `engine`. The engine loads in the background after start-up so that
-    /health answers at once and /ready reports loading; if loading fails, `on_fatal` is called
-    (the CLI uses it to stop the server and exit non-zero). With settings (and `audit` on), every
-    generation request leaves a record in `$LLMHOST_HOME/audit.db`."""
-    metrics = Metrics(engine_name=engine.name) if settings is None or settings.metrics else None
+    """The app serving `engine`, or every model of a pool (loaded on demand). The engine (the
+    pool's pinned models) loads in the background after start-up so that /health answers at
+    once and /ready reports loading; if loading fails, `on_fatal` is called (the CLI uses it to
+    stop the server and exit non-zero). With settings (and `audit` on), every generation
+    request leaves a record in `$LLMHOST_HOME/audit.db`."""
+    pool = engine if isinstance(engine, Pool) else Pool.single(engine)
+    name = engine.name if isinstance(engine, Engine) else "pool"
+    metrics = Metrics(engine_name=name) if settings is None or settings.metrics else None
     audit = None
     if settings is not None and settings.audit:
         policy = PromptPolicy(
@@ -122,25 +143,36 @@ def create_app(
         if metrics is not None:
             metrics.watch_audit_queue(audit.queue.qsize)
 
+    servings: dict[str, OpenAIServing] = {}
+
+    def loaded(model_id: str, loaded_engine: Engine) -> None:
+        servings[model_id] = OpenAIServing(
+            loaded_engine,
+            metrics,
+            app.state.drain,
+            tool_parser=settings.tool_parser if settings is not None else None,
+        )
+        if model_id == pool.default_id:
+            app.state.serving, app.state.engine = servings[model_id], loaded_engine
+
+    def unloading(model_id: str, _engine: Engine) -> None:
+        servings.pop(model_id, None)
+
+    pool.on_loaded, pool.on_unloading = loaded, unloading
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def load() -> None:
             try:
-                await engine.start()
+                await pool.start()
             except Exception as exc:  # any load failure must reach /ready and the operator
                 app.state.load_error = getattr(exc, "message", None) or str(exc) or repr(exc)
                 log.error("model failed to load: %s", app.state.load_error)
                 if on_fatal is not None:
                     on_fatal()
                 return
-            app.state.serving = OpenAIServing(
-                engine,
-                metrics,
-                app.state.drain,
-                tool_parser=settings.tool_parser if settings is not None else None,
-            )
             app.state.ready = True
-            log.info("ready: serving %s with engine %s", engine.model_info.id, engine.name)
+            log.info("ready: serving %s", ", ".join(pool.ids()))
 
         app.state.drain.loop = asyncio.get_running_loop()
         if audit is not None:
@@ -172,7 +204,7 @@ def create_app(
                 audit.store.close()
             if authenticator is not None and authenticator.keys is not None:
                 authenticator.keys.close()
-            await engine.close()
+            await pool.close()
 
     app = FastAPI(
         title="llmhost",
@@ -181,7 +213,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.engine = engine
+    app.state.pool = pool
+    app.state.created = int(time.time())  # when the models were registered (`created`)
+    app.state.servings = servings
+    # The default model's engine and serving once loaded (the one model of `serve MODEL`)
+    app.state.engine = engine if isinstance(engine, Engine) else None
     app.state.serving = None
     app.state.ready = False
     app.state.load_error = None
@@ -202,6 +238,7 @@ def create_app(
     app.state.authenticator = authenticator
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(LeaseMiddleware, pool=pool)
     if settings is not None and (
         settings.auth  # keys and tokens may carry limits of their own
         or settings.rate_limit_rps
@@ -231,7 +268,9 @@ def create_app(
     if audit is not None:
         app.add_middleware(AuditMiddleware, writer=audit, tracker=in_flight)
     if metrics is not None:
-        metrics.watch_engine(lambda: engine.health() if app.state.ready else None)
+        metrics.watch_engine(
+            lambda: e.health() if app.state.ready and (e := pool.loaded(pool.default_id)) else None
+        )
         # our router's paths (FastAPI may include routers lazily) and the app's own (docs)
         routes = frozenset(
             p for r in (*router.routes, *app.routes) if isinstance(p := getattr(r, "path", ""), str)

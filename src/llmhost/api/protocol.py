@@ -27,6 +27,7 @@ from llmhost.api.protocol_chat import (
     ToolCall,
     ToolChoice,
 )
+from llmhost.engines.pool import MAX_KEEP_ALIVE, parse_duration
 
 __all__ = ["ChatMessage", "TextPart"]
 
@@ -48,6 +49,35 @@ def _not_bool(v: Any) -> Any:
 JsonInt = Annotated[int, BeforeValidator(_not_bool)]
 JsonFloat = Annotated[float, BeforeValidator(_not_bool)]
 PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_not_bool)]
+
+
+def _keep_alive(v: Any) -> float | None:
+    if v is None:
+        return None
+    if not isinstance(v, str | int | float) or isinstance(v, bool):
+        raise ValueError("keep_alive is seconds (a number) or a duration like 5m")
+    seconds = parse_duration(v)
+    if not 0 <= seconds <= MAX_KEEP_ALIVE:
+        raise ValueError(f"keep_alive must be 0 to {MAX_KEEP_ALIVE:.0f} seconds, got {v!r:.40}")
+    return seconds
+
+
+# Ollama's keep_alive: how long the model stays loaded after this request.
+KeepAlive = Annotated[
+    float | None,
+    BeforeValidator(_keep_alive),
+    Field(
+        description="Extension (Ollama's): how long the model stays loaded once idle after "
+        "this request, in seconds or as 30s, 5m, 2h, 1d (0: unload at once; at most 30 days).",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": 2592000},
+                {"type": "string", "pattern": "^[0-9]{1,7}(ms|s|m|h|d)?$"},
+                {"type": "null"},
+            ]
+        },
+    ),
+]
 
 
 def _stop_schema(schema: dict[str, Any]) -> None:
@@ -109,6 +139,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: StrictBool = Field(
         False, description="Extension: generate max_tokens regardless of EOS."
     )
+    keep_alive: KeepAlive = None
     cache_prompt: StrictBool = Field(
         True,
         description="Extension (llama-server's): reuse the cached KV of this prompt's longest "
@@ -415,7 +446,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    context_length: int
+    context_length: int | None = Field(description="Per sequence; null until loaded.")
+    state: Literal["loaded", "loading", "unloaded"] | None = None
+    kind: Literal["chat", "embedding", "rerank"] | None = None
 
 
 class ModelList(BaseModel):

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from llmhost.api.protocol import JsonInt, PositiveInt, _not_bool
+from llmhost.api.protocol import JsonInt, KeepAlive, PositiveInt, _not_bool
 from llmhost.api.protocol_chat import (
     MAX_TOOLS,
     MAX_TOOLS_BYTES,
@@ -254,6 +254,7 @@ class ResponsesRequest(BaseModel):
     temperature: Temperature | None = Field(None, description="Default 1.")
     top_p: TopP | None = Field(None, description="Default 1.")
     seed: JsonInt | None = Field(None, description="Extension: any integer; used modulo 2**64.")
+    keep_alive: KeepAlive = None
     stream: StrictBool = False
     store: StrictBool | None = Field(
         None,

@@ -22,7 +22,7 @@ from llmhost.api.protocol import (
 from llmhost.api.protocol_responses import ResponseObject, ResponsesRequest
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_responses import create_response
-from llmhost.errors import EngineNotReady, ModelNotFound, NotFound, PermissionDenied
+from llmhost.errors import Conflict, EngineNotReady, ModelNotFound, NotFound, PermissionDenied
 from llmhost.observability.metrics import CONTENT_TYPE
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -49,8 +49,7 @@ _STREAM_DOC = {
 # dependency per request.
 
 
-async def serving(request: Request) -> OpenAIServing:
-    """The serving object, once the engine is loaded; 503 with Retry-After before that."""
+async def _ready(request: Request) -> None:
     state = request.app.state
     if not state.ready:
         raise EngineNotReady(
@@ -59,7 +58,26 @@ async def serving(request: Request) -> OpenAIServing:
             else f"the model failed to load: {state.load_error}",
             retry_after=5,
         )
-    return state.serving
+
+
+async def serving_for(
+    request: Request, model: str | None, keep_alive: float | None = None
+) -> OpenAIServing:
+    """The serving object of the requested model under a lease, which LeaseMiddleware
+    releases when the response is over; loads the model first if it is not loaded."""
+    await _ready(request)
+    state = request.app.state
+    pool = state.pool
+    # One model: every name reaches it, and its serving names the model it serves in a 404.
+    model_id = pool.default_id if pool.is_single else pool.entry(model).spec.id
+    await pool.acquire(model_id, keep_alive)
+    request.scope.setdefault("state", {}).setdefault("leases", []).append(model_id)
+    return state.servings[model_id]
+
+
+async def serving(request: Request) -> OpenAIServing:
+    """The default model's serving (for routes that name no model)."""
+    return await serving_for(request, None)
 
 
 async def request_id(request: Request) -> str:
@@ -100,48 +118,123 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/ready", tags=["ops"])
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the model is loaded and the engine healthy."""
+    """Readiness: the models to keep loaded are loaded and the default model's engine is
+    healthy (with several models: each model's state, loaded on demand)."""
     state = request.app.state
     if state.load_error is not None:
         return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
     if not state.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
-    h = state.engine.health()
-    body = {
-        "status": "ready" if h.ok else "unhealthy",
-        "model": state.engine.model_info.id,
-        "engine": state.engine.name,
-        "stats": h.stats,
-        **({"detail": h.detail} if h.detail else {}),
-    }
-    return JSONResponse(body, status_code=200 if h.ok else 503)
+    pool = state.pool
+    body: dict[str, Any] = {"status": "ready"}
+    engine = pool.loaded(pool.default_id)
+    ok = True
+    if engine is not None:
+        h = engine.health()
+        ok = h.ok
+        body.update(
+            status="ready" if h.ok else "unhealthy",
+            model=engine.model_info.id,
+            engine=engine.name,
+            stats=h.stats,
+            **({"detail": h.detail} if h.detail else {}),
+        )
+    if not pool.is_single:
+        body["models"] = [
+            {k: m[k] for k in ("id", "kind", "state", "in_flight")} for m in pool.status()
+        ]
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _cards(request: Request) -> list[dict[str, Any]]:
+    """Every servable model: loaded ones as their serving describes them, the others with
+    what is known before loading; `state` and `kind` say which."""
+    state = request.app.state
+    pool = state.pool
+    out = []
+    for m in pool.status():
+        serving = state.servings.get(m["id"])
+        if serving is not None:
+            card = serving.model_card()
+            card["id"] = m["id"] if not pool.is_single else card["id"]
+        else:
+            card = {
+                "id": m["id"],
+                "object": "model",
+                "created": state.created,
+                "owned_by": "llmhost",
+                "context_length": None,
+            }
+        out.append({**card, "state": m["state"], "kind": m["kind"]})
+    return out
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["openai"])
-async def list_models(s: OpenAIServing = Depends(serving)) -> dict[str, Any]:
-    return {"object": "list", "data": [s.model_card()]}
+async def list_models(request: Request) -> dict[str, Any]:
+    await _ready(request)
+    return {"object": "list", "data": _cards(request)}
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
-async def retrieve_model(model_id: str, s: OpenAIServing = Depends(serving)) -> dict[str, Any]:
+async def retrieve_model(request: Request, model_id: str) -> dict[str, Any]:
     """One model (the openai SDK's `models.retrieve`); 404 for any other id."""
-    if model_id != s.model_id:
-        raise ModelNotFound(
-            f"The model '{model_id}' does not exist; this server serves '{s.model_id}'.",
-            param="model",
-        )
-    return s.model_card()
+    await _ready(request)
+    for card in _cards(request):
+        if card["id"] == model_id:
+            return card
+    ids = ", ".join(sorted(c["id"] for c in _cards(request)))
+    raise ModelNotFound(
+        f"The model '{model_id}' does not exist; this server serves: {ids}.", param="model"
+    )
+
+
+@router.get("/v1/admin/models", tags=["admin"], dependencies=[Depends(require_admin)])
+async def admin_models(request: Request) -> dict[str, Any]:
+    """Every model with its state, memory estimate, requests in flight and keep-alive
+    (`llmhost models ps`); admins only."""
+    await _ready(request)
+    pool = request.app.state.pool
+    return {
+        "object": "list",
+        "data": pool.status(),
+        "memory_budget_bytes": pool.budget_bytes,
+        "memory_used_bytes": pool.used_bytes(),
+    }
+
+
+@router.post(
+    "/v1/admin/models/{model_id:path}/load", tags=["admin"], dependencies=[Depends(require_admin)]
+)
+async def admin_load(request: Request, model_id: str) -> dict[str, Any]:
+    """Load a model now (it stays for its keep-alive); admins only."""
+    await _ready(request)
+    pool = request.app.state.pool
+    await pool.load(model_id)
+    return next(m for m in pool.status() if m["id"] == pool.entry(model_id).spec.id)
+
+
+@router.post(
+    "/v1/admin/models/{model_id:path}/unload", tags=["admin"], dependencies=[Depends(require_admin)]
+)
+async def admin_unload(request: Request, model_id: str) -> dict[str, Any]:
+    """Unload a model now; 409 while it has requests in flight; admins only."""
+    await _ready(request)
+    pool = request.app.state.pool
+    if not await pool.unload(model_id):
+        raise Conflict(f"the model '{model_id}' has requests in flight; retry once they end")
+    return next(m for m in pool.status() if m["id"] == pool.entry(model_id).spec.id)
 
 
 @router.post(
     "/v1/completions", response_model=CompletionResponse, responses=_STREAM_DOC, tags=["openai"]
 )
 async def completions(
+    request: Request,
     body: CompletionRequest,
-    s: OpenAIServing = Depends(serving),
     rid: str = Depends(request_id),
     notes: dict[str, Any] = Depends(audit_notes),
 ):
+    s = await serving_for(request, body.model, body.keep_alive)
     return await s.completion(body, rid, notes)
 
 
@@ -152,34 +245,37 @@ async def completions(
     tags=["openai"],
 )
 async def chat_completions(
+    request: Request,
     body: ChatCompletionRequest,
-    s: OpenAIServing = Depends(serving),
     rid: str = Depends(request_id),
     notes: dict[str, Any] = Depends(audit_notes),
 ):
+    s = await serving_for(request, body.model, body.keep_alive)
     return await s.chat(body, rid, notes)
 
 
 @router.post("/v1/responses", response_model=ResponseObject, responses=_STREAM_DOC, tags=["openai"])
 async def responses(
+    request: Request,
     body: ResponsesRequest,
-    s: OpenAIServing = Depends(serving),
     rid: str = Depends(request_id),
     notes: dict[str, Any] = Depends(audit_notes),
 ):
     """OpenAI's Responses API, stateless: nothing is stored, so each request carries its
     whole conversation in `input` (previous_response_id is refused)."""
+    s = await serving_for(request, body.model, body.keep_alive)
     return await create_response(s, body, rid, notes)
 
 
 @router.post("/generate", response_model=GenerateResponse, tags=["simple"])
 async def generate(
+    request: Request,
     body: GenerateRequest,
-    s: OpenAIServing = Depends(serving),
     rid: str = Depends(request_id),
     notes: dict[str, Any] = Depends(audit_notes),
 ):
     """The deployment guide's interface: a prompt in, the generated text out."""
+    s = await serving_for(request, None)
     return await s.generate(body, rid, notes)
 
 

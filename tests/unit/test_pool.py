@@ -1,0 +1,173 @@
+"""The model pool with scripted engines: load on demand, shared loads, failures reported to
+every waiter, the memory budget with least-recently-used eviction (never busy or pinned
+models), keep-alive, and the admin load and unload."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmhost.engines.fake import FakeEngine
+from llmhost.engines.pool import ModelSpec, Pool, parse_duration
+from llmhost.errors import EngineNotReady, InvalidRequest, ModelLoadError, ModelNotFound, Overloaded
+
+GIB = 1 << 30
+
+
+class SlowEngine(FakeEngine):
+    """Takes `delay` seconds to start, or fails; counts its starts and closes."""
+
+    def __init__(self, model_id: str, log: list[str], delay: float = 0.0, fail: str = ""):
+        super().__init__(model_id=model_id)
+        self.log, self.delay, self.fail = log, delay, fail
+
+    async def start(self) -> None:
+        self.log.append(f"start {self.model_info.id}")
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError(self.fail)
+        await super().start()
+
+    async def close(self) -> None:
+        self.log.append(f"close {self.model_info.id}")
+        await super().close()
+
+
+def spec(name: str, log: list[str], need: float = 1, **kw) -> ModelSpec:
+    engine_kw = {k: kw.pop(k) for k in ("delay", "fail") if k in kw}
+    return ModelSpec(
+        id=name,
+        build=lambda: SlowEngine(name, log, **engine_kw),
+        need_bytes=int(need * GIB),
+        **kw,
+    )
+
+
+async def test_loads_on_demand_once_for_every_waiter():
+    log: list[str] = []
+    pool = Pool([spec("a", log), spec("b", log, delay=0.05)])
+    engines = await asyncio.gather(*(pool.acquire("b") for _ in range(5)))
+    assert log == ["start b"] and len({id(e) for e in engines}) == 1
+    assert [m["state"] for m in pool.status()] == ["unloaded", "loaded"]
+    assert pool.status()[1]["in_flight"] == 5
+    for _ in range(5):
+        pool.release("b")
+    assert pool.status()[1]["in_flight"] == 0
+    await pool.close()
+    assert log == ["start b", "close b"]
+
+
+async def test_unknown_model_lists_what_exists():
+    pool = Pool([spec("a", []), spec("b", [])])
+    with pytest.raises(ModelNotFound, match="serves: a, b"):
+        await pool.acquire("c")
+    assert (await pool.acquire(None)).model_info.id == "a"  # the first is the default
+
+
+async def test_a_failed_load_answers_every_waiter_and_the_next_request_retries():
+    log: list[str] = []
+    pool = Pool([spec("bad", log, delay=0.05, fail="no such file: x.gguf")])
+    got = await asyncio.gather(*(pool.acquire("bad") for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(g, ModelLoadError) and "no such file: x.gguf" in str(g) for g in got)
+    assert log == ["start bad"]
+    (status,) = pool.status()
+    assert status["state"] == "unloaded" and "no such file" in status["error"]
+    with pytest.raises(ModelLoadError):
+        await pool.acquire("bad")
+    assert log == ["start bad", "start bad"]
+
+
+async def test_a_load_past_the_timeout_is_a_503_and_goes_on():
+    log: list[str] = []
+    pool = Pool([spec("slow", log, delay=0.3)], load_timeout=0.05)
+    with pytest.raises(EngineNotReady) as err:
+        await pool.acquire("slow")
+    assert err.value.retry_after == 5
+    await asyncio.sleep(0.35)
+    assert pool.status()[0]["state"] == "loaded"
+    assert (await pool.acquire("slow")).model_info.id == "slow"
+
+
+async def test_budget_evicts_the_least_recently_used_idle_model():
+    log: list[str] = []
+    pool = Pool([spec(n, log) for n in "abc"], budget_bytes=2 * GIB)
+    for name in "ab":
+        await pool.acquire(name)
+        pool.release(name)
+    await pool.acquire("a")  # a is now the most recent
+    pool.release("a")
+    await pool.acquire("c")
+    assert [m["state"] for m in pool.status()] == ["loaded", "unloaded", "loaded"]
+    assert log[-2:] == ["close b", "start c"]
+    assert pool.used_bytes() == 2 * GIB
+
+
+async def test_busy_and_pinned_models_are_never_evicted():
+    log: list[str] = []
+    pool = Pool(
+        [spec("p", log, pinned=True), spec("busy", log), spec("new", log)], budget_bytes=2 * GIB
+    )
+    await pool.start()
+    await pool.acquire("busy")  # held
+    with pytest.raises(Overloaded, match="held by models in use or pinned"):
+        await pool.acquire("new")
+    pool.release("busy")
+    await pool.acquire("new")
+    assert [m["state"] for m in pool.status()] == ["loaded", "unloaded", "loaded"]
+
+
+async def test_a_model_that_can_never_fit_is_a_400_with_the_sizes():
+    pool = Pool([spec("huge", [], need=40)], budget_bytes=24 * GIB)
+    with pytest.raises(InvalidRequest, match="needs about 40.0 GiB.*budget of 24.0 GiB"):
+        await pool.acquire("huge")
+
+
+async def test_keep_alive_unloads_an_idle_model_and_a_request_can_set_it():
+    log: list[str] = []
+    pool = Pool([spec("a", log, keep_alive=0.05), spec("b", log)])
+    await pool.acquire("a")
+    await asyncio.sleep(0.1)
+    assert pool.status()[0]["state"] == "loaded"  # in use: never unloaded
+    pool.release("a")
+    assert pool.status()[0]["expires_at"] is not None
+    await asyncio.sleep(0.15)
+    assert pool.status()[0]["state"] == "unloaded" and log[-1] == "close a"
+    await pool.acquire("b", keep_alive=0)  # Ollama's keep_alive: 0 unloads once idle
+    pool.release("b")
+    await asyncio.sleep(0.02)
+    assert pool.status()[1]["state"] == "unloaded"
+    await pool.acquire("a", keep_alive=3600)
+    pool.release("a")
+    await asyncio.sleep(0.1)
+    assert pool.status()[0]["state"] == "loaded" and pool.status()[0]["keep_alive_s"] == 3600
+    with pytest.raises(InvalidRequest) as err:
+        await pool.acquire("a", keep_alive=-1)
+    assert err.value.param == "keep_alive"
+    await pool.close()
+
+
+async def test_admin_load_and_unload():
+    log: list[str] = []
+    pool = Pool([spec("a", log), spec("b", log)])
+    await pool.load("b")
+    assert pool.status()[1]["state"] == "loaded" and pool.status()[1]["in_flight"] == 0
+    await pool.acquire("b")
+    assert await pool.unload("b") is False  # requests in flight
+    pool.release("b")
+    assert await pool.unload("b") is True
+    assert pool.status()[1]["state"] == "unloaded" and log == ["start b", "close b"]
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90", 90), ("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), ("500ms", 0.5), (7, 7)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "5x", "-5m", "1.5m", "m", " 5m", "5M", "5sm", "1e9"])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
