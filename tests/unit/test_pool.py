@@ -119,7 +119,7 @@ async def test_busy_and_pinned_models_are_never_evicted():
 
 async def test_a_model_that_can_never_fit_is_a_400_with_the_sizes():
     pool = Pool([spec("huge", [], need=40)], budget_bytes=24 * GIB)
-    with pytest.raises(InvalidRequest, match="needs about 40.0 GiB.*budget of 24.0 GiB"):
+    with pytest.raises(InvalidRequest, match=r"needs about 40\.0 GiB.*budget of 24\.0 GiB"):
         await pool.acquire("huge")
 
 
