@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import psutil
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -105,6 +105,30 @@ def default_parallel() -> int:
 def default_threads() -> int:
     # Decode is memory-bound; hyper-threads add contention rather than speed.
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+class ModelEntry(BaseModel):
+    """One model of a server that serves several (`[models.<id>]` in config.toml): where it
+    comes from, its engine and the engine settings that differ from the server's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(..., min_length=1, description="A GGUF file, a folder or a name:tag.")
+    engine: str | None = Field(None, description="Engine; default: the server's.")
+    kind: Literal["chat"] = Field("chat", description="What it serves.")
+    keep_alive: float | str | None = Field(
+        None, description="Unload after this long idle (seconds, or 30s, 5m, 2h, 1d)."
+    )
+    pinned: bool = Field(False, description="Loaded at start and never unloaded.")
+    ctx_size: int | None = Field(None, ge=0)
+    parallel: int | None = Field(None, ge=1, le=256)
+    threads: int | None = Field(None, ge=1, le=1024)
+    batch_size: int | None = Field(None, ge=1)
+    dtype: str | None = None
+    device: str | None = None
+    quantization: str | None = None
+    upstream_url: str | None = None
+    tool_parser: Literal["hermes", "llama3", "mistral", "deepseek", "json"] | None = None
 
 
 class Settings(BaseSettings):
@@ -247,6 +271,26 @@ class Settings(BaseSettings):
         description="Browser origins allowed to call the API (CORS): https://app.example.com, "
         "http://localhost:* (any port) or * (any origin, no credentials); empty = no CORS "
         "headers, so browsers on other origins cannot read any response.",
+    )
+
+    models: dict[str, ModelEntry] = Field(
+        default_factory=dict,
+        description="Several models in one server ([models.<id>] tables in config.toml), "
+        "loaded on demand; the first is the default.",
+    )
+    keep_alive: float | str | None = Field(
+        None,
+        description="How long a model loaded on demand stays once idle (seconds, or 30s, 5m, "
+        "2h, 1d); unset: until its memory is needed.",
+    )
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Host memory (MiB) the models may hold together, by `llmhost plan`'s "
+        "estimate (weights + KV cache); default: 80% of the host's RAM.",
+    )
+    model_load_timeout: float = Field(
+        600.0, gt=0, le=86400, description="Seconds a request waits for its model to load."
     )
 
     @field_validator("home", mode="before")

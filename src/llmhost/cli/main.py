@@ -24,6 +24,7 @@ from llmhost.cli import (
     monitoring,
     plan,
     router,
+    running,
     serve,
 )
 from llmhost.errors import LlmhostError
@@ -50,6 +51,7 @@ router.register(app)
 deploy.register(app)
 loadtest.register(app)
 demo.register(app)
+running.register(app)
 
 
 @app.command()

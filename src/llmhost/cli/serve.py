@@ -7,12 +7,16 @@ import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from llmhost.config import Settings, load_settings
 from llmhost.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from llmhost.engines.pool import Pool
 
 log = logging.getLogger("llmhost.serve")
 # Engines whose model is a name on another server, not a file here.
@@ -53,8 +57,9 @@ def _graceful_server_class():
     return GracefulServer
 
 
-def serve_settings(settings: Settings) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight streams get `shutdown_timeout` to end."""
+def serve_settings(settings: Settings, pool: Pool | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight streams get `shutdown_timeout` to end.
+    With a pool, its models are served (loaded on demand); otherwise the settings' model."""
     import uvicorn
 
     from llmhost.api import create_app
@@ -62,7 +67,7 @@ def serve_settings(settings: Settings) -> None:
     from llmhost.observability.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
-    engine = create_engine(settings.engine, settings)
+    engine = pool if pool is not None else create_engine(settings.engine, settings)
     _check_port_free(settings.host, settings.port)
     if settings.metrics and settings.metrics_port:
         _check_port_free(settings.host, settings.metrics_port)
@@ -90,6 +95,33 @@ def serve_settings(settings: Settings) -> None:
     server.run()
     if app.state.load_error is not None:
         raise ModelLoadError(f"the model failed to load: {app.state.load_error}")
+
+
+def _serve_several(settings: Settings, refs: list[str], all_models: bool, demo: bool) -> None:
+    """Serve every model named, declared in config.toml or stored (`--all-models`), each
+    loaded on its first request within the memory budget; with --demo the demo model first."""
+    from llmhost.config import ModelEntry
+    from llmhost.ops.serve_models import build_pool, served
+
+    if demo:
+        demo_entry = ModelEntry(source=str(settings.model), pinned=True)
+        settings = settings.model_copy(
+            update={"models": {"llmhost-demo": demo_entry, **settings.models}, "model": None}
+        )
+    models = served(settings, refs, all_models)
+    for _, _, s in models:
+        if s.model and s.engine not in REMOTE_ENGINES:
+            _check_model_files(s)
+    pool = build_pool(settings, models)
+    _warn_about_auth(settings)
+    budget = pool.budget_bytes or 0
+    Console(stderr=True).print(
+        f"OpenAI-compatible API at {'https' if settings.ssl_certfile else 'http'}://"
+        f"{settings.host}:{settings.port}/v1 (models: {', '.join(pool.ids())}; memory budget "
+        f"{budget / (1 << 30):.1f} GiB)",
+        highlight=False,
+    )
+    serve_settings(settings, pool)
 
 
 def _warn_about_auth(settings: Settings) -> None:
@@ -166,10 +198,21 @@ def _plan_settings(path: Path, gpu: str | None, settings: Settings) -> dict:
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        model: str | None = typer.Argument(
-            None, help="GGUF file, model folder, or a stored name:tag / name@channel."
+        models: list[str] | None = typer.Argument(
+            None,
+            help="GGUF file, model folder, or a stored name:tag / name@channel; several are "
+            "served together, each loaded when first asked for.",
         ),
         demo: bool = typer.Option(False, "--demo", help="Serve the built-in demo model."),
+        all_models: bool = typer.Option(
+            False, "--all-models", help="Serve every model in the store (loaded on demand)."
+        ),
+        memory_budget_mb: int | None = typer.Option(
+            None, help="MiB the models may hold together; idle ones unload to make room."
+        ),
+        keep_alive: str | None = typer.Option(
+            None, help="Unload a model idle this long: seconds or 30s, 5m, 2h, 1d."
+        ),
         host: str | None = typer.Option(None, help="Address to listen on [127.0.0.1]."),
         port: int | None = typer.Option(None, help="Port [8080]."),
         engine: str | None = typer.Option(
@@ -254,8 +297,12 @@ def register(app: typer.Typer) -> None:
             setup_logging(log_level or "info", "text")
             argv = [a for a in sys.argv[1:] if a != "--restart-on-crash"]
             raise typer.Exit(supervise([sys.executable, "-m", "llmhost", *argv]))
+        refs = list(models or [])
+        model = refs[0] if len(refs) == 1 else None
         settings = load_settings(
             model=model,
+            memory_budget_mb=memory_budget_mb,
+            keep_alive=keep_alive,
             host=host,
             port=port,
             engine=engine,
@@ -293,8 +340,9 @@ def register(app: typer.Typer) -> None:
         from llmhost.security.tls import check_server_files
 
         check_server_files(settings.ssl_certfile, settings.ssl_keyfile)
+        multi = len(refs) > 1 or all_models or bool(settings.models)
         if demo:
-            if model:
+            if model and not multi:
                 raise ConfigError("give either a model path or --demo, not both")
             from llmhost.store.demo import ensure_demo_model
 
@@ -308,8 +356,12 @@ def register(app: typer.Typer) -> None:
                 "Pass a GGUF path to serve a real model.",
                 highlight=False,
             )
-        elif (
-            settings.model
+        if multi:
+            _serve_several(settings, refs, all_models, demo)
+            return
+        if (
+            not demo
+            and settings.model
             and settings.engine not in REMOTE_ENGINES
             and not Path(settings.model).expanduser().exists()
         ):

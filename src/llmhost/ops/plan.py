@@ -275,6 +275,14 @@ class Plan:
         return asdict(self)
 
 
+def host_bytes(shape: Shape, quant: str, ctx: int | None, concurrency: int) -> int:
+    """What a model holds in memory served on a CPU: its weights and its KV cache at `ctx`
+    tokens (default: its own context, capped at 4096) for `concurrency` sequences."""
+    bits = BITS_PER_WEIGHT.get(quant.lower(), BITS_PER_WEIGHT["fp16"])
+    ctx = ctx or min(shape.max_context, 4096)
+    return int(shape.params * bits / 8 + shape.kv_bytes_per_token() * ctx * concurrency)
+
+
 def _runtime_bytes(shape: Shape) -> float:
     activations = PREFILL_CHUNK * (4 * shape.hidden + 2 * shape.intermediate) * 2
     logits = PREFILL_CHUNK * shape.vocab * 4

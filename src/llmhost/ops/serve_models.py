@@ -1,0 +1,133 @@
+"""The models one `llmhost serve` serves: named on the command line, declared as
+`[models.<id>]` tables in config.toml, or every model in the store; each becomes the engine
+settings it is served with and a pool spec carrying the memory `llmhost plan` says it needs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from llmhost.config import ModelEntry, Settings
+from llmhost.engines.pool import ModelSpec, Pool, check_keep_alive, parse_duration
+from llmhost.engines.registry import create_engine
+from llmhost.errors import ConfigError, InvalidRequest
+from llmhost.ops.plan import RAM_RESERVE, host_bytes, shape_from_model
+from llmhost.store.registry import ModelStore
+
+log = logging.getLogger("llmhost.serve")
+REMOTE_ENGINES = frozenset({"openai"})  # the model is a name on another server
+# Engine settings a [models.<id>] table may set for its model
+OVERRIDES = (
+    "ctx_size",
+    "parallel",
+    "threads",
+    "batch_size",
+    "dtype",
+    "device",
+    "quantization",
+    "upstream_url",
+    "tool_parser",
+)
+
+
+def resolve_source(settings: Settings, ref: str, engine: str) -> tuple[str, str]:
+    """The path (or remote name) a model reference stands for, and the id clients send."""
+    path = Path(ref).expanduser()
+    if engine in REMOTE_ENGINES or path.exists():
+        return str(path) if path.exists() else ref, path.name.removesuffix(".gguf") or ref
+    try:
+        found = ModelStore(settings.models_dir).resolve(ref)
+    except LookupError as exc:
+        raise ConfigError(f"model not found: {ref} ({exc})") from exc
+    return str(found), ref.replace("@", ":")
+
+
+def duration(value: float | str | None, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return check_keep_alive(parse_duration(value))
+    except (ValueError, InvalidRequest) as exc:
+        raise ConfigError(f"{what}: {getattr(exc, 'message', exc)}") from None
+
+
+def entries(settings: Settings, refs: list[str], all_models: bool) -> dict[str, ModelEntry]:
+    """The models to serve, in order (the first is the default): the config's tables, then
+    the command line's references, then (with `all_models`) the rest of the store."""
+    found: dict[str, ModelEntry] = dict(settings.models)
+    for ref in refs:
+        _, model_id = resolve_source(settings, ref, settings.engine)
+        found.setdefault(model_id, ModelEntry(source=ref))
+    if all_models:
+        for m in ModelStore(settings.models_dir).list():
+            ref = f"{m.name}:{m.tag}"
+            if ref not in found and not any(e.source == ref for e in found.values()):
+                found[ref] = ModelEntry(source=ref)
+    if not found:
+        raise ConfigError("no model to serve: name one, declare [models.<id>] or --all-models")
+    return found
+
+
+def model_settings(settings: Settings, model_id: str, entry: ModelEntry) -> Settings:
+    """The settings this model's engine is built from: the server's, with its own source,
+    engine, id and overrides."""
+    engine = entry.engine or settings.engine
+    source, _ = resolve_source(settings, entry.source, engine)
+    update: dict[str, Any] = {"model": source, "model_name": model_id, "engine": engine}
+    for name in OVERRIDES:
+        value = getattr(entry, name)
+        if value is not None:
+            update[name] = value
+    return settings.model_copy(update=update)
+
+
+def memory_need(s: Settings) -> int:
+    """Bytes the model of `s` holds once loaded, as `llmhost plan` estimates it (0: unknown,
+    as for a remote engine)."""
+    if s.engine in REMOTE_ENGINES or s.engine == "fake" or not s.model:
+        return 0
+    try:
+        shape, quant, _ = shape_from_model(s.model, s.models_dir)
+    except ConfigError as exc:
+        log.warning("no memory estimate for %s: %s", s.model_name, exc.message)
+        return 0
+    return host_bytes(shape, quant or "fp16", s.ctx_size or None, s.parallel)
+
+
+def default_budget() -> int:
+    """The host's RAM less the deployment guide's 20% reserve."""
+    return int(psutil.virtual_memory().total * (1 - RAM_RESERVE))
+
+
+Served = list[tuple[str, ModelEntry, Settings]]
+
+
+def served(settings: Settings, refs: list[str], all_models: bool = False) -> Served:
+    """Each model to serve: its id, its entry and the settings its engine is built from."""
+    return [
+        (model_id, entry, model_settings(settings, model_id, entry))
+        for model_id, entry in entries(settings, refs, all_models).items()
+    ]
+
+
+def build_pool(settings: Settings, models: Served) -> Pool:
+    """The pool of `models` (from `served`), nothing loaded yet."""
+    default_keep = duration(settings.keep_alive, "keep_alive")
+    specs = []
+    for model_id, entry, s in models:
+        keep = duration(entry.keep_alive, f"models.{model_id}.keep_alive")
+        specs.append(
+            ModelSpec(
+                id=model_id,
+                build=lambda s=s: create_engine(s.engine, s),
+                kind=entry.kind,
+                need_bytes=memory_need(s),
+                keep_alive=keep if entry.keep_alive is not None else default_keep,
+                pinned=entry.pinned,
+            )
+        )
+    budget = settings.memory_budget_mb << 20 if settings.memory_budget_mb else default_budget()
+    return Pool(specs, budget_bytes=budget, load_timeout=settings.model_load_timeout)
