@@ -205,3 +205,26 @@ def test_bad_model_and_keep_alive(pool_server, model, extra, status, param):
     assert r.status_code == status and r.json()["error"]["param"] == param
     if status == 404:
         assert "alpha, beta, broken, gamma" in r.json()["error"]["message"]
+
+
+def test_a_key_restricted_to_one_model(pool_server):
+    srv = pool_server
+    made = subprocess.run(
+        [sys.executable, "-m", "llmhost", "keys", "create", "--user", "intern"]
+        + ["--models", "alpha"],
+        env={**os.environ, "LLMHOST_HOME": str(srv.log.parent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=made.stdout.strip(), max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["alpha"]
+    with pytest.raises(openai.PermissionDeniedError, match="'beta'"):
+        client.chat.completions.create(
+            model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    ok = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert ok.model == "alpha"

@@ -70,6 +70,12 @@ async def serving_for(
     pool = state.pool
     # One model: every name reaches it, and its serving names the model it serves in a 404.
     model_id = pool.default_id if pool.is_single else pool.entry(model).spec.id
+    principal = request.scope.get("state", {}).get("principal")
+    if principal is not None and not principal.allows(model_id):
+        raise PermissionDenied(
+            f"this key or token may not use the model '{model_id}'; it may use: "
+            + ", ".join(principal.models or ()),
+        )
     await pool.acquire(model_id, keep_alive)
     request.scope.setdefault("state", {}).setdefault("leases", []).append(model_id)
     return state.servings[model_id]
@@ -151,8 +157,11 @@ def _cards(request: Request) -> list[dict[str, Any]]:
     what is known before loading; `state` and `kind` say which."""
     state = request.app.state
     pool = state.pool
+    principal = request.scope.get("state", {}).get("principal")
     out = []
     for m in pool.status():
+        if principal is not None and not principal.allows(m["id"]):
+            continue  # a key limited to some models sees only those
         serving = state.servings.get(m["id"])
         if serving is not None:
             card = serving.model_card()

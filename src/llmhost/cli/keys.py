@@ -35,11 +35,21 @@ def create(
     expires: str | None = typer.Option(None, help="Lifetime, e.g. 30d or 12h [never]."),
     rpm: int | None = typer.Option(None, min=1, help="Requests per minute for this key."),
     tpm: int | None = typer.Option(None, min=1, help="Tokens per minute for this key."),
+    models: str | None = typer.Option(
+        None, help="Comma-separated model ids the key may use [all the server serves]."
+    ),
 ) -> None:
     """Create a key. It is printed once: only its hash is stored."""
     lifetime = parse_duration(expires) if expires else None
     with _store() as keys:
-        text, info = keys.create(user, role, expires_in=lifetime, rpm=rpm, tpm=tpm)  # type: ignore[arg-type]
+        text, info = keys.create(
+            user,
+            role,  # type: ignore[arg-type]
+            expires_in=lifetime,
+            rpm=rpm,
+            tpm=tpm,
+            models=models.split(",") if models is not None else None,
+        )
     typer.echo(text)
     Console(stderr=True, highlight=False).print(
         f"key {info.key_id} for {info.user_id} ({info.role}), expires {_when(info.expires)}. "
@@ -56,7 +66,7 @@ def list_keys(as_json: bool = typer.Option(False, "--json")) -> None:
         out = [{**vars(k), "state": k.state()} for k in found]
         typer.echo(json.dumps(out, indent=2))
         return
-    table = Table("ID", "USER", "ROLE", "STATE", "CREATED", "EXPIRES", "RPM", "TPM")
+    table = Table("ID", "USER", "ROLE", "STATE", "CREATED", "EXPIRES", "RPM", "TPM", "MODELS")
     for k in found:
         table.add_row(
             k.key_id,
@@ -67,6 +77,7 @@ def list_keys(as_json: bool = typer.Option(False, "--json")) -> None:
             _when(k.expires),
             str(k.rpm or ""),
             str(k.tpm or ""),
+            ", ".join(k.models) if k.models is not None else "all",
         )
     Console().print(table)
 

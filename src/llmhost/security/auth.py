@@ -38,10 +38,14 @@ class Principal:
     tpm: int | None = None  # tokens per minute
     via: str = "none"  # api_key, jwt or none
     key_id: str | None = None
+    models: tuple[str, ...] | None = None  # the models it may use; None: all
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    def allows(self, model_id: str) -> bool:
+        return self.models is None or model_id in self.models
 
 
 ANONYMOUS = Principal("anonymous", "admin", via="none")
@@ -60,6 +64,7 @@ class KeyInfo:
     revoked: float | None
     rpm: int | None
     tpm: int | None
+    models: tuple[str, ...] | None = None  # the models the key may use; None: all
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -80,10 +85,26 @@ CREATE TABLE IF NOT EXISTS api_keys (
     expires REAL,
     revoked REAL,
     rpm INTEGER,
-    tpm INTEGER
+    tpm INTEGER,
+    models TEXT
 );
 """
-_KEY_COLS = "key_id, user_id, role, created, expires, revoked, rpm, tpm"
+_KEY_COLS = "key_id, user_id, role, created, expires, revoked, rpm, tpm, models"
+MAX_KEY_MODELS = 256
+
+
+def _info(row: tuple) -> KeyInfo:
+    *head, models = row
+    return KeyInfo(*head, models=None if models is None else tuple(json.loads(models)))
+
+
+def check_models(models: list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if models is None:
+        return None
+    found = tuple(dict.fromkeys(m.strip() for m in models if m.strip()))
+    if not found or len(found) > MAX_KEY_MODELS or any(len(m) > 256 for m in found):
+        raise ConfigError(f"a key's models are 1 to {MAX_KEY_MODELS} model ids")
+    return found
 
 
 def _digest(secret: str) -> str:
@@ -98,6 +119,9 @@ class KeyStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_KEY_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
+        if "models" not in columns:  # a keys.db from before per-key models
+            self._db.execute("ALTER TABLE api_keys ADD COLUMN models TEXT")
         # Rows by key id, valid while the database is unchanged: `PRAGMA data_version` moves
         # whenever another connection (`llmhost keys revoke` in another process) commits.
         self._rows: dict[str, tuple | None] = {}
@@ -115,29 +139,33 @@ class KeyStore:
         expires_in: float | None = None,
         rpm: int | None = None,
         tpm: int | None = None,
+        models: list[str] | tuple[str, ...] | None = None,
     ) -> tuple[str, KeyInfo]:
-        """A new key; the returned text is the only copy of its secret."""
+        """A new key; the returned text is the only copy of its secret. With `models`, it
+        may use only those models."""
         # isprintable() is false for controls, separators other than " " and lone surrogates
         if not user_id or len(user_id) > 128 or not user_id.isprintable() or " " in user_id:
             raise ConfigError("a user id is 1-128 printable characters without spaces")
         if role not in ("user", "admin"):
             raise ConfigError("role is user or admin")
+        allowed = check_models(models)
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         now = time.time()
         expires = now + expires_in if expires_in else None
+        stored = None if allowed is None else json.dumps(list(allowed))
         with self._lock:
             self._db.execute(
-                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                (key_id, _digest(secret), user_id, role, now, expires, rpm, tpm),
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+                (key_id, _digest(secret), user_id, role, now, expires, rpm, tpm, stored),
             )
             self._rows.pop(key_id, None)
-        info = KeyInfo(key_id, user_id, role, now, expires, None, rpm, tpm)
+        info = KeyInfo(key_id, user_id, role, now, expires, None, rpm, tpm, allowed)
         return f"{KEY_PREFIX}{key_id}_{secret}", info
 
     def list(self) -> list[KeyInfo]:
         with self._lock:
             rows = self._db.execute(f"SELECT {_KEY_COLS} FROM api_keys ORDER BY created").fetchall()
-        return [KeyInfo(*row) for row in rows]
+        return [_info(row) for row in rows]
 
     def revoke(self, key_id: str) -> KeyInfo:
         with self._lock:
@@ -153,7 +181,7 @@ class KeyStore:
             raise NotFound(f"no API key {key_id!r} (see `llmhost keys list`)")
         if n == 0:
             raise ConfigError(f"API key {key_id} was already revoked")
-        return KeyInfo(*row)
+        return _info(row)
 
     def authenticate(self, token: str) -> Principal:
         body = token[len(KEY_PREFIX) :]
@@ -178,11 +206,13 @@ class KeyStore:
         stored = row[0] if row else "0" * 64
         if not hmac.compare_digest(stored, _digest(secret)) or row is None:
             raise AuthenticationError("invalid API key")
-        info = KeyInfo(*row[1:])
+        info = _info(row[1:])
         state = info.state()
         if state != "active":
             raise AuthenticationError(f"API key {key_id} is {state}")
-        return Principal(info.user_id, info.role, info.rpm, info.tpm, "api_key", key_id)
+        return Principal(
+            info.user_id, info.role, info.rpm, info.tpm, "api_key", key_id, info.models
+        )
 
 
 # --- JWT -----------------------------------------------------------------------------------
@@ -276,12 +306,18 @@ class JWTVerifier:
         roles = role_claim if isinstance(role_claim, list) else [role_claim]
         role: Role = "admin" if "admin" in roles else "user"
         rpm, tpm = claims.get("rpm"), claims.get("tpm")
+        models = claims.get("models")
+        if models is not None and not (
+            isinstance(models, list) and all(isinstance(m, str) for m in models)
+        ):
+            raise AuthenticationError("the token's models claim must be a list of model ids")
         return Principal(
             user,
             role,
             rpm if isinstance(rpm, int) and rpm > 0 else None,
             tpm if isinstance(tpm, int) and tpm > 0 else None,
             "jwt",
+            models=None if models is None else tuple(models[:MAX_KEY_MODELS]),
         )
 
 
