@@ -210,8 +210,14 @@ def test_bad_model_and_keep_alive(pool_server, model, extra, status, param):
 def test_a_key_restricted_to_one_model(pool_server):
     srv = pool_server
     made = subprocess.run(
-        [sys.executable, "-m", "llmhost", "keys", "create", "--user", "intern"]
-        + ["--models", "alpha"],
+        [
+            sys.executable,
+            "-m",
+            "llmhost",
+            "keys",
+            "create",
+            *("--user", "intern", "--models", "alpha"),
+        ],
         env={**os.environ, "LLMHOST_HOME": str(srv.log.parent)},
         capture_output=True,
         text=True,
