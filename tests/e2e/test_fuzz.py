@@ -30,7 +30,13 @@ from llmhost.security.auth import KeyStore
 from tests.conftest import IN_CI
 from tests.e2e.conftest import free_port, wait_until_ready
 
-AUDITED = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate")
+AUDITED = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/generate",
+)
 # A schema-valid request can still ask for more tokens than the model's context holds: that
 # is a 400 (context_length_exceeded), as OpenAI answers it, so positive data may get a 400.
 SCHEMATHESIS_CONFIG = """

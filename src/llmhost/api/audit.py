@@ -25,7 +25,9 @@ from llmhost.security.redact import Redactor
 
 log = logging.getLogger("llmhost.audit")
 PromptMode = Literal["redacted", "full", "hash", "none"]
-AUDITED = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate"})
+AUDITED = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/generate"}
+)
 CLIENT_CLOSED = 499
 DEFAULT_PROMPT_CHARS = 32768
 

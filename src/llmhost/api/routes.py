@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from llmhost.api.embeddings import EmbeddingRequest, create_embeddings
 from llmhost.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -22,7 +23,14 @@ from llmhost.api.protocol import (
 from llmhost.api.protocol_responses import ResponseObject, ResponsesRequest
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_responses import create_response
-from llmhost.errors import Conflict, EngineNotReady, ModelNotFound, NotFound, PermissionDenied
+from llmhost.errors import (
+    Conflict,
+    EngineNotReady,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    PermissionDenied,
+)
 from llmhost.observability.metrics import CONTENT_TYPE
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -60,8 +68,11 @@ async def _ready(request: Request) -> None:
         )
 
 
+KIND_ROUTES = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+
+
 async def serving_for(
-    request: Request, model: str | None, keep_alive: float | None = None
+    request: Request, model: str | None, keep_alive: float | None = None, kind: str = "chat"
 ) -> OpenAIServing:
     """The serving object of the requested model under a lease, which LeaseMiddleware
     releases when the response is over; loads the model first if it is not loaded."""
@@ -69,7 +80,15 @@ async def serving_for(
     state = request.app.state
     pool = state.pool
     # One model: every name reaches it, and its serving names the model it serves in a 404.
-    model_id = pool.default_id if pool.is_single else pool.entry(model).spec.id
+    entry = pool.entry(None if pool.is_single else model)
+    model_id = entry.spec.id
+    if entry.spec.kind != kind:
+        have = entry.spec.kind
+        raise InvalidRequest(
+            f"the model '{model_id}' is a{'n' if have[0] in 'ae' else ''} {have} model; "
+            f"send it to {KIND_ROUTES.get(have, have)}",
+            param="model",
+        )
     principal = request.scope.get("state", {}).get("principal")
     if principal is not None and not principal.allows(model_id):
         raise PermissionDenied(
@@ -274,6 +293,17 @@ async def responses(
     whole conversation in `input` (previous_response_id is refused)."""
     s = await serving_for(request, body.model, body.keep_alive)
     return await create_response(s, body, rid, notes)
+
+
+@router.post("/v1/embeddings", tags=["openai"])
+async def embeddings(
+    request: Request,
+    body: EmbeddingRequest,
+    notes: dict[str, Any] = Depends(audit_notes),
+) -> dict[str, Any]:
+    """Vectors of texts or token ids from an embedding model (L2-normalised)."""
+    s = await serving_for(request, body.model, body.keep_alive, kind="embedding")
+    return await create_embeddings(s, body, notes)
 
 
 @router.post("/generate", response_model=GenerateResponse, tags=["simple"])

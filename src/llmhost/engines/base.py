@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from llmhost.errors import ContextLengthExceeded
 from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
@@ -27,6 +28,8 @@ class Engine(abc.ABC):
     """
 
     name: str = "engine"
+    # What it serves: "chat" (completions and chat), "embedding" (`embed`) or "rerank".
+    kind: str = "chat"
     # What the engine honours (simonw/llm's style); the api layer answers a request that needs
     # more with a 400 naming the field.
     supports_tools: bool = False  # tools, tool_choice, parallel_tool_calls, tool messages
@@ -66,6 +69,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def health(self) -> EngineHealth:
         """Cheap liveness of the loaded engine, with optional statistics."""
+
+    async def embed(self, inputs: list[list[int]]) -> list[Any]:
+        """One unit vector (a float32 numpy array) per input of token ids; engines of kind
+        "embedding" implement it."""
+        raise NotImplementedError(f"the {self.name} engine does not embed")
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes token `token` stands for (special tokens as their text), which logprobs

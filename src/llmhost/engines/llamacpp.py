@@ -8,7 +8,7 @@ import ctypes
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp as C
 
@@ -131,7 +131,7 @@ class LlamaCppEngine(BatchedEngine):
         ) as plain:
             self._load(plain)
 
-    def _load(self, path: Path) -> None:
+    def _load_model(self, path: Path) -> Any:
         C.llama_log_set(_route_native_log, ctypes.c_void_p(0))
         C.llama_backend_init()
         mparams = C.llama_model_default_params()
@@ -143,6 +143,10 @@ class LlamaCppEngine(BatchedEngine):
             )
         self._model = model
         self._vocab = C.llama_model_get_vocab(model)
+        return model
+
+    def _load(self, path: Path) -> None:
+        model = self._load_model(path)
         n_train = C.llama_model_n_ctx_train(model)
         per_seq = self.ctx_size or min(n_train, DEFAULT_CTX_CAP)
         cparams = C.llama_context_default_params()

@@ -19,6 +19,8 @@ BUILTIN_ENGINES: dict[str, str] = {
     "fake": "llmhost.engines.fake:FakeEngine",
     "openai": "llmhost.engines.openai_upstream:OpenAIUpstreamEngine",
     "vllm": "llmhost.engines.vllm:VllmEngine",
+    # Engines of another kind than chat: "<engine>:<kind>"
+    "llamacpp:embedding": "llmhost.engines.llamacpp_embed:LlamaCppEmbeddingEngine",
 }
 
 
@@ -29,12 +31,20 @@ def available_engines() -> dict[str, str]:
     return found
 
 
-def create_engine(name: str, settings: Settings) -> Engine:
-    """Instantiate engine `name` with the server settings; nothing is loaded until start()."""
+def create_engine(name: str, settings: Settings, kind: str = "chat") -> Engine:
+    """Instantiate engine `name` (serving `kind`) with the server settings; nothing is
+    loaded until start()."""
     engines = available_engines()
-    target = engines.get(name)
+    target = engines.get(name if kind == "chat" else f"{name}:{kind}")
+    if target is None and kind != "chat" and name in engines:
+        kinds = sorted(k.partition(":")[2] for k in engines if k.startswith(name + ":"))
+        raise ConfigError(
+            f"the {name} engine serves no {kind} models; it serves chat"
+            + "".join(f", {k}" for k in kinds)
+        )
     if target is None:
-        raise ConfigError(f"unknown engine {name!r}; available: {', '.join(sorted(engines))}")
+        names = sorted(k for k in engines if ":" not in k)
+        raise ConfigError(f"unknown engine {name!r}; available: {', '.join(names)}")
     module_name, _, attr = target.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)

@@ -122,7 +122,7 @@ def build_pool(settings: Settings, models: Served) -> Pool:
         specs.append(
             ModelSpec(
                 id=model_id,
-                build=lambda s=s: create_engine(s.engine, s),
+                build=lambda s=s, kind=entry.kind: create_engine(s.engine, s, kind),
                 kind=entry.kind,
                 need_bytes=memory_need(s),
                 keep_alive=keep if entry.keep_alive is not None else default_keep,
