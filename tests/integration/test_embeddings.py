@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import shutil
 
 import httpx
 import numpy as np
@@ -25,21 +27,73 @@ from llmhost.api import create_app  # noqa: E402
 from llmhost.engines.fake import FakeEngine  # noqa: E402
 from llmhost.engines.llamacpp_embed import LlamaCppEmbeddingEngine  # noqa: E402
 from llmhost.engines.pool import ModelSpec, Pool  # noqa: E402
+from llmhost.engines.transformers_embed import TransformersEmbeddingEngine  # noqa: E402
 
 TEXTS = ["The queue is full.", "Which port does the server use?", "slots", "x " * 60]
 
 
-@pytest.fixture
-async def engine(tiny_model, start_engine):
-    return await start_engine(
-        LlamaCppEmbeddingEngine(tiny_model.gguf, model_id="embed", threads=2, parallel=4)
+def build(kind: str, tiny_model, path=None, **kw):
+    kw = {"model_id": "embed", "threads": 2, "parallel": 4, **kw}
+    if kind == "llamacpp":
+        return LlamaCppEmbeddingEngine(path or tiny_model.gguf, **kw)
+    return TransformersEmbeddingEngine(path or tiny_model.hf_dir, **kw)
+
+
+@pytest.fixture(params=["llamacpp", "transformers"])
+async def engine(request, tiny_model, start_engine):
+    return await start_engine(build(request.param, tiny_model))
+
+
+async def test_both_engines_give_the_same_vectors(tiny_model, start_engine):
+    lc = await start_engine(build("llamacpp", tiny_model))
+    tf = await start_engine(build("transformers", tiny_model))
+    ids = [lc.tokenize(t) for t in TEXTS]
+    assert ids == [tf.tokenize(t) for t in TEXTS]
+    for a, b in zip(await lc.embed(ids), await tf.embed(ids), strict=True):
+        assert float(a @ b) > 0.999
+
+
+async def test_a_sentence_transformers_folder_declares_its_pooling(
+    tiny_model, tmp_path, start_engine
+):
+    folder = tmp_path / "st"
+    shutil.copytree(tiny_model.hf_dir, folder)
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
     )
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    engine = await start_engine(build("transformers", tiny_model, folder))
+    assert engine.pooling == "cls"
+    ids = engine.tokenize(TEXTS[0])
+    (vec,) = await engine.embed([ids])
+    model = AutoModel.from_pretrained(tiny_model.hf_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = model(torch.tensor([ids])).last_hidden_state[0, 0].double().numpy()
+    assert np.allclose(vec, want, atol=2e-3)  # no Normalize module: the raw CLS vector
+    assert abs(float(np.linalg.norm(vec)) - 1.0) > 1e-3
 
 
 async def test_vectors_match_the_model_mean_pooled_and_normalised(engine, tiny_model):
     ids = [engine.tokenize(t) for t in TEXTS]
     got = await engine.embed(ids)
     assert engine.pooling == "mean" and engine.dimensions == got[0].shape[0]
+    assert engine.kind == "embedding" and engine.health().ok
     model = AutoModel.from_pretrained(tiny_model.hf_dir, dtype=torch.float32).eval()
     for tokens, vec in zip(ids, got, strict=True):
         with torch.inference_mode():

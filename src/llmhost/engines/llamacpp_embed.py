@@ -1,27 +1,24 @@
 """Embeddings from a GGUF model through llama.cpp: a context in embeddings mode with the
-model's own pooling (mean where the model declares none, as for a decoder LLM), and one thread
-that packs the inputs of every waiting request into as few decode calls as fit (`parallel`
-sequences, `batch_size` tokens each), so concurrent requests are embedded together. Vectors
-are L2-normalised, as llama-server returns them."""
+model's own pooling (mean where the model declares none, as for a decoder LLM); the inputs of
+concurrent requests are packed into shared decode calls (`parallel` sequences, `batch_size`
+tokens each; see engines.embedding). Vectors are L2-normalised, as llama-server returns them."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
-import threading
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as C
 import numpy as np
 
+from llmhost.engines.embedding import EmbedLoop, check_inputs
 from llmhost.engines.llamacpp import LlamaCppEngine
 from llmhost.engines.llamacpp_threads import ThreadPool
-from llmhost.errors import ContextLengthExceeded, EngineNotReady, InvalidRequest, ModelLoadError
-from llmhost.types import ModelInfo
+from llmhost.errors import EngineNotReady, ModelLoadError
+from llmhost.types import EngineHealth, ModelInfo
 
 log = logging.getLogger("llmhost.engines.llamacpp")
 POOLING = {
@@ -32,19 +29,48 @@ POOLING = {
 }
 
 
-@dataclass(eq=False)
-class _Job:
-    inputs: list[list[int]]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    vectors: list[np.ndarray | None] = field(default_factory=list)
-    next: int = 0  # the next input to embed
+class _LlamaEmbedLoop(EmbedLoop):
+    """Owns the embeddings context; every llama.cpp call on it happens on the loop's thread."""
+
+    def __init__(self, ctx: Any, *, encoder: bool, dimensions: int, rows: int, tokens: int):
+        self.ctx, self.encoder, self.dimensions = ctx, encoder, dimensions
+        self.batch = C.llama_batch_init(tokens, 0, rows)
+        super().__init__(rows=rows, tokens=tokens, normalize=True, log=log)
+
+    def vectors(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        batch, ctx = self.batch, self.ctx
+        C.llama_memory_clear(C.llama_get_memory(ctx), True)
+        n = 0
+        for seq, ids in enumerate(inputs):
+            for pos, token in enumerate(ids):
+                batch.token[n] = token
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = True
+                n += 1
+        batch.n_tokens = n
+        rc = C.llama_encode(ctx, batch) if self.encoder else C.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp returned {rc}")
+        out = []
+        for seq in range(len(inputs)):
+            ptr = ctypes.cast(C.llama_get_embeddings_seq(ctx, seq), ctypes.POINTER(ctypes.c_float))
+            out.append(np.ctypeslib.as_array(ptr, (self.dimensions,)).copy())
+        return out
+
+    def close(self) -> None:
+        super().close()
+        C.llama_batch_free(self.batch)
 
 
 class LlamaCppEmbeddingEngine(LlamaCppEngine):
     """A GGUF model served for `/v1/embeddings`."""
 
     kind = "embedding"
+    supports_logprobs = False
+    supports_logit_bias = False
+    _loop: _LlamaEmbedLoop | None = None
 
     def _load(self, path: Path) -> None:
         model = self._load_model(path)
@@ -60,13 +86,13 @@ class LlamaCppEmbeddingEngine(LlamaCppEngine):
         self._n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self.dimensions = C.llama_model_n_embd(model)
         self.model_info = ModelInfo(id=self._model_id, context_length=per_seq)
-        self._encoder = C.llama_model_has_encoder(model) and not C.llama_model_has_decoder(model)
-        self._batch = C.llama_batch_init(self.batch_size, 0, self.parallel)
-        self._jobs: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._running = True
-        self._thread = threading.Thread(target=self._serve, name="llamacpp-embed", daemon=True)
-        self._thread.start()
+        self._loop = _LlamaEmbedLoop(
+            ctx,
+            encoder=C.llama_model_has_encoder(model) and not C.llama_model_has_decoder(model),
+            dimensions=self.dimensions,
+            rows=self.parallel,
+            tokens=self.batch_size,
+        )
         log.info(
             "loaded %s for embeddings: %d dimensions, %s pooling, %d tokens per input, "
             "%d inputs per batch",
@@ -77,7 +103,7 @@ class LlamaCppEmbeddingEngine(LlamaCppEngine):
             self.parallel,
         )
 
-    def _context(self, model, per_seq: int, pooling: int):
+    def _context(self, model: Any, per_seq: int, pooling: int) -> Any:
         cparams = C.llama_context_default_params()
         cparams.n_ctx = per_seq * self.parallel
         cparams.n_seq_max = self.parallel
@@ -91,135 +117,24 @@ class LlamaCppEmbeddingEngine(LlamaCppEngine):
         cparams.no_perf = True
         ctx = C.llama_init_from_model(model, cparams)
         if not ctx:
-            raise ModelLoadError(f"llama.cpp could not create an embeddings context for {model}")
+            raise ModelLoadError(
+                f"llama.cpp could not create an embeddings context for {self.path}"
+            )
         return ctx
 
     async def close(self) -> None:
-        thread = getattr(self, "_thread", None)
-        if thread is not None:
-            with self._cond:
-                self._running = False
-                self._cond.notify()
-            await asyncio.to_thread(thread.join)
-            self._thread = None
-            C.llama_batch_free(self._batch)
-            for job in self._jobs:
-                job.loop.call_soon_threadsafe(_fail, job.future, "the engine was shut down")
-            self._jobs.clear()
+        if self._loop is not None:
+            await asyncio.to_thread(self._loop.close)
+            self._loop = None
         await super().close()
 
-    def health(self):
-        from llmhost.types import EngineHealth
-
-        alive = getattr(self, "_thread", None) is not None and self._thread.is_alive()
-        return EngineHealth(ok=alive, detail="" if alive else "not loaded", stats={})
-
-    # --- requests -------------------------------------------------------------------------
+    def health(self) -> EngineHealth:
+        alive = self._loop is not None and self._loop.alive()
+        return EngineHealth(ok=alive, detail="" if alive else "not loaded")
 
     async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
         """One unit vector per input (token ids), in order."""
-        if getattr(self, "_thread", None) is None:
+        if self._loop is None:
             raise EngineNotReady("the model is not loaded", retry_after=5)
-        limit = self.model_info.context_length
-        for i, ids in enumerate(inputs):
-            if not ids:
-                raise InvalidRequest(f"input[{i}] is empty", param="input")
-            if len(ids) > limit:
-                raise ContextLengthExceeded(
-                    f"input[{i}] has {len(ids)} tokens; this model embeds at most {limit}",
-                    param="input",
-                )
-            bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
-            if bad is not None:
-                raise InvalidRequest(
-                    f"token id {bad} in input[{i}] is outside the vocabulary", param="input"
-                )
-        loop = asyncio.get_running_loop()
-        job = _Job(inputs, loop, loop.create_future(), [None] * len(inputs))
-        with self._cond:
-            self._jobs.append(job)
-            self._cond.notify()
-        return await job.future
-
-    # --- the thread -------------------------------------------------------------------------
-
-    def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while self._running and not self._jobs:
-                    self._cond.wait()
-                if not self._running:
-                    return
-                taken = self._take()
-            if not taken:
-                continue
-            try:
-                self._run(taken)
-            except Exception as exc:  # the jobs in this batch fail; the thread goes on
-                log.exception("embedding batch failed")
-                for job, _, _ in taken:
-                    job.loop.call_soon_threadsafe(_fail, job.future, f"embedding failed: {exc}")
-                with self._cond:
-                    for job, _, _ in taken:
-                        with contextlib.suppress(ValueError):
-                            self._jobs.remove(job)
-
-    def _take(self) -> list[tuple[_Job, int, list[int]]]:
-        """Inputs of the waiting jobs, oldest first, that fit one batch (lock held)."""
-        out: list[tuple[_Job, int, list[int]]] = []
-        tokens = 0
-        for job in self._jobs:
-            while job.next < len(job.inputs) and len(out) < self.parallel:
-                ids = job.inputs[job.next]
-                if out and tokens + len(ids) > self.batch_size:
-                    return out
-                out.append((job, job.next, ids))
-                tokens += len(ids)
-                job.next += 1
-            if len(out) >= self.parallel:
-                break
-        return out
-
-    def _run(self, taken: list[tuple[_Job, int, list[int]]]) -> None:
-        batch, ctx = self._batch, self._ctx
-        C.llama_memory_clear(C.llama_get_memory(ctx), True)
-        n = 0
-        for seq, (_, _, ids) in enumerate(taken):
-            for pos, token in enumerate(ids):
-                batch.token[n] = token
-                batch.pos[n] = pos
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq
-                batch.logits[n] = True
-                n += 1
-        batch.n_tokens = n
-        rc = C.llama_encode(ctx, batch) if self._encoder else C.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama.cpp returned {rc}")
-        size = self.dimensions
-        done: list[_Job] = []
-        for seq, (job, index, _) in enumerate(taken):
-            ptr = C.llama_get_embeddings_seq(ctx, seq)
-            vec = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (size,))
-            vec = vec.astype(np.float32, copy=True)
-            norm = float(np.linalg.norm(vec))
-            job.vectors[index] = vec / norm if norm > 0 else vec
-            if job.next == len(job.inputs) and all(v is not None for v in job.vectors):
-                done.append(job)
-        with self._cond:
-            for job in done:
-                self._jobs.remove(job)
-        for job in done:
-            job.loop.call_soon_threadsafe(_resolve, job.future, job.vectors)
-
-
-def _resolve(future: asyncio.Future, vectors: list) -> None:
-    if not future.done():
-        future.set_result(vectors)
-
-
-def _fail(future: asyncio.Future, why: str) -> None:
-    if not future.done():
-        from llmhost.errors import EngineError
-
-        future.set_exception(EngineError(why))
+        check_inputs(inputs, self.model_info.context_length, self._n_vocab)
+        return await self._loop.embed(inputs)

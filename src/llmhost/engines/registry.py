@@ -21,6 +21,7 @@ BUILTIN_ENGINES: dict[str, str] = {
     "vllm": "llmhost.engines.vllm:VllmEngine",
     # Engines of another kind than chat: "<engine>:<kind>"
     "llamacpp:embedding": "llmhost.engines.llamacpp_embed:LlamaCppEmbeddingEngine",
+    "transformers:embedding": "llmhost.engines.transformers_embed:TransformersEmbeddingEngine",
 }
 
 

@@ -78,6 +78,7 @@ class TransformersEngine(BatchedEngine):
     sequence_type = Sequence
     supports_tools = True
     supports_schema = True
+    auto_class: Any = AutoModelForCausalLM  # what the folder is loaded as
 
     def __init__(
         self,
@@ -187,7 +188,7 @@ class TransformersEngine(BatchedEngine):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             transformers.utils.logging.disable_progress_bar()
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = self.auto_class.from_pretrained(path, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"transformers could not load {self.path}: {exc}") from exc
         if "quantization_config" not in kwargs:

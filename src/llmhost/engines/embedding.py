@@ -1,0 +1,149 @@
+"""What every in-process embedding engine shares: a thread that packs the inputs of every
+waiting request, oldest first, into batches of at most `rows` inputs and `tokens` tokens, runs
+the model once per batch (`EmbedLoop.vectors`), and hands each request its vectors when the
+last of its inputs is done. Concurrent requests are thereby embedded together."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmhost.errors import ContextLengthExceeded, EngineError, InvalidRequest
+
+
+@dataclass(eq=False)
+class _Job:
+    inputs: list[list[int]]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    vectors: list[np.ndarray | None] = field(default_factory=list)
+    next: int = 0  # the next input to take
+
+
+def check_inputs(inputs: list[list[int]], limit: int, n_vocab: int) -> None:
+    """Each input is non-empty, within `limit` tokens and the vocabulary (400s naming it)."""
+    for i, ids in enumerate(inputs):
+        if not ids:
+            raise InvalidRequest(f"input[{i}] is empty", param="input")
+        if len(ids) > limit:
+            raise ContextLengthExceeded(
+                f"input[{i}] has {len(ids)} tokens; this model embeds at most {limit}",
+                param="input",
+            )
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {bad} in input[{i}] is outside the vocabulary", param="input"
+            )
+
+
+def unit(vec: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vec))
+    return vec / norm if norm > 0 else vec
+
+
+class EmbedLoop(abc.ABC):
+    """The batching thread; subclasses implement `vectors` (one batch through the model)."""
+
+    def __init__(self, *, rows: int, tokens: int, normalize: bool, log: logging.Logger):
+        self.rows, self.tokens, self.normalize, self.log = rows, tokens, normalize, log
+        self._jobs: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._running = True
+        self._thread = threading.Thread(target=self._serve, name="embed-batch", daemon=True)
+        self._thread.start()
+
+    @abc.abstractmethod
+    def vectors(self, batch: list[list[int]]) -> list[np.ndarray]:
+        """The pooled vector of each input of one batch (runs on the loop's thread)."""
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        job = _Job(inputs, loop, loop.create_future(), [None] * len(inputs))
+        with self._cond:
+            if not self._running:
+                raise EngineError("the engine was shut down")
+            self._jobs.append(job)
+            self._cond.notify()
+        return await job.future
+
+    def close(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        self._thread.join()
+        for job in self._jobs:
+            job.loop.call_soon_threadsafe(_fail, job.future, "the engine was shut down")
+        self._jobs.clear()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not self._jobs:
+                    self._cond.wait()
+                if not self._running:
+                    return
+                taken = self._take()
+            if not taken:
+                continue
+            try:
+                self._run(taken)
+            except Exception as exc:  # this batch's requests fail; the thread goes on
+                self.log.exception("embedding batch failed")
+                failed = {id(job): job for job, _ in taken}.values()
+                with self._cond:
+                    for job in failed:
+                        with contextlib.suppress(ValueError):
+                            self._jobs.remove(job)
+                for job in failed:
+                    job.loop.call_soon_threadsafe(_fail, job.future, f"embedding failed: {exc}")
+
+    def _take(self) -> list[tuple[_Job, int]]:
+        """Inputs of the waiting jobs, oldest first, that fit one batch (lock held)."""
+        out: list[tuple[_Job, int]] = []
+        tokens = 0
+        for job in self._jobs:
+            while job.next < len(job.inputs) and len(out) < self.rows:
+                n = len(job.inputs[job.next])
+                if out and tokens + n > self.tokens:
+                    return out
+                out.append((job, job.next))
+                tokens += n
+                job.next += 1
+            if len(out) >= self.rows:
+                break
+        return out
+
+    def _run(self, taken: list[tuple[_Job, int]]) -> None:
+        vecs = self.vectors([job.inputs[i] for job, i in taken])
+        done = []
+        for (job, i), vec in zip(taken, vecs, strict=True):
+            vec = np.asarray(vec, dtype=np.float32)
+            job.vectors[i] = unit(vec) if self.normalize else vec
+            if job.next == len(job.inputs) and all(v is not None for v in job.vectors):
+                done.append(job)
+        with self._cond:
+            for job in done:
+                self._jobs.remove(job)
+        for job in done:
+            job.loop.call_soon_threadsafe(_resolve, job.future, job.vectors)
+
+
+def _resolve(future: asyncio.Future, vectors: list) -> None:
+    if not future.done():
+        future.set_result(vectors)
+
+
+def _fail(future: asyncio.Future, why: str) -> None:
+    if not future.done():
+        future.set_exception(EngineError(why))

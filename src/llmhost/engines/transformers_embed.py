@@ -1,0 +1,135 @@
+"""Embeddings from a Hugging Face model folder with transformers, by sentence-transformers'
+conventions: the pooling its `modules.json` / `1_Pooling/config.json` declare (CLS, mean, max
+or last token; mean when the folder declares none) and L2 normalisation when it has a
+Normalize module (or declares no modules, as for a plain model). Concurrent requests are
+padded into shared forward passes (see engines.embedding)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel
+
+from llmhost.engines.embedding import EmbedLoop, check_inputs
+from llmhost.engines.transformers import DEFAULT_CTX_CAP, TransformersEngine
+from llmhost.errors import EngineNotReady, ModelLoadError
+from llmhost.types import EngineHealth, ModelInfo
+
+log = logging.getLogger("llmhost.engines.transformers")
+POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "last",
+}
+
+
+def folder_pooling(path: Path) -> tuple[str, bool]:
+    """The pooling a sentence-transformers folder declares, and whether it normalises."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return "mean", True
+    try:
+        modules = json.loads(modules_file.read_text())
+        kinds = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{modules_file}: not a sentence-transformers module list ({exc})"
+        ) from exc
+    pooling = "mean"
+    if "Pooling" in kinds:
+        cfg_file = path / kinds["Pooling"] / "config.json"
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{cfg_file}: {exc}") from exc
+        chosen = [name for key, name in POOLING_KEYS.items() if cfg.get(key)]
+        if len(chosen) != 1:
+            raise ModelLoadError(
+                f"{cfg_file} declares {chosen or 'no'} pooling; one of "
+                f"{', '.join(POOLING_KEYS.values())} is served"
+            )
+        pooling = chosen[0]
+    return pooling, "Normalize" in kinds
+
+
+class _TorchEmbedLoop(EmbedLoop):
+    def __init__(self, model: Any, pooling: str, normalize: bool, pad: int, rows: int, tokens: int):
+        self.model, self.pooling, self.pad = model, pooling, pad
+        super().__init__(rows=rows, tokens=tokens, normalize=normalize, log=log)
+
+    def vectors(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        width = max(len(ids) for ids in inputs)
+        ids = torch.full((len(inputs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, row in enumerate(inputs):  # right padding: real positions stay 0..n-1
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        device = self.model.device
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        hidden = out.last_hidden_state.float()
+        m = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling == "last":
+            last = mask.sum(1) - 1
+            pooled = hidden[torch.arange(len(inputs)), last.to(hidden.device)]
+        elif self.pooling == "max":
+            pooled = hidden.masked_fill(m == 0, float("-inf")).max(1).values
+        else:
+            pooled = (hidden * m).sum(1) / m.sum(1)
+        return list(pooled.cpu().numpy())
+
+
+class TransformersEmbeddingEngine(TransformersEngine):
+    """A Hugging Face model folder served for `/v1/embeddings`."""
+
+    kind = "embedding"
+    supports_logprobs = False
+    supports_logit_bias = False
+    auto_class = AutoModel
+    _loop: _TorchEmbedLoop | None = None
+
+    def _install(self, model: Any, tokenizer: Any, config: Any, device, dtype) -> None:
+        n_ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
+        per_seq = min(self.ctx_size or n_ctx, n_ctx, self.batch_size)
+        self.pooling, normalize = folder_pooling(self.path)
+        self.model, self.tokenizer = model, tokenizer
+        self._n_vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+        self.dimensions = int(getattr(config, "hidden_size", 0))
+        self.model_info = ModelInfo(id=self._model_id, context_length=per_seq)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._loop = _TorchEmbedLoop(
+            model, self.pooling, normalize, pad, rows=self.parallel, tokens=self.batch_size
+        )
+        log.info(
+            "loaded %s for embeddings: %d dimensions, %s pooling%s, %d tokens per input",
+            self.path.name,
+            self.dimensions,
+            self.pooling,
+            ", normalised" if normalize else "",
+            per_seq,
+        )
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            await asyncio.to_thread(self._loop.close)
+            self._loop = None
+        await super().close()
+
+    def health(self) -> EngineHealth:
+        alive = self._loop is not None and self._loop.alive()
+        return EngineHealth(ok=alive, detail="" if alive else "not loaded")
+
+    async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        if self._loop is None:
+            raise EngineNotReady("the model is not loaded", retry_after=5)
+        check_inputs(inputs, self.model_info.context_length, self._n_vocab)
+        return await self._loop.embed(inputs)
