@@ -107,6 +107,10 @@ def test_budget_of_two_evicts_the_least_recently_used(pool_server):
     assert chat(srv, "gamma").status_code == 200
     now = states(srv)
     assert (now["alpha"], now["beta"], now["gamma"]) == ("loaded", "unloaded", "loaded")
+    metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+    for model, loaded in (("alpha", 1), ("beta", 0), ("gamma", 1)):
+        assert f'llmhost_model_loaded{{model="{model}"}} {loaded}.0' in metrics
+    assert 'llmhost_model_memory_bytes{model="beta"} 0.0' in metrics
 
 
 def test_a_busy_model_is_never_evicted(pool_server):

@@ -149,3 +149,59 @@ def test_deploy_reads_the_status_with_its_token(tmp_path, monkeypatch):
         assert set(good._status(st)) == {"blue", "green"}
         with pytest.raises(DeployError, match="LLMHOST_ROUTER_TOKEN"):
             deploy.Deployer(tmp_path / "d.json", admin_token=None)._status(st)
+
+
+def _model_upstream(name: str, ready: dict, models: list[str]):
+    class H(BaseHTTPRequestHandler):
+        def _json(self, obj) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/ready"):
+                self._json(ready)
+            else:
+                self._json(
+                    {"object": "list", "data": [{"id": m, "object": "model"} for m in models]}
+                )
+
+        def do_POST(self) -> None:
+            n = int(self.headers.get("content-length") or 0)
+            self._json({"served_by": name, "bytes": len(self.rfile.read(n))})
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def test_requests_go_to_an_upstream_that_serves_their_model():
+    a = _model_upstream("a", {"status": "ready", "model": "m-a"}, ["m-a"])
+    b = _model_upstream(
+        "b", {"status": "ready", "models": [{"id": "m-b"}, {"id": "m-c"}]}, ["m-b", "m-c"]
+    )
+    try:
+        urls = [f"{n}=http://127.0.0.1:{h.server_port}" for n, h in (("a", a), ("b", b))]
+        with router(*urls) as c:
+            for model, want in (("m-a", "a"), ("m-c", "b"), ("m-b", "b"), ("m-a", "a")):
+                r = c.post("/v1/chat/completions", json={"model": model, "messages": []})
+                assert r.status_code == 200 and r.json()["served_by"] == want, (model, r.text)
+                assert r.headers["x-llmhost-upstream"] == want
+            err = is_error(c.post("/v1/completions", json={"model": "m-z", "prompt": "x"}), 404)
+            assert err["code"] == "model_not_found" and "m-a, m-b, m-c" in err["message"]
+            assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 200
+            assert c.post("/v1/completions", content=b"{not json").status_code == 200
+            listed = c.get("/v1/models").json()
+            assert sorted(m["id"] for m in listed["data"]) == ["m-a", "m-b", "m-c"]
+            status = c.get("/router/status", headers=ADMIN).json()["upstreams"]
+            assert [u["models"] for u in status] == [["m-a"], ["m-b", "m-c"]]
+    finally:
+        for h in (a, b):
+            h.shutdown()
+            h.server_close()

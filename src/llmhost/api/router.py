@@ -5,6 +5,11 @@ health checks is taken out and comes back when it answers again; a request whose
 fails before the first byte of its response is retried on another one, so clients never see
 a replica die unless it dies mid-stream.
 
+Each upstream's models come from its readiness report, so a request goes only to a healthy
+upstream that serves the model it names (a model no upstream serves is a 404 listing those
+that are served), and `/v1/models` is the union of the upstreams' lists: a fleet can host
+different models on different machines behind one URL.
+
 Streaming responses pass through chunk by chunk. `/router/status` reports every upstream (its
 URL without credentials: no user or password, no query value); `PUT /router/weights` shifts
 traffic, as blue-green deployments do. With an admin token configured both need it; without
@@ -37,6 +42,7 @@ from llmhost.errors import (
     AuthenticationError,
     InvalidRequest,
     LlmhostError,
+    ModelNotFound,
     NotFound,
     ServiceUnavailable,
 )
@@ -62,6 +68,8 @@ WINDOW = 512  # recent outcomes kept per upstream for error ratio and latency
 MAX_BODY = 32 << 20  # a request body the router holds (it must, to retry it elsewhere)
 WEIGHTS_BODY_MAX = 1 << 20  # {"name": weight, ...}: a few hundred bytes in practice
 HIDDEN = "***"
+MAX_MODELS = 4096  # model ids kept per upstream
+THREAD_JSON = 64 << 10  # bodies larger than this are parsed for their model in a thread
 
 
 def redact_url(url: str) -> str:
@@ -90,6 +98,7 @@ class Upstream:
     errors: int = 0
     consecutive_failures: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # (t, ok, seconds)
+    models: frozenset[str] = frozenset()  # what it serves, from /ready; empty: not known
     shown: str = field(init=False)
     _base: str = field(init=False, repr=False)
     _params: list[tuple[str, str]] = field(init=False, repr=False)
@@ -133,6 +142,7 @@ class Upstream:
             "weight": self.weight,
             "healthy": self.healthy,
             "outstanding": self.outstanding,
+            "models": sorted(self.models),
             "requests": self.requests,
             "errors": self.errors,
             "last_minute": {
@@ -169,8 +179,14 @@ class Pool:
                 return u
         raise NotFound(f"no upstream named {name!r}")
 
-    def pick(self, exclude: set[str]) -> Upstream | None:
+    def served(self) -> frozenset[str]:
+        """Every model some upstream reports, healthy or not."""
+        return frozenset().union(*(u.models for u in self.upstreams))
+
+    def pick(self, exclude: set[str], model: str | None = None) -> Upstream | None:
         live = [u for u in self.upstreams if u.healthy and u.weight > 0 and u.name not in exclude]
+        if model is not None:  # those that serve it, or may (their models are not known)
+            live = [u for u in live if not u.models or model in u.models]
         if not live:
             return None
         # least outstanding relative to weight; rotate among equals so idle replicas share
@@ -184,6 +200,8 @@ class Pool:
             ok = r.status_code == 200
         except httpx.HTTPError:
             ok = False
+        if ok:
+            u.models = _ready_models(r)
         if ok:
             if not u.healthy:
                 log.info("upstream %s (%s) is in", u.name, u.shown)
@@ -206,6 +224,36 @@ class Pool:
         while True:
             await asyncio.gather(*(self.check(client, u) for u in self.upstreams))
             await asyncio.sleep(self.check_every)
+
+
+def _ready_models(r: httpx.Response) -> frozenset[str]:
+    """The models a readiness report names: llmhost's `model` (one model) or `models`."""
+    try:
+        body = r.json()
+    except ValueError:
+        return frozenset()
+    if not isinstance(body, dict):
+        return frozenset()
+    found = [body.get("model")] + [
+        m.get("id") for m in body.get("models") or () if isinstance(m, dict)
+    ]
+    return frozenset(m for m in found[:MAX_MODELS] if isinstance(m, str) and m)
+
+
+async def model_of(request: Request, body: bytes) -> str | None:
+    """The `model` a JSON request body names, if any (a large body is parsed in a thread)."""
+    if request.method != "POST" or b'"model"' not in body:
+        return None
+    try:
+        data = (
+            await asyncio.to_thread(json.loads, body)
+            if len(body) > THREAD_JSON
+            else (json.loads(body))
+        )
+    except (ValueError, RecursionError):
+        return None  # the upstream answers the malformed body
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _forward_headers(request: Request) -> list[tuple[str, str]]:
@@ -254,10 +302,18 @@ def create_router_app(
         client: httpx.AsyncClient = state["client"]
         body = await read_body(request, max_body)
         headers = _forward_headers(request)
+        model = await model_of(request, body)
+        served = pool.served()
+        if model is not None and all(u.models for u in pool.upstreams) and model not in served:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist; the upstreams serve: "
+                + ", ".join(sorted(served)),
+                param="model",
+            )
         tried: set[str] = set()
-        last_error = "no healthy upstream"
+        last_error = "no healthy upstream" + (f" serves {model!r}" if model else "")
         for _ in range(retries + 1):
-            u = pool.pick(tried)
+            u = pool.pick(tried, model)
             if u is None:
                 break
             tried.add(u.name)
@@ -342,6 +398,42 @@ def create_router_app(
         log.info("weights now %s", {u.name: u.weight for u in pool.upstreams})
         return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
 
+    async def models(request: Request) -> Response:
+        """The union of the healthy upstreams' /v1/models, asked with the client's headers."""
+        client: httpx.AsyncClient = state["client"]
+        live = [u for u in pool.upstreams if u.healthy and u.weight > 0]
+        if not live:
+            raise ServiceUnavailable("no healthy upstream", retry_after=1)
+        headers = _forward_headers(request)
+
+        async def ask(u: Upstream) -> httpx.Response | None:
+            try:
+                return await client.get(
+                    u.target("/v1/models"),
+                    params=u.params(request.query_params.multi_items()),
+                    headers=headers,
+                    timeout=10,
+                )
+            except httpx.HTTPError:
+                return None
+
+        got = [r for r in await asyncio.gather(*(ask(u) for u in live)) if r is not None]
+        ok = [r for r in got if r.status_code == 200]
+        if not ok:
+            if got:  # e.g. a 401 for a client without a key: the upstream's own answer
+                return Response(got[0].content, got[0].status_code, media_type="application/json")
+            raise ServiceUnavailable("no upstream answered /v1/models", retry_after=1)
+        data: dict[str, dict] = {}
+        for r in ok:
+            try:
+                items = r.json().get("data") or []
+            except (ValueError, AttributeError):
+                continue
+            for m in items[:MAX_MODELS]:
+                if isinstance(m, dict) and isinstance(m.get("id"), str):
+                    data.setdefault(m["id"], m)
+        return JSONResponse({"object": "list", "data": list(data.values())})
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -359,6 +451,7 @@ def create_router_app(
             Route("/router/weights", weights, methods=["PUT"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
             Route("/{path:path}", proxy, methods=methods),
         ],
         lifespan=lifespan,

@@ -21,7 +21,13 @@ from llmhost.api.protocol import (
     GenerateRequest,
     _SamplingRequest,
 )
-from llmhost.api.serving_chat import ChatShaper, check_schemas, gather_remote_calls, plan_chat
+from llmhost.api.serving_chat import (
+    ChatPlan,
+    ChatShaper,
+    check_schemas,
+    gather_remote_calls,
+    plan_chat,
+)
 from llmhost.api.sse import (
     CHAT,
     COMPLETION,
@@ -386,16 +392,13 @@ class OpenAIServing:
                 c.echo = self._echo(prompts[c.group])
         return await self._respond(req, choices, model, COMPLETION, notes)
 
-    async def chat(
-        self, req: ChatCompletionRequest, request_id: str, notes: dict[str, Any] | None = None
-    ):
-        model = self.check_model(req.model)
-        notes = {} if notes is None else notes
-        self._check_features(req, req.logprobs)
+    async def chat_request(
+        self, req: ChatCompletionRequest, request_id: str, logprobs: int | None = None
+    ) -> tuple[ChatPlan, GenerationRequest]:
+        """How a chat request runs (checked against the engine) and its engine request."""
         await check_schemas(req)
         plan = plan_chat(req, self.engine, self.tool_parser)
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        sampling = self.sampling(req, req.token_budget, top)
+        sampling = self.sampling(req, req.token_budget, logprobs)
         if plan.constraint is not None:
             sampling = replace(sampling, constraint=plan.constraint)
         gen = GenerationRequest(
@@ -406,6 +409,16 @@ class OpenAIServing:
             forward=plan.forward,
             cache_prompt=req.cache_prompt,
         )
+        return plan, gen
+
+    async def chat(
+        self, req: ChatCompletionRequest, request_id: str, notes: dict[str, Any] | None = None
+    ):
+        model = self.check_model(req.model)
+        notes = {} if notes is None else notes
+        self._check_features(req, req.logprobs)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        plan, gen = await self.chat_request(req, request_id, top)
         notes.update(model=model, prompt=plan.prompt)
         choices = self._new_choices(
             req,

@@ -34,10 +34,10 @@ from llmhost.api.protocol_responses import (
     ResponsesRequest,
 )
 from llmhost.api.serving import OpenAIServing
-from llmhost.api.serving_chat import ChatShaper, check_schemas, plan_chat
+from llmhost.api.serving_chat import ChatShaper
 from llmhost.api.sse import SSE_HEADERS
 from llmhost.errors import InvalidRequest, LlmhostError, ServiceUnavailable
-from llmhost.types import GenerationRequest, TokenDelta, Usage
+from llmhost.types import TokenDelta, Usage
 
 log = logging.getLogger("llmhost.api")
 
@@ -422,20 +422,8 @@ async def create_response(
     forced = False
     try:
         chat = to_chat(req)
-        await check_schemas(chat)
-        plan = plan_chat(chat, s.engine, s.tool_parser)
+        plan, gen = await s.chat_request(chat, request_id)
         forced = plan.forced is not None
-        sampling = s.sampling(chat, chat.token_budget)
-        if plan.constraint is not None:
-            sampling = replace(sampling, constraint=plan.constraint)
-        gen = GenerationRequest(
-            prompt=plan.prompt,
-            sampling=sampling,
-            request_id=request_id,
-            messages=plan.messages,
-            forward=plan.forward,
-            cache_prompt=chat.cache_prompt,
-        )
         notes.update(model=model, prompt=gen.prompt, stream=req.stream)
         first, stream = await s._start(gen, model)
     except LlmhostError as exc:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmhost.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from llmhost.errors import ContextLengthExceeded, EngineError, EngineNotReady, InvalidRequest
+from llmhost.types import EngineHealth, ModelInfo
 
 
 @dataclass(eq=False)
@@ -137,6 +138,35 @@ class EmbedLoop(abc.ABC):
                 self._jobs.remove(job)
         for job in done:
             job.loop.call_soon_threadsafe(_resolve, job.future, job.vectors)
+
+
+class EmbeddingEngine:
+    """What an embedding engine adds to the engine it is built on (mixed in first): the
+    batching loop its load sets up, health from that loop, `embed` and closing the loop."""
+
+    kind = "embedding"
+    supports_logprobs = False
+    supports_logit_bias = False
+    _loop: EmbedLoop | None = None
+    _n_vocab: int = 0
+    model_info: ModelInfo
+
+    def health(self) -> EngineHealth:
+        alive = self._loop is not None and self._loop.alive()
+        return EngineHealth(ok=alive, detail="" if alive else "not loaded")
+
+    async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        """One vector per input (token ids), in order."""
+        if self._loop is None:
+            raise EngineNotReady("the model is not loaded", retry_after=5)
+        check_inputs(inputs, self.model_info.context_length, self._n_vocab)
+        return await self._loop.embed(inputs)
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            await asyncio.to_thread(self._loop.close)
+            self._loop = None
+        await super().close()  # type: ignore[misc]
 
 
 def _resolve(future: asyncio.Future, vectors: list) -> None:

@@ -5,7 +5,6 @@ tokens each; see engines.embedding). Vectors are L2-normalised, as llama-server 
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 from pathlib import Path
@@ -14,11 +13,11 @@ from typing import Any
 import llama_cpp as C
 import numpy as np
 
-from llmhost.engines.embedding import EmbedLoop, check_inputs
+from llmhost.engines.embedding import EmbeddingEngine, EmbedLoop
 from llmhost.engines.llamacpp import LlamaCppEngine
 from llmhost.engines.llamacpp_threads import ThreadPool
-from llmhost.errors import EngineNotReady, ModelLoadError
-from llmhost.types import EngineHealth, ModelInfo
+from llmhost.errors import ModelLoadError
+from llmhost.types import ModelInfo
 
 log = logging.getLogger("llmhost.engines.llamacpp")
 POOLING = {
@@ -64,13 +63,8 @@ class _LlamaEmbedLoop(EmbedLoop):
         C.llama_batch_free(self.batch)
 
 
-class LlamaCppEmbeddingEngine(LlamaCppEngine):
+class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[misc]
     """A GGUF model served for `/v1/embeddings`."""
-
-    kind = "embedding"
-    supports_logprobs = False
-    supports_logit_bias = False
-    _loop: _LlamaEmbedLoop | None = None
 
     def _load(self, path: Path) -> None:
         model = self._load_model(path)
@@ -121,20 +115,3 @@ class LlamaCppEmbeddingEngine(LlamaCppEngine):
                 f"llama.cpp could not create an embeddings context for {self.path}"
             )
         return ctx
-
-    async def close(self) -> None:
-        if self._loop is not None:
-            await asyncio.to_thread(self._loop.close)
-            self._loop = None
-        await super().close()
-
-    def health(self) -> EngineHealth:
-        alive = self._loop is not None and self._loop.alive()
-        return EngineHealth(ok=alive, detail="" if alive else "not loaded")
-
-    async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
-        """One unit vector per input (token ids), in order."""
-        if self._loop is None:
-            raise EngineNotReady("the model is not loaded", retry_after=5)
-        check_inputs(inputs, self.model_info.context_length, self._n_vocab)
-        return await self._loop.embed(inputs)

@@ -6,7 +6,6 @@ padded into shared forward passes (see engines.embedding)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -16,10 +15,10 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from llmhost.engines.embedding import EmbedLoop, check_inputs
+from llmhost.engines.embedding import EmbeddingEngine, EmbedLoop
 from llmhost.engines.transformers import DEFAULT_CTX_CAP, TransformersEngine
-from llmhost.errors import EngineNotReady, ModelLoadError
-from llmhost.types import EngineHealth, ModelInfo
+from llmhost.errors import ModelLoadError
+from llmhost.types import ModelInfo
 
 log = logging.getLogger("llmhost.engines.transformers")
 POOLING_KEYS = {
@@ -88,14 +87,10 @@ class _TorchEmbedLoop(EmbedLoop):
         return list(pooled.cpu().numpy())
 
 
-class TransformersEmbeddingEngine(TransformersEngine):
+class TransformersEmbeddingEngine(EmbeddingEngine, TransformersEngine):  # type: ignore[misc]
     """A Hugging Face model folder served for `/v1/embeddings`."""
 
-    kind = "embedding"
-    supports_logprobs = False
-    supports_logit_bias = False
     auto_class = AutoModel
-    _loop: _TorchEmbedLoop | None = None
 
     def _install(self, model: Any, tokenizer: Any, config: Any, device, dtype) -> None:
         n_ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
@@ -117,19 +112,3 @@ class TransformersEmbeddingEngine(TransformersEngine):
             ", normalised" if normalize else "",
             per_seq,
         )
-
-    async def close(self) -> None:
-        if self._loop is not None:
-            await asyncio.to_thread(self._loop.close)
-            self._loop = None
-        await super().close()
-
-    def health(self) -> EngineHealth:
-        alive = self._loop is not None and self._loop.alive()
-        return EngineHealth(ok=alive, detail="" if alive else "not loaded")
-
-    async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
-        if self._loop is None:
-            raise EngineNotReady("the model is not loaded", retry_after=5)
-        check_inputs(inputs, self.model_info.context_length, self._n_vocab)
-        return await self._loop.embed(inputs)

@@ -116,6 +116,37 @@ class _EngineCollector(_CallbackCollector):
                 yield CounterMetricFamily(name, doc, value=float(stats[key]))
 
 
+MODEL_GAUGES = (
+    ("llmhost_model_loaded", "1 while the model is loaded.", lambda m: m["state"] == "loaded"),
+    ("llmhost_model_loading", "1 while the model loads.", lambda m: m["state"] == "loading"),
+    ("llmhost_model_in_flight", "Requests holding the model.", lambda m: m["in_flight"]),
+    ("llmhost_model_waiting", "Requests waiting for it to load.", lambda m: m["waiting"]),
+    (
+        "llmhost_model_memory_bytes",
+        "Memory the model holds once loaded (estimate).",
+        lambda m: m["memory_bytes"] if m["state"] != "unloaded" else 0,
+    ),
+)
+
+
+class _ModelCollector(Collector):
+    """Per-model state of the server's models (loaded on demand), one read per scrape."""
+
+    def __init__(self, status: Callable[[], list[dict]]):
+        self.status = status
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(name, doc, labels=["model"]) for name, doc, _ in MODEL_GAUGES]
+
+    def collect(self) -> Iterable[Metric]:
+        models = self.status()
+        for name, doc, value in MODEL_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for m in models:
+                family.add_metric([m["id"]], float(value(m)))
+            yield family
+
+
 def host_stats() -> dict[str, float]:
     """System memory, swap and load average, as the guide's psutil metrics."""
     mem = psutil.virtual_memory()
@@ -237,6 +268,10 @@ class Metrics:
     def watch_engine(self, health: Callable[[], EngineHealth | None]) -> None:
         """Engine up/down and load (running, waiting, slots, KV usage) from its health."""
         self.registry.register(_EngineCollector(health))
+
+    def watch_models(self, status: Callable[[], list[dict]]) -> None:
+        """Each model's state, requests and memory (the model pool's status)."""
+        self.registry.register(_ModelCollector(status))
 
     def watch_audit_queue(self, length: Callable[[], int]) -> None:
         Gauge(
