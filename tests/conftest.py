@@ -43,6 +43,30 @@ def tiny_model(request: pytest.FixtureRequest) -> BuiltModel:
     return BuiltModel(gguf=gguf, hf_dir=root / "hf")
 
 
+@pytest.fixture(scope="session")
+def tiny_embedder(request: pytest.FixtureRequest) -> BuiltModel:
+    """A tiny BERT sentence embedder in both formats (GGUF f32 and a sentence-transformers
+    folder), from the same weights."""
+    return _bert(request, "embedding")
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(request: pytest.FixtureRequest) -> BuiltModel:
+    """A tiny BERT cross-encoder (one relevance logit) in both formats."""
+    return _bert(request, "rerank")
+
+
+def _bert(request: pytest.FixtureRequest, kind: str) -> BuiltModel:
+    from llmhost.store.demo_bert import build_bert
+
+    h = hashlib.sha256(resources.files("llmhost.store").joinpath("demo_bert.py").read_bytes())
+    root = Path(request.config.cache.mkdir(f"llmhost-bert-{kind}-{h.hexdigest()[:12]}"))
+    gguf = root / f"llmhost-bert-{kind}.gguf"
+    if not (gguf.exists() and (root / "hf" / "model.safetensors").exists()):
+        return build_bert(root, kind)  # type: ignore[arg-type]
+    return BuiltModel(gguf=gguf, hf_dir=root / "hf")
+
+
 def require(module: str):
     """Import an optional component; in CI a missing one fails loudly instead of skipping."""
     try:

@@ -115,7 +115,7 @@ class ModelEntry(BaseModel):
 
     source: str = Field(..., min_length=1, description="A GGUF file, a folder or a name:tag.")
     engine: str | None = Field(None, description="Engine; default: the server's.")
-    kind: Literal["chat", "embedding"] = Field("chat", description="What it serves.")
+    kind: Literal["chat", "embedding", "rerank"] = Field("chat", description="What it serves.")
     keep_alive: float | str | None = Field(
         None, description="Unload after this long idle (seconds, or 30s, 5m, 2h, 1d)."
     )

@@ -1,9 +1,10 @@
-"""A real `llmhost serve --demo` with an embedding model declared beside the demo chat model
-(config.toml), driven by the clients users bring: the openai SDK, LangChain's
-OpenAIEmbeddings, litellm.embedding, and a small retrieval loop (embed, rank, chat)."""
+"""A real `llmhost serve --demo` with a BERT embedding model and a BERT reranker declared beside
+the demo chat model (config.toml), driven by the clients users bring: the openai SDK,
+LangChain's OpenAIEmbeddings, litellm.embedding, and a small RAG loop (embed, rerank, chat)."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 
@@ -20,10 +21,12 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model):
+def server(tmp_path_factory, tiny_embedder, tiny_reranker):
     home = tmp_path_factory.mktemp("embed-home")
     (home / "config.toml").write_text(
-        f'[models.embed]\nsource = "{tiny_model.gguf}"\nkind = "embedding"\nparallel = 4\n'
+        f'[models.embed]\nsource = "{tiny_embedder.gguf}"\nkind = "embedding"\nparallel = 4\n'
+        f'[models.rerank]\nsource = "{tiny_reranker.hf_dir}"\nengine = "transformers"\n'
+        'kind = "rerank"\n'
     )
     srv = Server(home, "--demo", "--parallel", "4")
     try:
@@ -36,7 +39,7 @@ def server(tmp_path_factory, tiny_model):
 def test_openai_sdk(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     kinds = {m.id: m.model_extra["kind"] for m in client.models.list().data}
-    assert kinds == {"llmhost-demo": "chat", "embed": "embedding"}
+    assert kinds == {"llmhost-demo": "chat", "embed": "embedding", "rerank": "rerank"}
     r = client.embeddings.create(model="embed", input=DOCS)  # the SDK asks for base64
     vecs = np.array([d.embedding for d in r.data])
     assert vecs.shape[0] == 3 and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
@@ -74,13 +77,21 @@ def test_litellm_embedding(server, monkeypatch):
     assert len(r.data) == 2 and len(r.data[0]["embedding"]) > 8
 
 
-def test_a_small_retrieval_loop(server):
+def test_a_small_rag_loop(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     docs = np.array([d.embedding for d in client.embeddings.create(model="embed", input=DOCS).data])
-    question = DOCS[1]  # the model has random weights: ask with a document's own words
+    question = DOCS[1]  # the models have random weights: ask with a document's own words
     q = np.array(client.embeddings.create(model="embed", input=question).data[0].embedding)
-    best = int(np.argmax(docs @ q))
-    assert best == 1
+    candidates = [int(i) for i in np.argsort(-(docs @ q))[:2]]
+    assert candidates[0] == 1
+    ranked = httpx.post(
+        server.url + "/v1/rerank",
+        json={"model": "rerank", "query": question, "documents": [DOCS[i] for i in candidates]},
+        timeout=60,
+    ).json()["results"]
+    assert sorted(r["index"] for r in ranked) == [0, 1]
+    assert ranked[0]["relevance_score"] >= ranked[1]["relevance_score"]
+    best = candidates[ranked[0]["index"]]
     answer = client.chat.completions.create(
         model="llmhost-demo",
         messages=[{"role": "user", "content": f"Context: {DOCS[best]}\nQuestion: {question}"}],

@@ -35,6 +35,7 @@ AUDITED = (
     "/v1/chat/completions",
     "/v1/responses",
     "/v1/embeddings",
+    "/v1/rerank",
     "/generate",
 )
 # A schema-valid request can still ask for more tokens than the model's context holds: that

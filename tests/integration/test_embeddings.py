@@ -53,6 +53,17 @@ async def test_both_engines_give_the_same_vectors(tiny_model, start_engine):
         assert float(a @ b) > 0.999
 
 
+async def test_a_bert_embedder_gives_the_same_vectors_in_both_formats(tiny_embedder, start_engine):
+    lc = await start_engine(build("llamacpp", tiny_embedder))
+    tf = await start_engine(build("transformers", tiny_embedder))
+    assert (lc.pooling, tf.pooling) == ("mean", "mean")  # the GGUF's and the modules.json's
+    ids = [lc.tokenize(t) for t in TEXTS]
+    assert ids == [tf.tokenize(t) for t in TEXTS]  # llama.cpp's WordPiece = BERT's
+    for a, b in zip(await lc.embed(ids), await tf.embed(ids), strict=True):
+        assert float(np.linalg.norm(b)) == pytest.approx(1.0, abs=1e-5)  # its Normalize
+        assert float(a @ b) > 0.9999
+
+
 async def test_a_sentence_transformers_folder_declares_its_pooling(
     tiny_model, tmp_path, start_engine
 ):

@@ -26,7 +26,15 @@ from llmhost.security.redact import Redactor
 log = logging.getLogger("llmhost.audit")
 PromptMode = Literal["redacted", "full", "hash", "none"]
 AUDITED = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/generate"}
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/rerank",
+        "/generate",
+    }
 )
 CLIENT_CLOSED = 499
 DEFAULT_PROMPT_CHARS = 32768

@@ -21,6 +21,7 @@ from llmhost.api.protocol import (
     ModelList,
 )
 from llmhost.api.protocol_responses import ResponseObject, ResponsesRequest
+from llmhost.api.rerank import RerankRequest, create_rerank
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_responses import create_response
 from llmhost.errors import (
@@ -68,7 +69,11 @@ async def _ready(request: Request) -> None:
         )
 
 
-KIND_ROUTES = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+KIND_ROUTES = {
+    "chat": "/v1/chat/completions",
+    "embedding": "/v1/embeddings",
+    "rerank": "/v1/rerank",
+}
 
 
 async def serving_for(
@@ -304,6 +309,19 @@ async def embeddings(
     """Vectors of texts or token ids from an embedding model (L2-normalised)."""
     s = await serving_for(request, body.model, body.keep_alive, kind="embedding")
     return await create_embeddings(s, body, notes)
+
+
+@router.post("/v1/rerank", tags=["openai"])
+@router.post("/rerank", tags=["openai"], include_in_schema=False)
+async def rerank(
+    request: Request,
+    body: RerankRequest,
+    rid: str = Depends(request_id),
+    notes: dict[str, Any] = Depends(audit_notes),
+) -> dict[str, Any]:
+    """Documents scored against a query by a reranker (relevance 0..1, best first)."""
+    s = await serving_for(request, body.model, body.keep_alive, kind="rerank")
+    return await create_rerank(s, body, rid, notes)
 
 
 @router.post("/generate", response_model=GenerateResponse, tags=["simple"])

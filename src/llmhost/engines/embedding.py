@@ -169,6 +169,34 @@ class EmbeddingEngine:
         await super().close()  # type: ignore[misc]
 
 
+class RerankEngine(EmbeddingEngine):
+    """A cross-encoder: each (query, document) pair through the model's classification head
+    in the shared batches; its relevance is the sigmoid of the first logit. Engines build
+    their model's pair encoding (`pair`)."""
+
+    kind = "rerank"
+
+    def pair(self, query: str, document: str) -> list[int]:
+        raise NotImplementedError
+
+    async def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        """Relevance of each document to `query` (0..1), and the tokens scored."""
+        if self._loop is None:
+            raise EngineNotReady("the model is not loaded", retry_after=5)
+        pairs = [self.pair(query, d) for d in documents]
+        limit = self.model_info.context_length
+        for i, ids in enumerate(pairs):
+            if len(ids) > limit:
+                raise ContextLengthExceeded(
+                    f"the query with documents[{i}] is {len(ids)} tokens; this model scores "
+                    f"at most {limit}",
+                    param="documents",
+                )
+        logits = await self._loop.embed(pairs)
+        scores = [float(1.0 / (1.0 + np.exp(-float(v[0])))) for v in logits]
+        return scores, sum(len(p) for p in pairs)
+
+
 def _resolve(future: asyncio.Future, vectors: list) -> None:
     if not future.done():
         future.set_result(vectors)

@@ -13,7 +13,7 @@ from typing import Any
 import llama_cpp as C
 import numpy as np
 
-from llmhost.engines.embedding import EmbeddingEngine, EmbedLoop
+from llmhost.engines.embedding import EmbeddingEngine, EmbedLoop, RerankEngine
 from llmhost.engines.llamacpp import LlamaCppEngine
 from llmhost.engines.llamacpp_threads import ThreadPool
 from llmhost.errors import ModelLoadError
@@ -31,10 +31,19 @@ POOLING = {
 class _LlamaEmbedLoop(EmbedLoop):
     """Owns the embeddings context; every llama.cpp call on it happens on the loop's thread."""
 
-    def __init__(self, ctx: Any, *, encoder: bool, dimensions: int, rows: int, tokens: int):
+    def __init__(
+        self,
+        ctx: Any,
+        *,
+        encoder: bool,
+        dimensions: int,
+        rows: int,
+        tokens: int,
+        normalize: bool = True,
+    ):
         self.ctx, self.encoder, self.dimensions = ctx, encoder, dimensions
         self.batch = C.llama_batch_init(tokens, 0, rows)
-        super().__init__(rows=rows, tokens=tokens, normalize=True, log=log)
+        super().__init__(rows=rows, tokens=tokens, normalize=normalize, log=log)
 
     def vectors(self, inputs: list[list[int]]) -> list[np.ndarray]:
         batch, ctx = self.batch, self.ctx
@@ -66,11 +75,14 @@ class _LlamaEmbedLoop(EmbedLoop):
 class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[misc]
     """A GGUF model served for `/v1/embeddings`."""
 
+    pooling_type = C.LLAMA_POOLING_TYPE_UNSPECIFIED  # the model's own
+
     def _load(self, path: Path) -> None:
         model = self._load_model(path)
+        self._check_model(model)
         n_train = C.llama_model_n_ctx_train(model)
         per_seq = min(self.ctx_size or n_train, self.batch_size)
-        ctx = self._context(model, per_seq, C.LLAMA_POOLING_TYPE_UNSPECIFIED)
+        ctx = self._context(model, per_seq, self.pooling_type)
         if C.llama_pooling_type(ctx) == C.LLAMA_POOLING_TYPE_NONE:
             C.llama_free(ctx)  # a decoder LLM declares no pooling: mean, as llama-server's
             ctx = self._context(model, per_seq, C.LLAMA_POOLING_TYPE_MEAN)
@@ -78,7 +90,8 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[
         self._ctx = ctx
         self._threadpool = ThreadPool(ctx, self.threads)
         self._n_vocab = C.llama_vocab_n_tokens(self._vocab)
-        self.dimensions = C.llama_model_n_embd(model)
+        rank = self.pooling == "rank"
+        self.dimensions = C.llama_model_n_cls_out(model) if rank else C.llama_model_n_embd(model)
         self.model_info = ModelInfo(id=self._model_id, context_length=per_seq)
         self._loop = _LlamaEmbedLoop(
             ctx,
@@ -86,6 +99,7 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[
             dimensions=self.dimensions,
             rows=self.parallel,
             tokens=self.batch_size,
+            normalize=not rank,
         )
         log.info(
             "loaded %s for embeddings: %d dimensions, %s pooling, %d tokens per input, "
@@ -96,6 +110,15 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[
             per_seq,
             self.parallel,
         )
+
+    def _check_model(self, model: Any) -> None:
+        """Refuse a model this engine cannot serve (before a context is made)."""
+
+    @staticmethod
+    def _meta(model: Any, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = C.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
     def _context(self, model: Any, per_seq: int, pooling: int) -> Any:
         cparams = C.llama_context_default_params()
@@ -115,3 +138,22 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[
                 f"llama.cpp could not create an embeddings context for {self.path}"
             )
         return ctx
+
+
+class LlamaCppRerankEngine(RerankEngine, LlamaCppEmbeddingEngine):  # type: ignore[misc]
+    """A GGUF cross-encoder (a rank head: `cls`, `cls.output`) served for `/v1/rerank`."""
+
+    pooling_type = C.LLAMA_POOLING_TYPE_RANK
+
+    def _check_model(self, model: Any) -> None:
+        arch = self._meta(model, "general.architecture") or ""
+        if self._meta(model, f"{arch}.pooling_type") != str(C.LLAMA_POOLING_TYPE_RANK):
+            raise ModelLoadError(
+                f"{self.path} is not a reranker: it declares no rank pooling (a "
+                "classification head over the query and document)"
+            )
+
+    def pair(self, query: str, document: str) -> list[int]:
+        """BERT's pair encoding: [CLS] query [SEP] document [SEP]."""
+        sep = C.llama_vocab_sep(self._vocab)
+        return self.tokenize(query, True) + self.tokenize(document, False) + [sep]

@@ -22,6 +22,8 @@ BUILTIN_ENGINES: dict[str, str] = {
     # Engines of another kind than chat: "<engine>:<kind>"
     "llamacpp:embedding": "llmhost.engines.llamacpp_embed:LlamaCppEmbeddingEngine",
     "transformers:embedding": "llmhost.engines.transformers_embed:TransformersEmbeddingEngine",
+    "llamacpp:rerank": "llmhost.engines.llamacpp_embed:LlamaCppRerankEngine",
+    "transformers:rerank": "llmhost.engines.transformers_embed:TransformersRerankEngine",
 }
 
 

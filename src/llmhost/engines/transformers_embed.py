@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForSequenceClassification
 
-from llmhost.engines.embedding import EmbeddingEngine, EmbedLoop
+from llmhost.engines.embedding import EmbeddingEngine, EmbedLoop, RerankEngine
 from llmhost.engines.transformers import DEFAULT_CTX_CAP, TransformersEngine
 from llmhost.errors import ModelLoadError
 from llmhost.types import ModelInfo
@@ -59,11 +59,20 @@ def folder_pooling(path: Path) -> tuple[str, bool]:
 
 
 class _TorchEmbedLoop(EmbedLoop):
-    def __init__(self, model: Any, pooling: str, normalize: bool, pad: int, rows: int, tokens: int):
-        self.model, self.pooling, self.pad = model, pooling, pad
+    def __init__(
+        self,
+        model: Any,
+        pooling: str,
+        normalize: bool,
+        pad: int,
+        rows: int,
+        tokens: int,
+        sep: int | None = None,
+    ):
+        self.model, self.pooling, self.pad, self.sep = model, pooling, pad, sep
         super().__init__(rows=rows, tokens=tokens, normalize=normalize, log=log)
 
-    def vectors(self, inputs: list[list[int]]) -> list[np.ndarray]:
+    def _batch(self, inputs: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids in inputs)
         ids = torch.full((len(inputs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(inputs), width), dtype=torch.long)
@@ -71,8 +80,20 @@ class _TorchEmbedLoop(EmbedLoop):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
         device = self.model.device
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if self.sep is not None:  # a pair: the second segment (after the first [SEP]) is type 1
+            after = (ids == self.sep).long().cumsum(1)
+            types = ((after - (ids == self.sep).long()) > 0).long() * mask
+            batch["token_type_ids"] = types.to(device)
+        return batch
+
+    def vectors(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        batch = self._batch(inputs)
         with torch.inference_mode():
-            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            out = self.model(**batch)
+        if self.pooling == "rank":
+            return list(out.logits.float().cpu().numpy())
+        mask = batch["attention_mask"]
         hidden = out.last_hidden_state.float()
         m = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
         if self.pooling == "cls":
@@ -112,3 +133,32 @@ class TransformersEmbeddingEngine(EmbeddingEngine, TransformersEngine):  # type:
             ", normalised" if normalize else "",
             per_seq,
         )
+
+
+class TransformersRerankEngine(RerankEngine, TransformersEngine):  # type: ignore[misc]
+    """A Hugging Face cross-encoder (…ForSequenceClassification) served for `/v1/rerank`."""
+
+    auto_class = AutoModelForSequenceClassification
+
+    def _install(self, model: Any, tokenizer: Any, config: Any, device, dtype) -> None:
+        n_ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
+        per_seq = min(self.ctx_size or n_ctx, n_ctx, self.batch_size)
+        self.pooling = "rank"
+        self.model, self.tokenizer = model, tokenizer
+        self._n_vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+        self.model_info = ModelInfo(id=self._model_id, context_length=per_seq)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        typed = getattr(config, "type_vocab_size", 1) > 1
+        self._loop = _TorchEmbedLoop(
+            model,
+            "rank",
+            False,
+            pad,
+            rows=self.parallel,
+            tokens=self.batch_size,
+            sep=tokenizer.sep_token_id if typed else None,
+        )
+        log.info("loaded %s for reranking, %d tokens per pair", self.path.name, per_seq)
+
+    def pair(self, query: str, document: str) -> list[int]:
+        return list(self.tokenizer(query, document)["input_ids"])
