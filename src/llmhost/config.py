@@ -120,6 +120,9 @@ class ModelEntry(BaseModel):
         None, description="Unload after this long idle (seconds, or 30s, 5m, 2h, 1d)."
     )
     pinned: bool = Field(False, description="Loaded at start and never unloaded.")
+    rate_limit_rpm: int = Field(
+        0, ge=0, description="Requests per minute to this model, all users together; 0: none."
+    )
     ctx_size: int | None = Field(None, ge=0)
     parallel: int | None = Field(None, ge=1, le=256)
     threads: int | None = Field(None, ge=1, le=1024)

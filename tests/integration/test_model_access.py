@@ -119,3 +119,29 @@ def test_a_keys_db_from_before_per_key_models(tmp_path):
     keys.create("new", models=["m"])
     assert [k.models for k in keys.list()] == [None, ("m",)]
     keys.close()
+
+
+async def test_a_models_own_requests_per_minute(tmp_path):
+    pool = Pool(
+        [
+            ModelSpec(id="small", build=lambda: FakeEngine(model_id="small"), rpm=2),
+            ModelSpec(id="big", build=lambda: FakeEngine(model_id="big")),
+        ]
+    )
+    app = create_app(pool)  # no settings: the model's limit applies all the same
+    async with app.router.lifespan_context(app):
+        await app.state.loader
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            codes = [
+                (await c.post("/v1/chat/completions", json=chat("small"))).status_code
+                for _ in range(3)
+            ]
+            refused = await c.post("/v1/chat/completions", json=chat("small"))
+            other = await c.post("/v1/chat/completions", json=chat("big"))
+    assert codes == [200, 200, 429]
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert "small: 2 requests/min" in refused.json()["error"]["message"]
+    assert other.status_code == 200  # other models are not held to it
+    metrics = app.state.metrics.render().decode()
+    assert 'llmhost_rate_limit_rejections_total{limit="model"} 2.0' in metrics

@@ -239,18 +239,24 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(LeaseMiddleware, pool=pool)
-    if settings is not None and (
-        settings.auth  # keys and tokens may carry limits of their own
-        or settings.rate_limit_rps
-        or settings.rate_limit_rpm
-        or settings.rate_limit_tpm
+    model_limits = any(spec.rpm for spec in pool.specs)  # a model's own requests/minute
+    if model_limits or (
+        settings is not None
+        and (
+            settings.auth  # keys and tokens may carry limits of their own
+            or settings.rate_limit_rps
+            or settings.rate_limit_rpm
+            or settings.rate_limit_tpm
+        )
     ):
         app.state.limiter = RateLimiter(
-            instance_rps=settings.rate_limit_rps,
-            default_rpm=settings.rate_limit_rpm,
-            default_tpm=settings.rate_limit_tpm,
-            auth_failures_per_minute=settings.auth_failures_per_minute if settings.auth else 0,
-            redis_url=settings.redis_url,
+            instance_rps=settings.rate_limit_rps if settings else 0,
+            default_rpm=settings.rate_limit_rpm if settings else 0,
+            default_tpm=settings.rate_limit_tpm if settings else 0,
+            auth_failures_per_minute=(
+                settings.auth_failures_per_minute if settings and settings.auth else 0
+            ),
+            redis_url=settings.redis_url if settings else None,
         )
         app.add_middleware(
             RateLimitMiddleware, limiter=app.state.limiter, public=public, metrics=metrics

@@ -31,6 +31,7 @@ from llmhost.errors import (
     ModelNotFound,
     NotFound,
     PermissionDenied,
+    RateLimited,
 )
 from llmhost.observability.metrics import CONTENT_TYPE
 
@@ -100,6 +101,15 @@ async def serving_for(
             f"this key or token may not use the model '{model_id}'; it may use: "
             + ", ".join(principal.models or ()),
         )
+    if entry.spec.rpm and state.limiter is not None:
+        decision = await state.limiter.admit_model(model_id, entry.spec.rpm)
+        if not decision.allowed:
+            if state.metrics is not None:
+                state.metrics.rate_limited.labels("model").inc()
+            raise RateLimited(
+                f"rate limit reached ({decision.reason}); retry later",
+                retry_after=max(1.0, decision.reset_after),
+            )
     await pool.acquire(model_id, keep_alive)
     request.scope.setdefault("state", {}).setdefault("leases", []).append(model_id)
     return state.servings[model_id]

@@ -47,6 +47,7 @@ class ModelSpec:
     need_bytes: int = 0  # host memory it holds once loaded (estimate)
     keep_alive: float | None = None  # seconds idle before it unloads; None: it stays
     pinned: bool = False  # loaded at start and never unloaded to make room
+    rpm: int = 0  # requests per minute to this model, all principals together; 0: no limit
 
 
 @dataclass(eq=False)

@@ -214,7 +214,7 @@ class Metrics:
             ["limit"],
             registry=r,
         )
-        for scope in ("instance", "user_requests", "user_tokens", "auth_failures"):
+        for scope in ("instance", "user_requests", "user_tokens", "auth_failures", "model"):
             self.rate_limited.labels(scope)  # present at 0, so rate() sees the first refusal
         self.auth_failures = Counter(
             "llmhost_auth_failures", "Requests refused with 401.", registry=r

@@ -127,6 +127,7 @@ def build_pool(settings: Settings, models: Served) -> Pool:
                 need_bytes=memory_need(s),
                 keep_alive=keep if entry.keep_alive is not None else default_keep,
                 pinned=entry.pinned,
+                rpm=entry.rate_limit_rpm,
             )
         )
     budget = settings.memory_budget_mb << 20 if settings.memory_budget_mb else default_budget()

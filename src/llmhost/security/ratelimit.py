@@ -113,6 +113,15 @@ class RateLimiter:
                 best = mine
         return best
 
+    async def admit_model(self, model_id: str, rpm: int) -> Decision:
+        """Count one request against a model's own requests/minute (all principals together),
+        or refuse it."""
+        item = RateLimitItemPerMinute(rpm)
+        key = f"model:{model_id}"
+        if not await self.window.hit(item, key):
+            return await self._refusal(item, key, f"{model_id}: {rpm} requests/min", "model")
+        return await self._stats(item, key)
+
     async def auth_failures_exceeded(self, client: str) -> Decision | None:
         """A refusal when `client` (an IP address) failed authentication too often in the last
         minute, checked before its credentials are: a flood of bad keys costs nothing."""
