@@ -38,7 +38,11 @@ def dashboard_exprs() -> list[str]:
 
 def as_promql(expr: str) -> str:
     """Grafana's variables replaced as Grafana would at query time."""
-    return expr.replace("$__rate_interval", "1m").replace('"$instance"', '".*"')
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace('"$instance"', '".*"')
+        .replace('"$model"', '".*"')
+    )
 
 
 def test_rules_check_and_unit_tests(tmp_path):
@@ -142,6 +146,20 @@ def test_dashboard_shape():
     for p in dash["panels"]:
         if p["type"] != "row":
             assert p["datasource"]["uid"] == "${datasource}"
+    # a model variable, and every query of a per-model metric narrowed by it
+    assert "model" in names
+    per_model = (
+        "llmhost_requests_total",
+        "llmhost_completion_tokens_total",
+        "llmhost_prompt_tokens_total",
+        "llmhost_time_to_first_token_seconds_bucket",
+        "llmhost_time_per_output_token_seconds_bucket",
+        "llmhost_model_loaded",
+    )
+    for expr in dashboard_exprs():
+        if any(m in expr for m in per_model):
+            assert 'model=~"$model"' in expr, expr
+    assert "models loaded" in titles
 
 
 def metric_names(expr: str) -> set[str]:

@@ -277,8 +277,7 @@ def create_app(
         metrics.watch_engine(
             lambda: e.health() if app.state.ready and (e := pool.loaded(pool.default_id)) else None
         )
-        if not pool.is_single:
-            metrics.watch_models(pool.status)
+        metrics.watch_models(pool.status)
         # our router's paths (FastAPI may include routers lazily) and the app's own (docs)
         routes = frozenset(
             p for r in (*router.routes, *app.routes) if isinstance(p := getattr(r, "path", ""), str)
