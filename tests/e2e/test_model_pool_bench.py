@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_model_pool_benchmark_smoke(tmp_path):
     env = {**os.environ, "LLMHOST_BENCH_CACHE": str(tmp_path)}
+    script = ROOT / "benchmarks" / "model_pool.py"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "model_pool.py"), "--smoke", "--no-llama-server"],
+        [sys.executable, str(script), "--smoke", "--no-llama-server"],
         env=env,
         capture_output=True,
         text=True,
