@@ -16,6 +16,7 @@ from llmhost.engines.batching import BatchedEngine, engine_settings
 from llmhost.engines.grammar import GrammarCompiler, llamacpp_tokenizer
 from llmhost.engines.llamacpp_batch import BatchScheduler, Sequence
 from llmhost.engines.llamacpp_threads import ThreadPool
+from llmhost.engines.loading import at_low_priority
 from llmhost.errors import (
     ConfigError,
     EngineNotReady,
@@ -136,7 +137,7 @@ class LlamaCppEngine(BatchedEngine):
         C.llama_backend_init()
         mparams = C.llama_model_default_params()
         mparams.load_mode = 1 if self.mmap else 0  # LLAMA_LOAD_MODE_MMAP / _NONE
-        model = C.llama_model_load_from_file(str(path).encode(), mparams)
+        model = at_low_priority(lambda: C.llama_model_load_from_file(str(path).encode(), mparams))
         if not model:
             raise ModelLoadError(
                 f"llama.cpp could not load {self.path} (run with --log-level debug)"

@@ -34,9 +34,9 @@ def available_engines() -> dict[str, str]:
     return found
 
 
-def create_engine(name: str, settings: Settings, kind: str = "chat") -> Engine:
-    """Instantiate engine `name` (serving `kind`) with the server settings; nothing is
-    loaded until start()."""
+def engine_class(name: str, kind: str = "chat") -> type[Engine]:
+    """The class of engine `name` serving `kind`, its module imported (a server imports its
+    engines at start, so the first request for a model does not pay for the import)."""
     engines = available_engines()
     target = engines.get(name if kind == "chat" else f"{name}:{kind}")
     if target is None and kind != "chat" and name in engines:
@@ -50,10 +50,15 @@ def create_engine(name: str, settings: Settings, kind: str = "chat") -> Engine:
         raise ConfigError(f"unknown engine {name!r}; available: {', '.join(names)}")
     module_name, _, attr = target.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
         extra = {"llamacpp": "llmhost[llamacpp]", "transformers": "llmhost[transformers]"}.get(
             name, f"the package providing {name}"
         )
         raise ConfigError(f"engine {name!r} needs {extra}: {exc}") from exc
-    return factory.from_settings(settings)
+
+
+def create_engine(name: str, settings: Settings, kind: str = "chat") -> Engine:
+    """Instantiate engine `name` (serving `kind`) with the server settings; nothing is
+    loaded until start()."""
+    return engine_class(name, kind).from_settings(settings)  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ import psutil
 
 from llmhost.config import ModelEntry, Settings
 from llmhost.engines.pool import ModelSpec, Pool, check_keep_alive, parse_duration
-from llmhost.engines.registry import create_engine
+from llmhost.engines.registry import create_engine, engine_class
 from llmhost.errors import ConfigError, InvalidRequest
 from llmhost.ops.plan import RAM_RESERVE, host_bytes, shape_from_model
 from llmhost.store.registry import ModelStore
@@ -118,6 +118,7 @@ def build_pool(settings: Settings, models: Served) -> Pool:
     default_keep = duration(settings.keep_alive, "keep_alive")
     specs = []
     for model_id, entry, s in models:
+        engine_class(s.engine, entry.kind)  # imported now: a missing extra fails at start
         keep = duration(entry.keep_alive, f"models.{model_id}.keep_alive")
         specs.append(
             ModelSpec(

@@ -1,0 +1,39 @@
+"""Reading a model's weights at a lower CPU priority: when other models serve on the same
+cores, their decoding goes first and a load takes what is left (a load reads and repacks
+gigabytes; requests in flight must not wait on that). Only the read runs in the lowered
+thread: threads a thread creates inherit its priority, and an engine's serving threads are
+created afterwards, at the priority they would have had."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+LOAD_NICENESS = 10  # added to the process's: a load yields the CPU to serving threads
+
+
+def at_low_priority(fn: Callable[[], T]) -> T:
+    """`fn()` in a short-lived thread of lower priority; returns or raises what it does."""
+    result: list[Any] = []
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed
+            tid = threading.get_native_id()
+            nice = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, nice + LOAD_NICENESS)
+        try:
+            result.append((True, fn()))
+        except BaseException as exc:  # raised again in the caller's thread
+            result.append((False, exc))
+
+    worker = threading.Thread(target=run, name="model-read", daemon=True)
+    worker.start()
+    worker.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
