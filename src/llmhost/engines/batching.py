@@ -177,10 +177,14 @@ class BatchLoop(abc.ABC):
             return
         self._fail_all(None)
 
+    def _idle(self) -> None:  # noqa: B027 - optional for subclasses
+        """Called when the batch has emptied, before the thread waits for work."""
+
     def _serve(self) -> None:
         while True:
             if not self._active:
                 self._flush()
+                self._idle()
             with self._cond:
                 while self._running and not self._active and not self._waiting:
                     self._cond.wait()

@@ -187,6 +187,7 @@ class LlamaCppEngine(BatchedEngine):
             max_queue=self.max_queue,
             prompt_cache=self.prompt_cache,
             prompt_cache_bytes=self.prompt_cache_bytes,
+            on_idle=self._threadpool.pause,
         )
         log.info(
             "loaded %s: %d vocab, context %d per sequence x %d sequences, %d threads",

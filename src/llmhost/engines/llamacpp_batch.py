@@ -28,6 +28,7 @@ import codecs
 import ctypes
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +88,10 @@ class BatchScheduler(BatchLoop):
         max_queue: int,
         prompt_cache: bool = True,
         prompt_cache_bytes: int = 0,
+        on_idle: Callable[[], None] | None = None,
     ):
         super().__init__(n_slots=n_slots, max_queue=max_queue, log=log)
+        self._on_idle = on_idle  # e.g. put the decode threads to sleep
         self.ctx = ctx
         self.vocab = vocab
         self.n_vocab = n_vocab
@@ -121,6 +124,10 @@ class BatchScheduler(BatchLoop):
         self._copying = False  # a stream copy waits for the next decode: no state reads/writes
         self._arrivals: list[Sequence] = []  # admitted, not yet given a slot
         self.start()
+
+    def _idle(self) -> None:
+        if self._on_idle is not None:
+            self._on_idle()
 
     def _shutdown(self) -> None:
         C.llama_batch_free(self._batch)

@@ -39,6 +39,7 @@ class ThreadPool:
 
     def __init__(self, ctx: Any, n_threads: int):
         self._free = None
+        self._pause = None
         self.handle = None
         try:
             libdir = Path(llama_cpp.__file__).parent / "lib"
@@ -46,6 +47,7 @@ class ThreadPool:
             cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"))
             defaults = base.ggml_threadpool_params_default
             new, free = cpu.ggml_threadpool_new, cpu.ggml_threadpool_free
+            pause = cpu.ggml_threadpool_pause
             attach = _bindings._lib.llama_attach_threadpool
         except (OSError, AttributeError) as exc:
             log.debug("no persistent thread pool (%s); using ggml's default", exc)
@@ -53,6 +55,7 @@ class ThreadPool:
         defaults.restype, defaults.argtypes = _ThreadpoolParams, [ctypes.c_int]
         new.restype, new.argtypes = ctypes.c_void_p, [ctypes.POINTER(_ThreadpoolParams)]
         free.restype, free.argtypes = None, [ctypes.c_void_p]
+        pause.restype, pause.argtypes = None, [ctypes.c_void_p]
         attach.restype, attach.argtypes = None, [ctypes.c_void_p] * 3
         params = defaults(n_threads)
         handle = new(ctypes.byref(params))
@@ -60,7 +63,14 @@ class ThreadPool:
             log.debug("ggml_threadpool_new failed; using ggml's default")
             return
         attach(ctx, handle, handle)
-        self.handle, self._free = handle, free
+        self.handle, self._free, self._pause = handle, free, pause
+
+    def pause(self) -> None:
+        """Put the workers to sleep now instead of letting them poll for the next graph (the
+        engine has nothing to decode; polling would take the CPU from a model loading or
+        serving beside it). The next graph wakes them."""
+        if self.handle and self._pause is not None:
+            self._pause(self.handle)
 
     def close(self) -> None:
         if self.handle and self._free is not None:
