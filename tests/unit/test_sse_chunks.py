@@ -10,14 +10,38 @@ import pytest
 from llmhost.api.sse import CHAT, COMPLETION, ChunkWriter, sse
 
 HEAD = {"id": "chatcmpl-x", "created": 1764180000, "model": "m\u00e9/\\x00"}
-TEXTS = ["", " word", 'quote " and \\ back', "\u00e9t\u00e9 \U0001f600", "\x00\x1f\n\t", "\u2028"]
+TEXTS = [
+    "",
+    " word",
+    'quote " and \\ back',
+    "\u00e9t\u00e9 \U0001f600",
+    "\x00\x1f\n\t",
+    "\u2028\u0085",
+]
 
 
 def full(kind, choice, include_usage):
     obj = {**HEAD, "object": kind.chunk_object, "choices": [choice]}
     if include_usage:
         obj["usage"] = None
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    for ch in ("\u0085", "\u2028", "\u2029"):  # sent escaped (see test below)
+        text = text.replace(ch, f"\\u{ord(ch):04x}")
+    return b"data: " + text.encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("text", ["a\u2028b", "\u0085", "x\u2029y\u2028", "\u00852028"])
+def test_characters_line_readers_break_on_stay_on_one_line(text):
+    import httpx
+
+    w = ChunkWriter(HEAD, CHAT, False)
+    choice = {"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": None}
+    for event in (w.chunk(choice), sse({"choices": [choice]})):
+        lines = httpx._decoders.LineDecoder().decode(event.decode())
+        data = [line for line in lines if line]
+        assert len(data) == 1, data  # httpx's aiter_lines splits on U+0085, U+2028, U+2029
+        parsed = json.loads(data[0][len("data: ") :])
+        assert parsed["choices"][0]["delta"]["content"] == text
 
 
 @pytest.mark.parametrize("include_usage", [False, True])

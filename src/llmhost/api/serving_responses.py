@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import orjson
 from fastapi.responses import StreamingResponse
 
 from llmhost.api.protocol import ChatCompletionRequest
@@ -35,7 +34,7 @@ from llmhost.api.protocol_responses import (
 )
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_chat import ChatShaper
-from llmhost.api.sse import SSE_HEADERS
+from llmhost.api.sse import SSE_HEADERS, json_line
 from llmhost.errors import InvalidRequest, LlmhostError, ServiceUnavailable
 from llmhost.types import TokenDelta, Usage
 
@@ -406,7 +405,7 @@ class _Events:
         self.sequence = 0
 
     def __call__(self, kind: str, fields: dict[str, Any]) -> bytes:
-        data = orjson.dumps({"type": kind, "sequence_number": self.sequence, **fields})
+        data = json_line({"type": kind, "sequence_number": self.sequence, **fields})
         self.sequence += 1
         return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 

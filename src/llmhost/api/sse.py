@@ -80,8 +80,26 @@ def chunk_choices(
     return out
 
 
+# Characters JSON may hold raw that line readers built on str.splitlines() (httpx's
+# aiter_lines, among others) take for line breaks, cutting an event in two: sent escaped.
+_LINE_BREAKS = (
+    (b"\xc2\x85", b"\\u0085"),
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+)
+
+
+def json_line(obj: Any) -> bytes:
+    """`obj` as JSON on one line for every line reader (see _LINE_BREAKS)."""
+    data = orjson.dumps(obj)
+    if b"\xc2\x85" in data or b"\xe2\x80" in data:
+        for raw, escaped in _LINE_BREAKS:
+            data = data.replace(raw, escaped)
+    return data
+
+
 def sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    return b"data: " + json_line(obj) + b"\n\n"
 
 
 class ChunkWriter:
@@ -112,7 +130,7 @@ class ChunkWriter:
             if len(part) == (1 if self.chat else 4):
                 text = part.get("content" if self.chat else "text")
                 if type(text) is str:
-                    return self.before + orjson.dumps(text) + self.after
+                    return self.before + json_line(text) + self.after
         return self._full(choice)
 
     def usage(self, usage: dict[str, int]) -> bytes:
