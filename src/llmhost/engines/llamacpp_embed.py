@@ -20,6 +20,7 @@ from llmhost.errors import ModelLoadError
 from llmhost.types import ModelInfo
 
 log = logging.getLogger("llmhost.engines.llamacpp")
+UBATCH = 512
 POOLING = {
     C.LLAMA_POOLING_TYPE_MEAN: "mean",
     C.LLAMA_POOLING_TYPE_CLS: "cls",
@@ -98,7 +99,7 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[
             encoder=C.llama_model_has_encoder(model) and not C.llama_model_has_decoder(model),
             dimensions=self.dimensions,
             rows=self.parallel,
-            tokens=self.batch_size,
+            tokens=self._ubatch(per_seq),  # an encoder takes one ubatch per call
             normalize=not rank,
         )
         log.info(
@@ -110,6 +111,9 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[
             per_seq,
             self.parallel,
         )
+
+    def _ubatch(self, per_seq: int) -> int:
+        return min(self.batch_size, max(per_seq, UBATCH))
 
     def _check_model(self, model: Any) -> None:
         """Refuse a model this engine cannot serve (before a context is made)."""
@@ -125,7 +129,10 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[
         cparams.n_ctx = per_seq * self.parallel
         cparams.n_seq_max = self.parallel
         cparams.n_batch = self.batch_size
-        cparams.n_ubatch = self.batch_size  # an input is encoded in one ubatch
+        # An input is encoded in one ubatch (an encoder takes a whole batch in one), and
+        # attention spans the ubatch over the unified cache, masked per sequence: batches of
+        # about 512 tokens, as llama-server's, keep that quadratic part small.
+        cparams.n_ubatch = self._ubatch(per_seq)
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
         cparams.embeddings = True
