@@ -27,7 +27,7 @@ from llmhost.api.protocol_chat import (
     ToolCall,
     ToolChoice,
 )
-from llmhost.engines.pool import MAX_KEEP_ALIVE, parse_duration
+from llmhost.engines.pool import keep_alive_seconds
 
 __all__ = ["ChatMessage", "TextPart"]
 
@@ -56,10 +56,7 @@ def _keep_alive(v: Any) -> float | None:
         return None
     if not isinstance(v, str | int | float) or isinstance(v, bool):
         raise ValueError("keep_alive is seconds (a number) or a duration like 5m")
-    seconds = parse_duration(v)
-    if not 0 <= seconds <= MAX_KEEP_ALIVE:
-        raise ValueError(f"keep_alive must be 0 to {MAX_KEEP_ALIVE:.0f} seconds, got {v!r:.40}")
-    return seconds
+    return keep_alive_seconds(v)
 
 
 # Ollama's keep_alive: how long the model stays loaded after this request.

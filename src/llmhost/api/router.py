@@ -240,20 +240,25 @@ def _ready_models(r: httpx.Response) -> frozenset[str]:
     return frozenset(m for m in found[:MAX_MODELS] if isinstance(m, str) and m)
 
 
-async def model_of(request: Request, body: bytes) -> str | None:
-    """The `model` a JSON request body names, if any (a large body is parsed in a thread)."""
-    if request.method != "POST" or b'"model"' not in body:
+def _body_model(body: bytes) -> str | None:
+    if b'"model"' not in body:
         return None
     try:
-        data = (
-            await asyncio.to_thread(json.loads, body)
-            if len(body) > THREAD_JSON
-            else (json.loads(body))
-        )
+        data = json.loads(body)
     except (ValueError, RecursionError):
         return None  # the upstream answers the malformed body
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else None
+
+
+async def model_of(request: Request, body: bytes) -> str | None:
+    """The `model` a JSON request body names, if any; a large body is searched and parsed in
+    a thread, off the event loop."""
+    if request.method != "POST":
+        return None
+    if len(body) > THREAD_JSON:
+        return await asyncio.to_thread(_body_model, body)
+    return _body_model(body)
 
 
 def _forward_headers(request: Request) -> list[tuple[str, str]]:

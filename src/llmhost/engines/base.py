@@ -6,7 +6,7 @@ import abc
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from llmhost.errors import ContextLengthExceeded
+from llmhost.errors import ContextLengthExceeded, InvalidRequest
 from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
 
 
@@ -79,6 +79,15 @@ class Engine(abc.ABC):
         """The bytes token `token` stands for (special tokens as their text), which logprobs
         report; engines with `supports_logprobs` implement it."""
         raise NotImplementedError(f"the {self.name} engine does not report tokens")
+
+
+def check_token_ids(ids: Sequence[int], n_vocab: int, param: str, where: str = "") -> None:
+    """Every id names a token of the vocabulary (a 400 naming `param` otherwise)."""
+    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"token id {bad}{where} is outside the vocabulary (0..{n_vocab - 1})", param=param
+        )
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, context_length: int) -> int:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from llmhost.engines.base import Engine, StopMatcher, check_context
+from llmhost.engines.base import Engine, StopMatcher, check_context, check_token_ids
 from llmhost.errors import EngineError, EngineNotReady, InvalidRequest, Overloaded
 from llmhost.store import crypto
 from llmhost.types import (
@@ -366,13 +366,6 @@ class BatchedEngine(Engine):
     def max_sequences(self) -> int | None:
         return None if self._scheduler is None else self._scheduler.n_slots
 
-    def _check_ids(self, ids: list[int] | tuple[int, ...], param: str) -> None:
-        bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
-        if bad is not None:
-            raise InvalidRequest(
-                f"token id {bad} is outside the vocabulary (0..{self._n_vocab - 1})", param=param
-            )
-
     def health(self) -> EngineHealth:
         if self._scheduler is None:
             return EngineHealth(ok=False, detail="not loaded")
@@ -386,10 +379,10 @@ class BatchedEngine(Engine):
         scheduler = self._scheduler
         if scheduler is None:
             raise EngineNotReady("the model is not loaded", retry_after=5)
-        self._check_ids([t for t, _ in request.sampling.logit_bias], "logit_bias")
+        check_token_ids([t for t, _ in request.sampling.logit_bias], self._n_vocab, "logit_bias")
         if isinstance(request.prompt, list):
             prompt = list(request.prompt)
-            self._check_ids(prompt, "prompt")
+            check_token_ids(prompt, self._n_vocab, "prompt")
         elif len(request.prompt) > THREAD_TOKENIZE_CHARS:
             # The tokenizers release the GIL: a huge prompt never holds up the event loop.
             prompt = await asyncio.to_thread(self.tokenize, request.prompt, request.add_special)

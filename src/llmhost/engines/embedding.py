@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmhost.engines.base import check_token_ids
 from llmhost.errors import ContextLengthExceeded, EngineError, EngineNotReady, InvalidRequest
 from llmhost.types import EngineHealth, ModelInfo
 
@@ -38,11 +39,7 @@ def check_inputs(inputs: list[list[int]], limit: int, n_vocab: int) -> None:
                 f"input[{i}] has {len(ids)} tokens; this model embeds at most {limit}",
                 param="input",
             )
-        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise InvalidRequest(
-                f"token id {bad} in input[{i}] is outside the vocabulary", param="input"
-            )
+        check_token_ids(ids, n_vocab, "input", f" in input[{i}]")
 
 
 def unit(vec: np.ndarray) -> np.ndarray:

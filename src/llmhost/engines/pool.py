@@ -162,7 +162,10 @@ class Pool:
         """A lease on the model's engine, loading it first if need be. Release it once."""
         e = self.entry(model_id)
         if keep_alive is not None:
-            e.keep_alive = check_keep_alive(keep_alive)
+            try:
+                e.keep_alive = keep_alive_seconds(keep_alive)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="keep_alive") from None
         if e.state != "loaded":
             await self._wait_loaded(e)
         assert e.engine is not None
@@ -327,13 +330,15 @@ class Pool:
             await self._unload(e)
 
 
-def check_keep_alive(seconds: float) -> float:
+def keep_alive_seconds(value: str | float | int) -> float:
+    """A keep-alive (seconds, or a duration like 5m) checked to be 0 to 30 days; ValueError
+    otherwise, for a request field, a setting and the pool alike."""
+    seconds = parse_duration(value)
     if not 0 <= seconds <= MAX_KEEP_ALIVE:
-        raise InvalidRequest(
-            f"keep_alive must be 0 to {MAX_KEEP_ALIVE:.0f} seconds (30 days), got {seconds:g}",
-            param="keep_alive",
+        raise ValueError(
+            f"keep_alive must be 0 to {MAX_KEEP_ALIVE:.0f} seconds (30 days), got {value!r:.40}"
         )
-    return float(seconds)
+    return seconds
 
 
 def parse_duration(value: str | float | int) -> float:

@@ -116,40 +116,36 @@ class TransformersEmbeddingEngine(EmbeddingEngine, TransformersEngine):  # type:
     def _install(self, model: Any, tokenizer: Any, config: Any, device, dtype) -> None:
         n_ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
         per_seq = min(self.ctx_size or n_ctx, n_ctx, self.batch_size)
-        self.pooling, normalize = folder_pooling(self.path)
         self.model, self.tokenizer = model, tokenizer
         self._n_vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
-        self.dimensions = int(getattr(config, "hidden_size", 0))
         self.model_info = ModelInfo(id=self._model_id, context_length=per_seq)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._loop = _TorchEmbedLoop(
-            model, self.pooling, normalize, pad, rows=self.parallel, tokens=self.batch_size
-        )
+        self._loop = self._make_loop(model, tokenizer, config, pad)
         log.info(
-            "loaded %s for embeddings: %d dimensions, %s pooling%s, %d tokens per input",
+            "loaded %s for %s: %s pooling, %d tokens per input",
             self.path.name,
-            self.dimensions,
+            self.kind,
             self.pooling,
-            ", normalised" if normalize else "",
             per_seq,
         )
 
+    def _make_loop(self, model: Any, tokenizer: Any, config: Any, pad: int) -> _TorchEmbedLoop:
+        self.pooling, normalize = folder_pooling(self.path)
+        self.dimensions = int(getattr(config, "hidden_size", 0))
+        return _TorchEmbedLoop(
+            model, self.pooling, normalize, pad, rows=self.parallel, tokens=self.batch_size
+        )
 
-class TransformersRerankEngine(RerankEngine, TransformersEngine):  # type: ignore[misc]
+
+class TransformersRerankEngine(RerankEngine, TransformersEmbeddingEngine):  # type: ignore[misc]
     """A Hugging Face cross-encoder (…ForSequenceClassification) served for `/v1/rerank`."""
 
     auto_class = AutoModelForSequenceClassification
 
-    def _install(self, model: Any, tokenizer: Any, config: Any, device, dtype) -> None:
-        n_ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
-        per_seq = min(self.ctx_size or n_ctx, n_ctx, self.batch_size)
+    def _make_loop(self, model: Any, tokenizer: Any, config: Any, pad: int) -> _TorchEmbedLoop:
         self.pooling = "rank"
-        self.model, self.tokenizer = model, tokenizer
-        self._n_vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
-        self.model_info = ModelInfo(id=self._model_id, context_length=per_seq)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        typed = getattr(config, "type_vocab_size", 1) > 1
-        self._loop = _TorchEmbedLoop(
+        typed = getattr(config, "type_vocab_size", 1) > 1  # a pair's second segment is type 1
+        return _TorchEmbedLoop(
             model,
             "rank",
             False,
@@ -158,7 +154,6 @@ class TransformersRerankEngine(RerankEngine, TransformersEngine):  # type: ignor
             tokens=self.batch_size,
             sep=tokenizer.sep_token_id if typed else None,
         )
-        log.info("loaded %s for reranking, %d tokens per pair", self.path.name, per_seq)
 
     def pair(self, query: str, document: str) -> list[int]:
         return list(self.tokenizer(query, document)["input_ids"])

@@ -11,9 +11,9 @@ from typing import Any
 import psutil
 
 from llmhost.config import ModelEntry, Settings
-from llmhost.engines.pool import ModelSpec, Pool, check_keep_alive, parse_duration
+from llmhost.engines.pool import ModelSpec, Pool, keep_alive_seconds
 from llmhost.engines.registry import create_engine, engine_class
-from llmhost.errors import ConfigError, InvalidRequest
+from llmhost.errors import ConfigError
 from llmhost.ops.plan import RAM_RESERVE, host_bytes, shape_from_model
 from llmhost.store.registry import ModelStore
 
@@ -49,9 +49,9 @@ def duration(value: float | str | None, what: str) -> float | None:
     if value is None:
         return None
     try:
-        return check_keep_alive(parse_duration(value))
-    except (ValueError, InvalidRequest) as exc:
-        raise ConfigError(f"{what}: {getattr(exc, 'message', exc)}") from None
+        return keep_alive_seconds(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def entries(settings: Settings, refs: list[str], all_models: bool) -> dict[str, ModelEntry]:
