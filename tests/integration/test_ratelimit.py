@@ -71,21 +71,33 @@ async def test_tokens_per_minute_counts_actual_usage(tmp_path):
 
 
 async def test_instance_limit_is_exact_under_overload(tmp_path):
+    """Offered 3x the instance limit for 3 s: no 1-second window ever admits more than the
+    limit, and the limiter does not refuse what it could take (about 100 a second admitted).
+    Admissions are stamped when the limiter grants them, on its own clock (time.time), so a
+    slow event loop delaying responses cannot move a stamp from one window into the next."""
     settings = Settings(home=tmp_path, audit=False, auth=False, rate_limit_rps=100)
     app = await _app(settings)
-    admitted: list[float] = []
+    granted: list[float] = []
     codes: dict[int, int] = {}
     async with app.router.lifespan_context(app):
         while not app.state.ready:
             await asyncio.sleep(0.01)
+        limiter = app.state.limiter
+        hit = limiter.window.hit
+
+        async def stamped_hit(item, *identifiers, cost=1):
+            ok = await hit(item, *identifiers, cost=cost)
+            if ok and identifiers == ("instance",):
+                granted.append(time.time())
+            return ok
+
+        limiter.window.hit = stamped_hit
         t = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=t, base_url="http://t") as c:
 
             async def one() -> None:
                 r = await c.get("/v1/models")
                 codes[r.status_code] = codes.get(r.status_code, 0) + 1
-                if r.status_code == 200:
-                    admitted.append(time.monotonic())
 
             start = time.monotonic()
             rate, seconds = 300, 3
@@ -97,9 +109,18 @@ async def test_instance_limit_is_exact_under_overload(tmp_path):
                 tasks.append(asyncio.create_task(one()))
             await asyncio.gather(*tasks)
     assert set(codes) <= {200, 429}, codes  # nothing but admitted or refused, no 5xx
-    per_second = [sum(1 for a in admitted if s <= a - start < s + 1) for s in range(seconds)]
-    assert all(98 <= n <= 100 for n in per_second), per_second
-    assert codes[429] == rate * seconds - len(admitted)
+    assert codes[200] == len(granted)
+    assert codes[429] == rate * seconds - len(granted)
+    granted.sort()
+    # the moving window's promise: any 1-second span holds at most 100 admissions
+    j = 0
+    for i, g in enumerate(granted):
+        while granted[j] <= g - 1.0:
+            j += 1
+        assert i - j + 1 <= 100, (i - j + 1, g - granted[0])
+    # and it takes what it may: 3 s of overload admit close to 300 (a stalled event loop
+    # offers nothing for a moment, so a little capacity can go unused)
+    assert len(granted) >= 270, len(granted)
 
 
 @pytest.fixture()
