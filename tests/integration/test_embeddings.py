@@ -125,6 +125,46 @@ async def test_concurrent_requests_are_batched_with_the_same_vectors(engine):
     assert len(many) == 20 and float(many[17] @ together[1]) > 0.99999
 
 
+@pytest.mark.parametrize("kind", ["llamacpp", "transformers"])
+async def test_truncation_when_asked_keeps_the_closing_token(kind, tiny_embedder, start_engine):
+    engine = await start_engine(build(kind, tiny_embedder, ctx_size=32))
+    sep = engine.special_suffix()
+    assert len(sep) == 1 and engine.tokenize("a b c")[-1] == sep[0]  # BERT's [SEP]
+    ids = engine.tokenize("word " * 100)
+    assert len(ids) > 32
+    with pytest.raises(Exception, match="at most 32"):
+        await engine.embed([ids])  # refused unless truncation is asked for
+    (cut,) = engine.truncate([ids], 10)
+    assert cut == ids[:9] + sep and engine.truncate([ids[:5]], 10) == [ids[:5]]
+    assert engine.truncate([ids], -1)[0] == ids[:31] + sep
+    assert engine.truncate([[7] * 40], 10) == [[7] * 10]  # no closing token to keep
+    with pytest.raises(Exception, match="at most 32"):
+        engine.truncate([ids], 33)
+    (a,), (b,) = await engine.embed([cut]), await engine.embed([ids[:9] + sep])
+    assert float(a @ b) > 0.99999
+
+
+async def test_truncate_prompt_tokens_through_the_api(api):
+    long = "word " * 500
+    r = await api.post(
+        "/v1/embeddings",
+        json={"model": "embed", "input": [long, "a"], "truncate_prompt_tokens": 16},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] <= 16 + 3  # what was embedded is what is counted
+    whole = await api.post(
+        "/v1/embeddings", json={"model": "embed", "input": long, "truncate_prompt_tokens": -1}
+    )
+    assert whole.status_code == 200 and whole.json()["usage"]["prompt_tokens"] == 64
+    for bad, fragment in ((0, "-1"), (-2, "-1"), (65, "at most 64"), (True, "boolean")):
+        r = await api.post(
+            "/v1/embeddings", json={"model": "embed", "input": "a", "truncate_prompt_tokens": bad}
+        )
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["param"] == "truncate_prompt_tokens"
+        assert fragment in r.json()["error"]["message"], r.text
+
+
 @pytest.fixture
 async def api(tiny_model):
     pool = Pool(

@@ -121,6 +121,18 @@ async def test_bad_input(api, body, status, param, fragment):
     assert ok.status_code == 200
 
 
+async def test_truncation_when_asked_cuts_the_document(api):
+    body = {"model": "rr", "query": QUERY, "documents": ["w " * 200, "a"]}
+    assert (await api.post("/v1/rerank", json=body)).status_code == 400
+    r = await api.post("/v1/rerank", json={**body, "truncate_prompt_tokens": 20})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] <= 40
+    r = await api.post("/v1/rerank", json={**body, "truncate_prompt_tokens": -1})
+    assert r.status_code == 200, r.text
+    r = await api.post("/v1/rerank", json={**body, "truncate_prompt_tokens": 10**6})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 async def test_other_routes_name_the_rerank_kind(api):
     r = await api.post("/v1/embeddings", json={"model": "rr", "input": "a"})
     assert r.status_code == 400 and "rerank model" in r.json()["error"]["message"]

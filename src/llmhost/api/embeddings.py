@@ -9,14 +9,14 @@ import base64
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from llmhost.api.protocol import JsonInt, KeepAlive
 from llmhost.api.serving import OpenAIServing, check_text
+from llmhost.engines.embedding import THREAD_CHARS
 from llmhost.errors import InvalidRequest
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
-THREAD_CHARS = 8192  # more text than this is tokenized in a worker thread
 
 
 def _few_inputs(v: Any) -> Any:
@@ -24,6 +24,22 @@ def _few_inputs(v: Any) -> Any:
     if isinstance(v, list) and len(v) > MAX_INPUTS:
         raise ValueError(f"{len(v)} inputs were sent; at most {MAX_INPUTS} per request")
     return v
+
+
+def _truncate(v: int | None) -> int | None:
+    if v is not None and (v == 0 or v < -1):
+        raise ValueError("a number of tokens, or -1 for the model's limit")
+    return v
+
+
+Truncate = Annotated[
+    JsonInt | None,
+    AfterValidator(_truncate),
+    Field(
+        description="Cut each input to its first n tokens (-1: the model's limit) instead of "
+        "refusing one that is too long; closing special tokens are kept."
+    ),
+]
 
 
 _IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
@@ -56,6 +72,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: JsonInt | None = Field(
         None, ge=1, description="Keep the first n dimensions (renormalised)."
     )
+    truncate_prompt_tokens: Truncate = None
     user: str | None = Field(None, description="Accepted and ignored.")
     keep_alive: KeepAlive = None
 
@@ -80,16 +97,19 @@ class EmbeddingRequest(BaseModel):
         return list(v)  # type: ignore[arg-type]
 
 
-async def _tokenize(s: OpenAIServing, inputs: list[str | list[int]]) -> list[list[int]]:
+async def _tokenize(
+    s: OpenAIServing, inputs: list[str | list[int]], keep: int | None
+) -> list[list[int]]:
     texts = [t for t in inputs if isinstance(t, str)]
     for i, t in enumerate(inputs):
         if isinstance(t, str):
             check_text(t, "input" if len(inputs) == 1 else f"input[{i}]")
 
     def run() -> list[list[int]]:
-        return [s.engine.tokenize(t) if isinstance(t, str) else list(t) for t in inputs]
+        ids = [s.engine.tokenize(t) if isinstance(t, str) else list(t) for t in inputs]
+        return s.engine.truncate(ids, keep)  # type: ignore[attr-defined]
 
-    if sum(len(t) for t in texts) > THREAD_CHARS:
+    if sum(len(t) for t in texts) > THREAD_CHARS or (keep is not None and len(inputs) > 64):
         return await asyncio.to_thread(run)
     return run()
 
@@ -112,7 +132,7 @@ async def create_embeddings(
             f"dimensions is {req.dimensions}; this model's embeddings have {size}",
             param="dimensions",
         )
-    ids = await _tokenize(s, inputs)
+    ids = await _tokenize(s, inputs, req.truncate_prompt_tokens)
     vectors = await s.engine.embed(ids)
     n = sum(len(t) for t in ids)
     data = []

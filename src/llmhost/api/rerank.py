@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
+from llmhost.api.embeddings import Truncate
 from llmhost.api.protocol import KeepAlive, PositiveInt
 from llmhost.api.serving import OpenAIServing, check_text
 
@@ -38,6 +39,7 @@ class RerankRequest(BaseModel):
     ]
     top_n: PositiveInt | None = Field(None, description="Return the n best; default: all.")
     return_documents: StrictBool = Field(True, description="Include each document's text.")
+    truncate_prompt_tokens: Truncate = None
     user: str | None = Field(None, description="Accepted and ignored.")
     keep_alive: KeepAlive = None
 
@@ -55,7 +57,9 @@ async def create_rerank(
     for i, t in enumerate(texts):
         check_text(t, f"documents[{i}]")
     notes.update(model=model, prompt=req.query)
-    scores, tokens = await s.engine.rerank(req.query, texts)  # type: ignore[attr-defined]
+    scores, tokens = await s.engine.rerank(  # type: ignore[attr-defined]
+        req.query, texts, req.truncate_prompt_tokens
+    )
     order = sorted(range(len(texts)), key=lambda i: -scores[i])[: req.top_n or len(texts)]
     results = []
     for i in order:

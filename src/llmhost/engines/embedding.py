@@ -42,6 +42,18 @@ def check_inputs(inputs: list[list[int]], limit: int, n_vocab: int) -> None:
         check_token_ids(ids, n_vocab, "input", f" in input[{i}]")
 
 
+THREAD_CHARS = 8192  # more text than this is tokenized in a worker thread
+
+
+def truncated(ids: list[int], keep: int, suffix: list[int]) -> list[int]:
+    """The first `keep` tokens of `ids`; where `ids` ends with the model's closing special
+    tokens (BERT's [SEP]), those stay at the end."""
+    if len(ids) <= keep:
+        return ids
+    tail = suffix if suffix and len(suffix) < keep and ids[-len(suffix) :] == suffix else []
+    return ids[: keep - len(tail)] + tail
+
+
 def unit(vec: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vec))
     return vec / norm if norm > 0 else vec
@@ -146,7 +158,35 @@ class EmbeddingEngine:
     supports_logit_bias = False
     _loop: EmbedLoop | None = None
     _n_vocab: int = 0
+    _suffix: list[int] | None = None
     model_info: ModelInfo
+
+    def special_suffix(self) -> list[int]:
+        """The special tokens tokenizing appends to any text (BERT: [SEP]; none for most
+        decoders): what the two shortest texts end with in common."""
+        if self._suffix is None:
+            a, b = self.tokenize("a"), self.tokenize("b")  # type: ignore[attr-defined]
+            n = 0
+            while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
+                n += 1
+            self._suffix = a[len(a) - n :]
+        return self._suffix
+
+    def truncate(self, inputs: list[list[int]], keep: int | None) -> list[list[int]]:
+        """Each input cut to `keep` tokens (-1: the model's limit), closing special tokens
+        kept; `None` leaves them as they are (and one too long is then a 400)."""
+        if keep is None:
+            return inputs
+        limit = self.model_info.context_length
+        if keep == -1:
+            keep = limit
+        if keep > limit:
+            raise InvalidRequest(
+                f"truncate_prompt_tokens is {keep}; this model takes at most {limit}",
+                param="truncate_prompt_tokens",
+            )
+        suffix = self.special_suffix()
+        return [truncated(ids, keep, suffix) for ids in inputs]
 
     def health(self) -> EngineHealth:
         alive = self._loop is not None and self._loop.alive()
@@ -176,11 +216,20 @@ class RerankEngine(EmbeddingEngine):
     def pair(self, query: str, document: str) -> list[int]:
         raise NotImplementedError
 
-    async def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
-        """Relevance of each document to `query` (0..1), and the tokens scored."""
+    async def rerank(
+        self, query: str, documents: list[str], truncate: int | None = None
+    ) -> tuple[list[float], int]:
+        """Relevance of each document to `query` (0..1), and the tokens scored. With
+        `truncate`, each pair is cut to that many tokens (the query comes first, so the
+        document is what is cut)."""
         if self._loop is None:
             raise EngineNotReady("the model is not loaded", retry_after=5)
-        pairs = [self.pair(query, d) for d in documents]
+
+        def encode() -> list[list[int]]:
+            return self.truncate([self.pair(query, d) for d in documents], truncate)
+
+        chars = len(query) * len(documents) + sum(len(d) for d in documents)
+        pairs = await asyncio.to_thread(encode) if chars > THREAD_CHARS else encode()
         limit = self.model_info.context_length
         for i, ids in enumerate(pairs):
             if len(ids) > limit:
