@@ -292,6 +292,12 @@ class Settings(BaseSettings):
         description="Host memory (MiB) the models may hold together, by `llmhost plan`'s "
         "estimate (weights + KV cache); default: 80% of the host's RAM.",
     )
+    gpu_memory_budget_mb: int | None = Field(
+        None,
+        ge=1,
+        description="GPU memory (MiB, each GPU) the models placed there may hold together; "
+        "default: 90% of each GPU's memory, as `llmhost plan` fits a card.",
+    )
     model_load_timeout: float = Field(
         600.0, gt=0, le=86400, description="Seconds a request waits for its model to load."
     )

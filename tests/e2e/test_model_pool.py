@@ -37,7 +37,7 @@ def pool_server(tmp_path_factory, tiny_model):
         shutil.copy(tiny_model.gguf, files[name])
     broken = home / "broken.gguf"
     broken.write_bytes(b"GGUF" + os.urandom(4096))  # a header and then garbage
-    need = memory_need(Settings(model=str(files["alpha"]), parallel=2, ctx_size=8192))
+    need, _ = memory_need(Settings(model=str(files["alpha"]), parallel=2, ctx_size=8192), {})
     budget_mb = math.ceil(2.5 * need / (1 << 20))
     assert 2 * need <= budget_mb << 20 < 3 * need
     keys = KeyStore(home / "keys.db")

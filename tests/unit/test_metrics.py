@@ -164,3 +164,40 @@ def test_prompt_cache_statistics_become_counters_and_gauges():
     assert fams["llmhost_prefix_cache_requests_hit"].samples[0].value == 2
     assert fams["llmhost_prompt_cache_bytes"].samples[0].value == 1024
     assert fams["llmhost_prompt_cache_budget_bytes"].samples[0].value == 4096
+
+
+def test_model_gauges_carry_the_model_and_each_gpu():
+    m = Metrics(nvml=FakeNvml(fail_init=True))
+    models = [
+        {"id": "chat", "state": "loaded", "in_flight": 2, "waiting": 0, "memory_bytes": 5 << 30},
+        {
+            "id": "big",
+            "state": "loaded",
+            "in_flight": 0,
+            "waiting": 1,
+            "memory_bytes": 0,
+            "gpu_memory_bytes": {0: 30 << 30, 1: 30 << 30},
+        },
+        {
+            "id": "off",
+            "state": "unloaded",
+            "in_flight": 0,
+            "waiting": 0,
+            "memory_bytes": 1 << 30,
+            "gpu_memory_bytes": {0: 1 << 30},
+        },
+    ]
+    m.watch_models(lambda: models)
+    found = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in found.values()
+        for s in f.samples
+        if s.name.startswith("llmhost_model_")
+    }
+    assert samples[("llmhost_model_in_flight", (("model", "chat"),))] == 2
+    assert samples[("llmhost_model_memory_bytes", (("model", "off"),))] == 0  # unloaded
+    gpu = "llmhost_model_gpu_memory_bytes"
+    assert samples[(gpu, (("gpu", "1"), ("model", "big")))] == 30 << 30
+    assert samples[(gpu, (("gpu", "0"), ("model", "off")))] == 0
+    assert not any(k[0] == gpu and ("model", "chat") in k[1] for k in samples)

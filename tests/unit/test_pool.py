@@ -123,6 +123,37 @@ async def test_a_model_that_can_never_fit_is_a_400_with_the_sizes():
         await pool.acquire("huge")
 
 
+async def test_each_gpu_has_its_own_budget_and_only_holders_of_the_short_one_go():
+    log: list[str] = []
+    pool = Pool(
+        [
+            spec("cpu", log, need=1),
+            spec("g0", log, need=0, gpu_bytes={0: 6 * GIB}),
+            spec("g1", log, need=0, gpu_bytes={1: 6 * GIB}),
+            spec("g0b", log, need=0, gpu_bytes={0: 6 * GIB}),
+            spec("split", log, need=0, gpu_bytes={0: 5 * GIB, 1: 5 * GIB}),
+        ],
+        budget_bytes=4 * GIB,
+        gpu_budget={0: 10 * GIB, 1: 10 * GIB},
+    )
+    for name in ("cpu", "g1", "g0"):  # g0 used last
+        await pool.acquire(name)
+        pool.release(name)
+    await pool.acquire("g0b")  # GPU 0 is short: g0 goes, though cpu and g1 are older
+    pool.release("g0b")
+    assert log[-2:] == ["close g0", "start g0b"]
+    assert pool.gpu_used_bytes() == {0: 6 * GIB, 1: 6 * GIB} and pool.used_bytes() == GIB
+    await pool.acquire("split")  # short on both GPUs: g1 (older), then g0b
+    assert log[-3:] == ["close g1", "close g0b", "start split"]
+    assert {m["id"]: m["state"] for m in pool.status()}["cpu"] == "loaded"
+    assert pool.status()[4]["gpu_memory_bytes"] == {0: 5 * GIB, 1: 5 * GIB}
+    with pytest.raises(Overloaded, match="GPU 0 memory"):
+        await pool.acquire("g0")  # split holds GPU 0 and is in use
+    huge = Pool([spec("h", [], need=0, gpu_bytes={1: 40 * GIB})], gpu_budget={1: 10 * GIB})
+    with pytest.raises(InvalidRequest, match=r"40\.0 GiB of GPU 1 memory.*10\.0 GiB"):
+        await huge.acquire("h")
+
+
 async def test_keep_alive_unloads_an_idle_model_and_a_request_can_set_it():
     log: list[str] = []
     pool = Pool([spec("a", log, keep_alive=0.05), spec("b", log)])

@@ -242,6 +242,8 @@ async def admin_models(request: Request) -> dict[str, Any]:
         "data": pool.status(),
         "memory_budget_bytes": pool.budget_bytes,
         "memory_used_bytes": pool.used_bytes(),
+        "gpu_memory_budget_bytes": {str(i): n for i, n in pool.gpu_budget.items()},
+        "gpu_memory_used_bytes": {str(i): n for i, n in pool.gpu_used_bytes().items()},
     }
 
 

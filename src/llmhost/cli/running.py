@@ -68,7 +68,7 @@ def ps(
             m["id"],
             m["kind"],
             m["state"],
-            _gib(m["memory_bytes"]),
+            _memory(m),
             str(m["in_flight"]),
             unloads,
             (m["error"] or "")[:60],
@@ -79,6 +79,16 @@ def ps(
         f"memory: {_gib(body['memory_used_bytes'])} of {_gib(body['memory_budget_bytes'])}",
         highlight=False,
     )
+    used = body.get("gpu_memory_used_bytes") or {}
+    for gpu, budget in (body.get("gpu_memory_budget_bytes") or {}).items():
+        console.print(f"GPU {gpu}: {_gib(used.get(gpu, 0))} of {_gib(budget)}", highlight=False)
+
+
+def _memory(m: dict) -> str:
+    """Host memory, then each GPU's: "1.2 GiB", "GPU 0: 14.0 GiB"."""
+    parts = [_gib(m["memory_bytes"])] if m["memory_bytes"] or not m.get("gpu_memory_bytes") else []
+    parts += [f"GPU {i}: {_gib(n)}" for i, n in (m.get("gpu_memory_bytes") or {}).items()]
+    return ", ".join(parts)
 
 
 @models_app.command()

@@ -115,10 +115,11 @@ def _serve_several(settings: Settings, refs: list[str], all_models: bool, demo: 
     pool = build_pool(settings, models)
     _warn_about_auth(settings)
     budget = pool.budget_bytes or 0
+    gpus = "".join(f", GPU {i} {n / (1 << 30):.1f} GiB" for i, n in pool.gpu_budget.items())
     Console(stderr=True).print(
         f"OpenAI-compatible API at {'https' if settings.ssl_certfile else 'http'}://"
         f"{settings.host}:{settings.port}/v1 (models: {', '.join(pool.ids())}; memory budget "
-        f"{budget / (1 << 30):.1f} GiB)",
+        f"{budget / (1 << 30):.1f} GiB{gpus})",
         highlight=False,
     )
     serve_settings(settings, pool)
@@ -209,6 +210,9 @@ def register(app: typer.Typer) -> None:
         ),
         memory_budget_mb: int | None = typer.Option(
             None, help="MiB the models may hold together; idle ones unload to make room."
+        ),
+        gpu_memory_budget_mb: int | None = typer.Option(
+            None, help="MiB of each GPU the models placed there may hold [90% of it]."
         ),
         keep_alive: str | None = typer.Option(
             None, help="Unload a model idle this long: seconds or 30s, 5m, 2h, 1d."
@@ -302,6 +306,7 @@ def register(app: typer.Typer) -> None:
         settings = load_settings(
             model=model,
             memory_budget_mb=memory_budget_mb,
+            gpu_memory_budget_mb=gpu_memory_budget_mb,
             keep_alive=keep_alive,
             host=host,
             port=port,

@@ -45,6 +45,7 @@ class ModelSpec:
     build: Callable[[], Engine]
     kind: Kind = "chat"
     need_bytes: int = 0  # host memory it holds once loaded (estimate)
+    gpu_bytes: dict[int, int] = field(default_factory=dict)  # GPU index: memory it holds there
     keep_alive: float | None = None  # seconds idle before it unloads; None: it stays
     pinned: bool = False  # loaded at start and never unloaded to make room
     rpm: int = 0  # requests per minute to this model, all principals together; 0: no limit
@@ -73,7 +74,8 @@ class Pool:
     """Loads, leases and unloads the engines of `specs` (ids unique; the first is the default)."""
 
     specs: list[ModelSpec]
-    budget_bytes: int | None = None  # None: no budget
+    budget_bytes: int | None = None  # host memory for models; None: no budget
+    gpu_budget: dict[int, int] = field(default_factory=dict)  # GPU index: memory for models
     load_timeout: float = 600.0
     # Called with the model id and its engine once loaded, and before it is closed.
     on_loaded: Callable[[str, Engine], None] | None = None
@@ -128,7 +130,30 @@ class Pool:
         return e.engine if e is not None and e.state == "loaded" else None
 
     def used_bytes(self) -> int:
-        return sum(e.spec.need_bytes for e in self._entries.values() if e.state != "unloaded")
+        return self._used()["host"]
+
+    def gpu_used_bytes(self) -> dict[int, int]:
+        used = self._used()
+        return {i: used.get(f"GPU {i}", 0) for i in self.gpu_budget}
+
+    @staticmethod
+    def _needs(spec: ModelSpec) -> dict[str, int]:
+        """What a model holds, by resource ("host", "GPU 0", ...)."""
+        return {"host": spec.need_bytes, **{f"GPU {i}": n for i, n in spec.gpu_bytes.items()}}
+
+    def _budgets(self) -> dict[str, int]:
+        out = {f"GPU {i}": n for i, n in self.gpu_budget.items()}
+        if self.budget_bytes is not None:
+            out["host"] = self.budget_bytes
+        return out
+
+    def _used(self) -> dict[str, int]:
+        used = {"host": 0}
+        for e in self._entries.values():
+            if e.state != "unloaded":
+                for r, n in self._needs(e.spec).items():
+                    used[r] = used.get(r, 0) + n
+        return used
 
     def status(self) -> list[dict[str, Any]]:
         now = time.time()
@@ -144,6 +169,7 @@ class Pool:
                     "state": e.state,
                     "pinned": e.spec.pinned,
                     "memory_bytes": e.spec.need_bytes,
+                    "gpu_memory_bytes": dict(e.spec.gpu_bytes),
                     "in_flight": e.leases,
                     "waiting": e.waiters,
                     "keep_alive_s": e.keep_alive,
@@ -244,17 +270,19 @@ class Pool:
             self._arm(e)
 
     async def _make_room(self, e: _Entry) -> None:
-        """Unload idle models, least recently used first, until `e` fits the budget."""
-        budget = self.budget_bytes
-        need = e.spec.need_bytes
-        if budget is None or need == 0:
-            return
-        if need > budget:
-            raise InvalidRequest(
-                f"the model '{e.spec.id}' needs about {need / GIB:.1f} GiB, more than this "
-                f"server's whole model memory budget of {budget / GIB:.1f} GiB",
-                param="model",
-            )
+        """Unload idle models, least recently used first, until `e` fits the budget of every
+        resource it needs (host memory and each GPU's); only models holding a resource that
+        is short are unloaded."""
+        budgets = self._budgets()
+        needs = {r: n for r, n in self._needs(e.spec).items() if n > 0 and r in budgets}
+        for r, n in needs.items():
+            if n > budgets[r]:
+                raise InvalidRequest(
+                    f"the model '{e.spec.id}' needs about {n / GIB:.1f} GiB of {r} memory, "
+                    f"more than this server's whole model memory budget of "
+                    f"{budgets[r] / GIB:.1f} GiB there",
+                    param="model",
+                )
         idle = sorted(
             (
                 o
@@ -263,16 +291,19 @@ class Pool:
             ),
             key=lambda o: o.last_used,
         )
-        while self.used_bytes() + need > budget:
-            if not idle:
+        while short := [r for r, n in needs.items() if self._used().get(r, 0) + n > budgets[r]]:
+            holders = [o for o in idle if any(self._needs(o.spec).get(r, 0) for r in short)]
+            if not holders:
                 busy = [o.spec.id for o in self._entries.values() if o.state != "unloaded"]
+                r = short[0]
                 raise Overloaded(
-                    f"the model '{e.spec.id}' needs about {need / GIB:.1f} GiB and the "
-                    f"budget of {budget / GIB:.1f} GiB is held by models in use or pinned "
-                    f"({', '.join(busy)}); retry shortly",
+                    f"the model '{e.spec.id}' needs about {needs[r] / GIB:.1f} GiB of {r} "
+                    f"memory and the budget of {budgets[r] / GIB:.1f} GiB there is held by "
+                    f"models in use or pinned ({', '.join(busy)}); retry shortly",
                     retry_after=5,
                 )
-            victim = idle.pop(0)
+            victim = holders[0]
+            idle.remove(victim)
             log.info("unloading %s to make room for %s", victim.spec.id, e.spec.id)
             await self._unload(victim)
 

@@ -136,7 +136,16 @@ class _ModelCollector(Collector):
         self.status = status
 
     def describe(self) -> Iterable[Metric]:
-        return [GaugeMetricFamily(name, doc, labels=["model"]) for name, doc, _ in MODEL_GAUGES]
+        out = [GaugeMetricFamily(name, doc, labels=["model"]) for name, doc, _ in MODEL_GAUGES]
+        return [*out, self._gpu_family()]
+
+    @staticmethod
+    def _gpu_family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "llmhost_model_gpu_memory_bytes",
+            "GPU memory the model holds once loaded (estimate), per GPU.",
+            labels=["model", "gpu"],
+        )
 
     def collect(self) -> Iterable[Metric]:
         models = self.status()
@@ -145,6 +154,11 @@ class _ModelCollector(Collector):
             for m in models:
                 family.add_metric([m["id"]], float(value(m)))
             yield family
+        gpu = self._gpu_family()
+        for m in models:
+            for index, n in (m.get("gpu_memory_bytes") or {}).items():
+                gpu.add_metric([m["id"], str(index)], float(n if m["state"] != "unloaded" else 0))
+        yield gpu
 
 
 def host_stats() -> dict[str, float]:

@@ -14,7 +14,8 @@ from llmhost.config import ModelEntry, Settings
 from llmhost.engines.pool import ModelSpec, Pool, keep_alive_seconds
 from llmhost.engines.registry import create_engine, engine_class
 from llmhost.errors import ConfigError
-from llmhost.ops.plan import RAM_RESERVE, host_bytes, shape_from_model
+from llmhost.observability.gpu import Nvml
+from llmhost.ops.plan import GPU_SHARE, RAM_RESERVE, host_bytes, shape_from_model
 from llmhost.store.registry import ModelStore
 
 log = logging.getLogger("llmhost.serve")
@@ -84,22 +85,49 @@ def model_settings(settings: Settings, model_id: str, entry: ModelEntry) -> Sett
     return settings.model_copy(update=update)
 
 
-def memory_need(s: Settings) -> int:
-    """Bytes the model of `s` holds once loaded, as `llmhost plan` estimates it (0: unknown,
-    as for a remote engine)."""
+def memory_need(s: Settings, gpus: dict[int, int]) -> tuple[int, dict[int, int]]:
+    """What the model of `s` holds once loaded, as `llmhost plan` estimates it (weights + KV
+    cache): bytes of host memory, and bytes on each GPU it is placed on. `gpus` is each GPU's
+    memory. Unknown (a remote engine, a shape that cannot be read) counts as nothing."""
     if s.engine in REMOTE_ENGINES or s.engine == "fake" or not s.model:
-        return 0
+        return 0, {}
+    if s.engine == "vllm":  # vLLM takes its share of each GPU it spans, whatever the model
+        share = {
+            i: int(gpus.get(i, 0) * s.gpu_memory_utilization) for i in range(s.tensor_parallel)
+        }
+        return 0, {i: n for i, n in share.items() if n}
     try:
         shape, quant, _ = shape_from_model(s.model, s.models_dir)
     except ConfigError as exc:
         log.warning("no memory estimate for %s: %s", s.model_name, exc.message)
+        return 0, {}
+    need = host_bytes(shape, quant or "fp16", s.ctx_size or None, s.parallel)
+    gpu = placed_on(s, gpus)
+    return (0, {gpu: need}) if gpu is not None else (need, {})
+
+
+def placed_on(s: Settings, gpus: dict[int, int]) -> int | None:
+    """The GPU the engine of `s` puts its model on, or None for host memory (llama.cpp here
+    computes on the CPU; transformers follows its `device`, `auto` taking GPU 0 if any)."""
+    if s.engine != "transformers":
+        return None
+    device = (s.device or "auto").lower()
+    if device == "auto":
+        return 0 if gpus else None
+    if device == "cuda":
         return 0
-    return host_bytes(shape, quant or "fp16", s.ctx_size or None, s.parallel)
+    index = device.removeprefix("cuda:")
+    return int(index) if device.startswith("cuda:") and index.isdigit() else None
 
 
 def default_budget() -> int:
     """The host's RAM less the deployment guide's 20% reserve."""
     return int(psutil.virtual_memory().total * (1 - RAM_RESERVE))
+
+
+def gpu_memory() -> dict[int, int]:
+    """Each NVIDIA GPU's memory in bytes, by index (none without a driver)."""
+    return {g.index: g.memory_total for g in Nvml().readings() if g.memory_total}
 
 
 Served = list[tuple[str, ModelEntry, Settings]]
@@ -116,20 +144,30 @@ def served(settings: Settings, refs: list[str], all_models: bool = False) -> Ser
 def build_pool(settings: Settings, models: Served) -> Pool:
     """The pool of `models` (from `served`), nothing loaded yet."""
     default_keep = duration(settings.keep_alive, "keep_alive")
+    gpus = gpu_memory()
     specs = []
     for model_id, entry, s in models:
         engine_class(s.engine, entry.kind)  # imported now: a missing extra fails at start
         keep = duration(entry.keep_alive, f"models.{model_id}.keep_alive")
+        host, on_gpus = memory_need(s, gpus)
         specs.append(
             ModelSpec(
                 id=model_id,
                 build=lambda s=s, kind=entry.kind: create_engine(s.engine, s, kind),
                 kind=entry.kind,
-                need_bytes=memory_need(s),
+                need_bytes=host,
+                gpu_bytes=on_gpus,
                 keep_alive=keep if entry.keep_alive is not None else default_keep,
                 pinned=entry.pinned,
                 rpm=entry.rate_limit_rpm,
             )
         )
     budget = settings.memory_budget_mb << 20 if settings.memory_budget_mb else default_budget()
-    return Pool(specs, budget_bytes=budget, load_timeout=settings.model_load_timeout)
+    per_gpu = settings.gpu_memory_budget_mb
+    gpu_budget = {i: per_gpu << 20 if per_gpu else int(n * GPU_SHARE) for i, n in gpus.items()}
+    return Pool(
+        specs,
+        budget_bytes=budget,
+        gpu_budget=gpu_budget,
+        load_timeout=settings.model_load_timeout,
+    )
