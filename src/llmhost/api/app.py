@@ -30,13 +30,13 @@ from llmhost.audit.store import open_store
 from llmhost.audit.writer import AuditWriter
 from llmhost.config import Settings
 from llmhost.engines.base import Engine
+from llmhost.engines.loading import clean_stale
 from llmhost.engines.pool import Pool
 from llmhost.errors import ConfigError
 from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import authenticator_from_settings
 from llmhost.security.ratelimit import RateLimiter
 from llmhost.security.redact import Redactor
-from llmhost.store import in_memory
 
 log = logging.getLogger("llmhost.api")
 
@@ -73,7 +73,7 @@ async def sweep_decrypted(settings: Settings, every: float = 600.0) -> None:
     """Periodically remove decrypted model copies left in tmpfs by killed processes."""
     while True:
         if settings.decrypt_dir.is_dir():
-            for path in await asyncio.to_thread(in_memory.clean_stale, settings.decrypt_dir):
+            for path in await asyncio.to_thread(clean_stale, settings.decrypt_dir):
                 log.warning("removed stale decrypted model copy %s", path)
         await asyncio.sleep(every)
 

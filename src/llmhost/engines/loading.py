@@ -2,7 +2,8 @@
 cores, their decoding goes first and a load takes what is left (a load reads and repacks
 gigabytes; requests in flight must not wait on that). Only the read runs in the lowered
 thread: threads a thread creates inherit its priority, and an engine's serving threads are
-created afterwards, at the priority they would have had."""
+created afterwards, at the priority they would have had. The server sweeps the decrypted copies
+that killed loads left in tmpfs through here as well (`clean_stale`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+# Re-exported: the engines make the decrypted copies (store.in_memory), and the api layer, which
+# never reaches into the store, sweeps them through the engines.
+from llmhost.store.in_memory import clean_stale as clean_stale
 
 T = TypeVar("T")
 LOAD_NICENESS = 10  # added to the process's: a load yields the CPU to serving threads

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmhost.engines.chat_template import FALLBACK_TEMPLATE
+from llmhost.chatml import FALLBACK_TEMPLATE
 
 BOS, EOS, IM_START, IM_END = "<s>", "</s>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
