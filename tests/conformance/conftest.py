@@ -73,11 +73,6 @@ KINDS = [
     EngineKind(
         "transformers",
         _transformers,
-        bugs={
-            "cancel_in_prefill": "a stream cancelled while its prompt is prefilled stays a row "
-            "of the batch with no sampled token, and the decode in the same step feeds it "
-            "token -1: the scheduler thread dies and every later request is refused",
-        },
         needs=("torch", "transformers"),
     ),
 ]

@@ -146,6 +146,38 @@ async def test_rows_leaving_drop_their_part_of_the_shared_cache(make_engine):
     assert e._scheduler._cache is None
 
 
+async def test_a_stream_cancelled_during_its_prefill_leaves_the_scheduler_running(
+    make_engine,
+):
+    # the cancel lands while the prefill's forward pass runs (made certain here by setting
+    # the flag from inside it): the row joins without a token and must not reach the decode
+    e = await make_engine(parallel=2)
+    sched = e._scheduler
+    forward = sched._forward
+
+    def cancelling_forward(*args, **kw):
+        out = forward(*args, **kw)
+        for seq in list(sched._pending):
+            seq.cancelled = True
+        return out
+
+    sched._forward = cancelling_forward
+    sampling = SamplingParams(max_tokens=50, seed=1, ignore_eos=True)
+    agen = e.stream(GenerationRequest(prompt=PROMPTS[0], sampling=sampling))
+    task = asyncio.create_task(anext(agen))
+    for _ in range(200):
+        if sched.steps > 2:
+            break
+        await asyncio.sleep(0.01)
+    sched._forward = forward
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await agen.aclose()
+    assert sched.alive() and e.health().ok
+    _, ids, reason, _, _ = await asyncio.wait_for(run(e, PROMPTS[1], max_tokens=5), 10)
+    assert reason == "length" and len(ids) == 5
+
+
 async def test_int8_runs_and_stays_close_to_fp32(make_engine, reference):
     e = await make_engine(quantization="int8")
     assert isinstance(e.model.model.layers[0].mlp.up_proj, torch.ao.nn.quantized.dynamic.Linear)

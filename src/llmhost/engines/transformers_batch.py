@@ -307,6 +307,9 @@ class TorchScheduler(BatchLoop):
         self._flush()
         if self._pending:
             self._prefill()
+            # A stream cancelled during the prefill joined the rows without a sampled token:
+            # drop it before the decode feeds that row.
+            self._dead.update(s for s in self._rows if s.cancelled)
             self._compact()
         if self._rows:
             self._decode()
