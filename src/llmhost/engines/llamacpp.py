@@ -55,7 +55,7 @@ def resolve_gguf(path: Path) -> Path:
     return path
 
 
-class LlamaCppEngine(BatchedEngine):
+class LlamaCppEngine(BatchedEngine[Sequence]):
     name = "llamacpp"
     sequence_type = Sequence
     supports_tools = True

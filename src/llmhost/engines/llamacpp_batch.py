@@ -71,7 +71,7 @@ class Sequence(BaseSequence):
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
-class BatchScheduler(BatchLoop):
+class BatchScheduler(BatchLoop[Sequence]):
     """Owns the llama.cpp context; all llama_decode calls happen on its thread."""
 
     thread_name = "llamacpp-batch"

@@ -73,7 +73,7 @@ def check_folder(path: Path, allow_pickle: bool) -> bool:
     return False
 
 
-class TransformersEngine(BatchedEngine):
+class TransformersEngine(BatchedEngine[Sequence]):
     name = "transformers"
     sequence_type = Sequence
     supports_tools = True

@@ -218,7 +218,7 @@ def sample_token(logits: torch.Tensor, sp: SamplingParams, generator: torch.Gene
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class TorchScheduler(BatchLoop):
+class TorchScheduler(BatchLoop[Sequence]):
     """Owns the model; every forward pass happens on its thread."""
 
     thread_name = "transformers-batch"
