@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmhost.errors import ContextLengthExceeded, InvalidRequest
 from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+
+if TYPE_CHECKING:
+    from llmhost.config import Settings
 
 
 class Engine(abc.ABC):
@@ -49,6 +52,12 @@ class Engine(abc.ABC):
     chat_template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        """The engine the server settings describe (the registry builds engines this way);
+        nothing is loaded until start()."""
+        raise NotImplementedError(f"the {cls.name} engine cannot be built from settings")
 
     @abc.abstractmethod
     async def start(self) -> None:

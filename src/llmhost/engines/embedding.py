@@ -24,7 +24,7 @@ from llmhost.types import EngineHealth, ModelInfo
 class _Job:
     inputs: list[list[int]]
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    future: asyncio.Future[list[np.ndarray]]
     vectors: list[np.ndarray | None] = field(default_factory=list)
     next: int = 0  # the next input to take
 
@@ -243,11 +243,11 @@ class RerankEngine(EmbeddingEngine):
         return scores, sum(len(p) for p in pairs)
 
 
-def _resolve(future: asyncio.Future, vectors: list) -> None:
-    if not future.done():
-        future.set_result(vectors)
+def _resolve(future: asyncio.Future[list[np.ndarray]], vectors: list[np.ndarray | None]) -> None:
+    if not future.done():  # every vector is there by now
+        future.set_result([v for v in vectors if v is not None])
 
 
-def _fail(future: asyncio.Future, why: str) -> None:
+def _fail(future: asyncio.Future[list[np.ndarray]], why: str) -> None:
     if not future.done():
         future.set_exception(EngineError(why))

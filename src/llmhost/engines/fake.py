@@ -11,6 +11,7 @@ from llmhost.engines.base import Engine, StopMatcher, check_context
 from llmhost.errors import EngineNotReady
 from llmhost.types import (
     EngineHealth,
+    FinishReason,
     GenerationRequest,
     ModelInfo,
     TokenDelta,
@@ -102,7 +103,7 @@ class FakeEngine(Engine):
         self.active += 1
         stops = StopMatcher(sp.stop)
         produced = 0
-        finish = "length"
+        finish: FinishReason = "length"
         try:
             while produced < budget:
                 if self.eos_after is not None and produced >= self.eos_after and not sp.ignore_eos:
