@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -383,7 +383,7 @@ class BatchedEngine(Engine, Generic[SeqT]):
         stats["kv_cache_usage"] = stats["kv_tokens"] / cells if cells else 0.0
         return EngineHealth(ok=alive, detail="" if alive else "scheduler stopped", stats=stats)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         scheduler = self._scheduler
         if scheduler is None:
             raise EngineNotReady("the model is not loaded", retry_after=5)

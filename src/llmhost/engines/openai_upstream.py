@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -241,7 +241,7 @@ class OpenAIUpstreamEngine(Engine):
             raise InvalidRequest("the upstream engine takes text prompts")
         return "/v1/completions", {**body, "prompt": request.prompt}
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         if self._client is None:
             raise ServiceUnavailable("the upstream engine is not started")
         path, body = self._body(request)
