@@ -12,6 +12,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -161,11 +162,15 @@ class EmbeddingEngine:
     _suffix: list[int] | None = None
     model_info: ModelInfo
 
+    if TYPE_CHECKING:  # the engine it is mixed into tokenizes
+
+        def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+
     def special_suffix(self) -> list[int]:
         """The special tokens tokenizing appends to any text (BERT: [SEP]; none for most
         decoders): what the two shortest texts end with in common."""
         if self._suffix is None:
-            a, b = self.tokenize("a"), self.tokenize("b")  # type: ignore[attr-defined]
+            a, b = self.tokenize("a"), self.tokenize("b")
             n = 0
             while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
                 n += 1
