@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up everything the tests need, then runs lint, the layer contract and the test suite.
+# Sets up everything the tests need, then runs lint, the layer contract, mypy and the test suite.
 # Extra arguments go to pytest, e.g. ./scripts/test.sh tests/unit -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +33,7 @@ echo "[test] ruff" >&2
 .venv/bin/ruff check src tests benchmarks
 echo "[test] import layers" >&2
 .venv/bin/lint-imports --no-cache
+echo "[test] mypy" >&2
+.venv/bin/mypy
 echo "[test] pytest" >&2
 .venv/bin/python -m pytest "$@"

@@ -17,10 +17,11 @@ from typing import Any
 from llmhost.api.logprobs import LogprobShaper
 from llmhost.api.serving_chat import gather_remote_calls
 from llmhost.api.sse import Kind, chunk_choices, usage_body, whole_choice
+from llmhost.engines.base import TokenStream
 from llmhost.errors import EngineError
 from llmhost.types import GenerationRequest, TokenDelta, Usage
 
-Start = Callable[[GenerationRequest], Awaitable[tuple[TokenDelta, AsyncIterator[TokenDelta]]]]
+Start = Callable[[GenerationRequest], Awaitable[tuple[TokenDelta, TokenStream]]]
 
 
 @dataclass(eq=False)
@@ -34,7 +35,7 @@ class Choice:
     echo: str = ""  # the prompt's text, shown before the output (completions' echo)
     logprobs: LogprobShaper | None = None
     first: TokenDelta | None = None
-    stream: AsyncIterator[TokenDelta] | None = None
+    stream: TokenStream | None = None
     opening: bool = True  # no chunk sent yet
     done: bool = False
     usage: Usage = field(default_factory=lambda: Usage(0, 0))

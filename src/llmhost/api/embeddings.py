@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic.json_schema import JsonDict
 
 from llmhost.api.protocol import JsonInt, KeepAlive
 from llmhost.api.serving import OpenAIServing, check_text
@@ -42,7 +43,7 @@ Truncate = Annotated[
 ]
 
 
-_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_IDS: JsonDict = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 
 
 class EmbeddingRequest(BaseModel):
@@ -93,7 +94,7 @@ class EmbeddingRequest(BaseModel):
     def inputs(self) -> list[str | list[int]]:
         v = self.input
         if isinstance(v, str) or (v and isinstance(v[0], int)):
-            return [v]  # type: ignore[list-item]
+            return [v]
         return list(v)  # type: ignore[arg-type]
 
 

@@ -70,7 +70,7 @@ def unexpected_error_handler(logger: logging.Logger, who: str):
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(LlmhostError, llmhost_error_response)
+    app.add_exception_handler(LlmhostError, llmhost_error_response)  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

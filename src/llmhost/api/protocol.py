@@ -15,6 +15,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 
 from llmhost.api.protocol_chat import (
     MAX_DOCUMENTS,
@@ -219,7 +220,7 @@ def _few_prompts(v: Any) -> Any:
     return v
 
 
-_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_TOKEN_IDS: JsonDict = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 
 
 class CompletionRequest(_SamplingRequest):
@@ -290,7 +291,7 @@ class CompletionRequest(_SamplingRequest):
         p = self.prompt
         if isinstance(p, str) or not p or isinstance(p[0], int):
             return [p]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
+        return list(p)
 
 
 class ChatCompletionRequest(_SamplingRequest):

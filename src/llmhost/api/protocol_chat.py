@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 
 MAX_TOOLS = 128  # OpenAI's own limit
 MAX_SCHEMA_BYTES = 64 * 1024  # one tool's parameters or one response schema, as JSON
@@ -16,7 +17,7 @@ MAX_TOOLS_BYTES = 512 * 1024  # all tools together
 MAX_DOCUMENTS = 64
 # Names as OpenAI takes them: ^[a-zA-Z0-9_-]{1,64}$ (checked without a regex).
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-NAME_SCHEMA = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+NAME_SCHEMA: JsonDict = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
 
 
 def check_name(name: str, what: str) -> str:

@@ -113,11 +113,11 @@ class Upstream:
         """The URL of `path` on this upstream (its own query goes in `params`)."""
         return self._base + path
 
-    def params(self, extra: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    def params(self, extra: Iterable[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
         """The request's query parameters and the upstream URL's own, which win (a client
         cannot replace a key the upstream URL carries)."""
         own = {k for k, _ in self._params}
-        return [(k, v) for k, v in extra if k not in own] + self._params
+        return (*((k, v) for k, v in extra if k not in own), *self._params)
 
     def record(self, ok: bool, seconds: float) -> None:
         self.requests += 1
@@ -461,7 +461,7 @@ def create_router_app(
         ],
         lifespan=lifespan,
         exception_handlers={
-            LlmhostError: llmhost_error_response,
+            LlmhostError: llmhost_error_response,  # type: ignore[dict-item]
             Exception: unexpected_error_handler(log, "router"),
         },
     )

@@ -50,7 +50,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(responses=_ERRORS)
 
-_STREAM_DOC = {
+_STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}
 }
 

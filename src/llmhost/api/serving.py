@@ -37,7 +37,7 @@ from llmhost.api.sse import (
     sse,
     usage_body,
 )
-from llmhost.engines.base import Engine
+from llmhost.engines.base import Engine, TokenStream
 from llmhost.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -118,7 +118,7 @@ class _Measured:
 
     def __init__(
         self,
-        inner: AsyncIterator[TokenDelta],
+        inner: TokenStream,
         metrics: Metrics,
         model: str,
         t0: float,
@@ -226,9 +226,7 @@ class OpenAIServing:
                 param="n",
             )
 
-    async def _start(
-        self, gen: GenerationRequest, model: str
-    ) -> tuple[TokenDelta, AsyncIterator[TokenDelta]]:
+    async def _start(self, gen: GenerationRequest, model: str) -> tuple[TokenDelta, TokenStream]:
         """Run the engine up to its first delta, so request errors surface before any byte of
         the response is sent. With metrics, the stream observes TTFT, TPOT and tokens."""
         t0 = time.perf_counter()
@@ -247,9 +245,7 @@ class OpenAIServing:
         return first, stream
 
     @staticmethod
-    async def _collect(
-        first: TokenDelta, stream: AsyncIterator[TokenDelta], notes: dict[str, Any]
-    ) -> TokenDelta:
+    async def _collect(first: TokenDelta, stream: TokenStream, notes: dict[str, Any]) -> TokenDelta:
         parts = [first.text]
         calls: dict[int, dict[str, Any]] = {}
         gather_remote_calls(calls, first.tool_calls)

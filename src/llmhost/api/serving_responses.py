@@ -35,6 +35,7 @@ from llmhost.api.protocol_responses import (
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_chat import ChatShaper
 from llmhost.api.sse import SSE_HEADERS, json_line
+from llmhost.engines.base import TokenStream
 from llmhost.errors import InvalidRequest, LlmhostError, ServiceUnavailable
 from llmhost.types import TokenDelta, Usage
 
@@ -125,7 +126,10 @@ def _response_format(req: ResponsesRequest) -> ResponseFormat | None:
     if fmt.type == "json_schema":
         # Checked already (TextFormat): built without checking the schema's size again.
         schema = JsonSchemaFormat.model_construct(
-            name=fmt.name, description=fmt.description, schema_=fmt.schema_, strict=fmt.strict
+            name=fmt.name,  # type: ignore[arg-type]
+            description=fmt.description,
+            schema_=fmt.schema_,  # type: ignore[arg-type]
+            strict=fmt.strict,
         )
     return ResponseFormat.model_construct(type=fmt.type, json_schema=schema)
 
@@ -337,7 +341,7 @@ def _chat_usage(u: Usage | None) -> dict[str, int]:
 def _echo(req: ResponsesRequest) -> dict[str, Any]:
     """The request's settings, as a response repeats them."""
     fmt = req.text.format if req.text is not None else None
-    choice = req.tool_choice
+    choice: Any = req.tool_choice  # None, a string, or the named function as JSON
     if choice is not None and not isinstance(choice, str):
         choice = choice.model_dump()
     return {
@@ -453,7 +457,7 @@ async def _stream(
     req: ResponsesRequest,
     response: _Response,
     first: TokenDelta,
-    stream: AsyncIterator[TokenDelta],
+    stream: TokenStream,
     shaper: ChatShaper,
     forced: bool,
     notes: dict[str, Any],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from llmhost.audit.integrity import Checkpoint, key_id, same, sign
 from llmhost.audit.records import (
@@ -35,7 +36,7 @@ def gone_message(head_file: Path) -> str:
 
 
 def walk(
-    rows: Sequence[Sequence],
+    rows: Sequence[Sequence[Any]],
     prev: str,
     expect: int,
     key_for: Callable[[int], bytes | None],
@@ -68,7 +69,7 @@ def walk(
 
 def check(
     meta: dict[str, str],
-    rows: Sequence[Sequence],
+    rows: Sequence[Sequence[Any]],
     raw_cp: bytes | None,
     key: Callable[[], bytes],
     key_file: Path,
@@ -128,7 +129,7 @@ def against_checkpoint(
     key: bytes,
     raw_cp: bytes | None,
     head_file: Path,
-    rows: Sequence[Sequence],
+    rows: Sequence[Sequence[Any]],
     last: int,
     last_hash: str,
     a_seq: int,

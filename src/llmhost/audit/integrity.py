@@ -48,7 +48,7 @@ class Checkpoint:
     anchor_hash: str
     time: float = 0.0
 
-    def _body(self) -> dict:
+    def _body(self) -> dict[str, object]:
         return {"v": CHECKPOINT_VERSION, **asdict(self)}
 
     def dump(self, key: bytes) -> bytes:

@@ -30,9 +30,10 @@ import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from llmhost.audit import chain
 from llmhost.audit.integrity import Checkpoint, HeadFile, key_id, same, sign
@@ -40,11 +41,11 @@ from llmhost.audit.records import (  # re-exported: the store's callers import t
     COLUMNS,
     FIELDS,
     GENESIS,
-    AuditRecord,
-    ChainReport,
-    StoredRecord,
     chain_hash,
 )
+from llmhost.audit.records import AuditRecord as AuditRecord
+from llmhost.audit.records import ChainReport as ChainReport
+from llmhost.audit.records import StoredRecord as StoredRecord
 from llmhost.errors import ConfigError, IntegrityError
 from llmhost.files import load_or_create_key, private_sqlite
 
@@ -72,6 +73,28 @@ CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 """
 
 
+T = TypeVar("T")
+
+
+class Cursor(Protocol):
+    """What the store uses of a DB-API cursor (sqlite3's, psycopg's); values come back as
+    the driver decodes them."""
+
+    def execute(self, sql: str, args: tuple[Any, ...], /) -> object: ...
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]], /) -> object: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    @property
+    def rowcount(self) -> int: ...
+
+
+class Connection(Protocol):
+    """A DB-API connection in autocommit mode: the store begins and ends its transactions."""
+
+    def cursor(self) -> Cursor: ...
+    def close(self) -> None: ...
+
+
 _UPSERT = (
     "INSERT INTO audit_meta (key, value) VALUES (?, ?) "
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
@@ -87,7 +110,7 @@ class SqlAuditStore:
     begin: tuple[str, ...] = ("BEGIN",)
     begin_read = "BEGIN"  # one snapshot for the anchor and the rows it starts
 
-    def __init__(self, db, key_file: Path, head_file: Path) -> None:
+    def __init__(self, db: Connection, key_file: Path, head_file: Path) -> None:
         self._lock = threading.Lock()
         self._db = db
         self.key_file = Path(key_file)
@@ -99,7 +122,7 @@ class SqlAuditStore:
     def _q(self, sql: str) -> str:
         return sql.replace("?", self.ph)
 
-    def _execute(self, sql: str, args: Sequence = ()):
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
         cur = self._db.cursor()
         cur.execute(self._q(sql), tuple(args))
         return cur
@@ -117,7 +140,8 @@ class SqlAuditStore:
 
     def _meta(self, key: str, default: str) -> str:
         row = self._execute("SELECT value FROM audit_meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else default
+        value: str = row[0] if row else default
+        return value
 
     def _meta_all(self) -> dict[str, str]:
         return dict(self._execute("SELECT key, value FROM audit_meta").fetchall())
@@ -128,7 +152,7 @@ class SqlAuditStore:
             return row[0], row[1]
         return int(self._meta("anchor_seq", "0")), self._meta("anchor_hash", GENESIS)
 
-    def _transaction(self, fn):
+    def _transaction(self, fn: Callable[[], T]) -> T:
         with self._lock:
             for stmt in self.begin:
                 self._execute(stmt)
@@ -198,7 +222,7 @@ class SqlAuditStore:
         self._head.offer(self.key(), cp)
         return seq
 
-    def _rows(self, sql: str, args: Sequence) -> Iterator[StoredRecord]:
+    def _rows(self, sql: str, args: Sequence[object]) -> Iterator[StoredRecord]:
         with self._lock:
             rows = self._execute(sql, args).fetchall()
         for row in rows:
@@ -235,7 +259,8 @@ class SqlAuditStore:
 
     def count(self) -> int:
         with self._lock:
-            return self._execute("SELECT count(*) FROM audit").fetchone()[0]
+            n: int = self._execute("SELECT count(*) FROM audit").fetchone()[0]
+        return n
 
     def verify(self) -> ChainReport:
         """The chain checked under the audit key, from the signed purge anchor to the newest
@@ -404,5 +429,5 @@ def open_store(
     return store
 
 
-def as_dict(rec: StoredRecord) -> dict:
+def as_dict(rec: StoredRecord) -> dict[str, Any]:
     return asdict(rec)

@@ -45,7 +45,7 @@ def storable(text: str) -> str:
 
 
 def storable_record(rec: AuditRecord) -> AuditRecord:
-    changes = {
+    changes: dict[str, Any] = {
         f.name: storable(v)
         for f in dataclasses.fields(rec)
         if isinstance(v := getattr(rec, f.name), str) and storable(v) is not v
@@ -54,7 +54,8 @@ def storable_record(rec: AuditRecord) -> AuditRecord:
 
 
 def _identity(item: Any) -> AuditRecord:
-    return item
+    rec: AuditRecord = item  # the default: items are records already
+    return rec
 
 
 def _fallback(item: Any, exc: Exception) -> AuditRecord:
@@ -89,8 +90,8 @@ class AuditWriter:
         self.written = 0
         self.failures = 0  # failed write attempts
         self.dropped = 0  # records given up on
-        self._task: asyncio.Task | None = None
-        self._purger: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._purger: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="llmhost-audit-writer")
@@ -165,7 +166,7 @@ class AuditWriter:
             return
         self._drop(batch, str(error))
 
-    def _drop(self, batch: list, why: str) -> None:
+    def _drop(self, batch: list[tuple[float, Any]], why: str) -> None:
         for _, item in batch:
             rid = getattr(getattr(item, "record", item), "request_id", "?")
             log.critical("audit record of request %s could not be written: %s", rid, why)

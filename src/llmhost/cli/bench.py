@@ -270,7 +270,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console(width=max(Console().width, 120))
         if compare is None:
-            report = asyncio.run(run_scenarios(cfg(url), scenarios, warmup=warmup))
+            report = asyncio.run(run_scenarios(cfg(url), scenarios, warmup=warmup))  # type: ignore[arg-type]
             missed = _check_targets(report, targets)
             if as_json:
                 typer.echo(json.dumps({"target": url, "results": report}))

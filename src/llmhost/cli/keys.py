@@ -44,7 +44,7 @@ def create(
     with _store() as keys:
         text, info = keys.create(
             user,
-            role,  # type: ignore[arg-type]
+            role,
             expires_in=lifetime,
             rpm=rpm,
             tpm=tpm,

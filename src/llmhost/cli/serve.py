@@ -86,12 +86,12 @@ def serve_settings(settings: Settings, pool: Pool | None = None) -> None:
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         log_config=None,
-        timeout_graceful_shutdown=settings.shutdown_timeout,
+        timeout_graceful_shutdown=settings.shutdown_timeout,  # type: ignore[arg-type]  # seconds, any float
         timeout_keep_alive=30,
     )
     server = _GracefulServer(config)
     # Streams still running near the end of the grace period end with an in-band error.
-    server.on_exit = lambda: app.state.drain.begin(settings.shutdown_timeout)
+    server.on_exit = lambda: app.state.drain.begin(settings.shutdown_timeout)  # type: ignore[union-attr]
     server.run()
     if app.state.load_error is not None:
         raise ModelLoadError(f"the model failed to load: {app.state.load_error}")
@@ -352,7 +352,10 @@ def register(app: typer.Typer) -> None:
             from llmhost.store.demo import ensure_demo_model
 
             path = ensure_demo_model(settings.models_dir)
-            update = {"model": str(path), "model_name": settings.model_name or "llmhost-demo"}
+            update: dict[str, object] = {
+                "model": str(path),
+                "model_name": settings.model_name or "llmhost-demo",
+            }
             if "cors_origins" not in settings.model_fields_set:  # not set by flag, env or file
                 update["cors_origins"] = DEMO_CORS_ORIGINS
             settings = settings.model_copy(update=update)

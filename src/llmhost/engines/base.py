@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmhost.errors import ContextLengthExceeded, InvalidRequest
 from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta
+
+if TYPE_CHECKING:
+    from llmhost.config import Settings
+
+
+class TokenStream(Protocol):
+    """What `Engine.stream` returns: deltas as they come, and `aclose` to stop early."""
+
+    def __aiter__(self) -> AsyncIterator[TokenDelta]: ...
+    async def __anext__(self) -> TokenDelta: ...
+    async def aclose(self) -> None: ...
 
 
 class Engine(abc.ABC):
@@ -50,6 +61,12 @@ class Engine(abc.ABC):
     bos_token: str = ""
     eos_token: str = ""
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        """The engine the server settings describe (the registry builds engines this way);
+        nothing is loaded until start()."""
+        raise NotImplementedError(f"the {cls.name} engine cannot be built from settings")
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Load the model; may take long, runs before the server reports ready."""
@@ -59,8 +76,9 @@ class Engine(abc.ABC):
         """Cancel outstanding work and free the model."""
 
     @abc.abstractmethod
-    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Generate for one request."""
+    def stream(self, request: GenerationRequest) -> TokenStream:
+        """Generate for one request (an async generator, most simply); the server closes it
+        early when the client goes away."""
 
     @abc.abstractmethod
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:

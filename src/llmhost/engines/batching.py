@@ -12,9 +12,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from llmhost.engines.base import Engine, StopMatcher, check_context, check_token_ids
 from llmhost.errors import EngineError, EngineNotReady, InvalidRequest, Overloaded
@@ -22,6 +22,7 @@ from llmhost.store import crypto
 from llmhost.types import (
     Constraint,
     EngineHealth,
+    FinishReason,
     GenerationRequest,
     SamplingParams,
     TokenDelta,
@@ -46,7 +47,7 @@ class BaseSequence:
     sampling: SamplingParams
     budget: int
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: asyncio.Queue[TokenDelta | BaseException]
     n_fed: int = 0  # prompt tokens already in the KV cache
     n_generated: int = 0
     last_token: int = -1
@@ -65,12 +66,18 @@ class BaseSequence:
         return self.n_fed < len(self.prompt)
 
 
-def _deliver(items: list[tuple[asyncio.Queue, TokenDelta | BaseException]]) -> None:
+_Delivery = tuple["asyncio.Queue[TokenDelta | BaseException]", "TokenDelta | BaseException"]
+
+# The sequence class an engine's loop schedules: its hooks see that class's own fields.
+SeqT = TypeVar("SeqT", bound=BaseSequence)
+
+
+def _deliver(items: list[_Delivery]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
 
 
-class BatchLoop(abc.ABC):
+class BatchLoop(abc.ABC, Generic[SeqT]):
     """The scheduler thread and its queues. Subclasses own the model state and implement
     `_admit` (move waiting sequences into the batch), `_step` (one forward pass over the
     active ones), `_release` (free what a sequence held) and `_shutdown` (free the rest)."""
@@ -82,10 +89,10 @@ class BatchLoop(abc.ABC):
         self.max_queue = max_queue
         self.log = log
         self._cond = threading.Condition()
-        self._waiting: deque[Any] = deque()
-        self._active: list[Any] = []
+        self._waiting: deque[SeqT] = deque()
+        self._active: list[SeqT] = []
         self._running = True
-        self._outbox: list[tuple[Any, TokenDelta | BaseException]] = []
+        self._outbox: list[tuple[SeqT, TokenDelta | BaseException]] = []
         self.steps = 0
         self._thread = threading.Thread(target=self._main, name=self.thread_name, daemon=True)
 
@@ -97,7 +104,7 @@ class BatchLoop(abc.ABC):
     def free_slots(self) -> int:
         return self.n_slots - len(self._active)
 
-    def submit(self, seq: Any) -> bool:
+    def submit(self, seq: SeqT) -> bool:
         """Queue a sequence; False when the wait queue is full."""
         with self._cond:
             if not self._running:
@@ -108,7 +115,7 @@ class BatchLoop(abc.ABC):
             self._cond.notify()
         return True
 
-    def cancel(self, seq: Any) -> None:
+    def cancel(self, seq: SeqT) -> None:
         with self._cond:
             seq.cancelled = True
             self._cond.notify()
@@ -139,7 +146,7 @@ class BatchLoop(abc.ABC):
             self._thread.join()
         self._shutdown()
 
-    async def run(self, seq: Any, busy_message: str):
+    async def run(self, seq: SeqT, busy_message: str) -> AsyncIterator[TokenDelta]:
         """Submit `seq` and yield its deltas; cancels it if the consumer stops early."""
         if not self.submit(seq):
             raise Overloaded(busy_message, retry_after=1)
@@ -161,7 +168,7 @@ class BatchLoop(abc.ABC):
 
     # --- the scheduler thread -------------------------------------------------------------
 
-    def _thread_context(self) -> contextlib.AbstractContextManager:
+    def _thread_context(self) -> contextlib.AbstractContextManager[object]:
         """Per-thread state around every step (torch's inference mode, for one)."""
         return contextlib.nullcontext()
 
@@ -177,7 +184,7 @@ class BatchLoop(abc.ABC):
             return
         self._fail_all(None)
 
-    def _idle(self) -> None:  # noqa: B027 - optional for subclasses
+    def _idle(self) -> None:
         """Called when the batch has emptied, before the thread waits for work."""
 
     def _serve(self) -> None:
@@ -197,7 +204,7 @@ class BatchLoop(abc.ABC):
             if self._active:
                 self._step()
 
-    def _post(self, seq: Any, item: TokenDelta | BaseException) -> None:
+    def _post(self, seq: SeqT, item: TokenDelta | BaseException) -> None:
         if seq.prompt_lps and isinstance(item, TokenDelta):
             item = replace(item, prompt_logprobs=tuple(seq.prompt_lps))
             seq.prompt_lps = []
@@ -207,7 +214,7 @@ class BatchLoop(abc.ABC):
         """Deliver queued results with one wake-up per event loop."""
         if not self._outbox:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
         for seq, item in self._outbox:
             by_loop.setdefault(seq.loop, []).append((seq.queue, item))
         self._outbox = []
@@ -246,14 +253,14 @@ class BatchLoop(abc.ABC):
         for seq in [s for s in self._active if s.cancelled]:
             self._finish(seq)
 
-    def _finish(self, seq: Any) -> None:
+    def _finish(self, seq: SeqT) -> None:
         self._active.remove(seq)
         self._release(seq)
 
     # --- output: the same finish rules for every engine ---------------------------------------
 
     def _emit(
-        self, seq: Any, token: int, is_eos: bool, logprob: TokenLogprob | None = None
+        self, seq: SeqT, token: int, is_eos: bool, logprob: TokenLogprob | None = None
     ) -> None:
         """A sampled token ends the stream at EOS (unless ignored), a stop string or the
         budget; otherwise its text goes out. A budget of 0 (a prompt scored, nothing
@@ -288,8 +295,8 @@ class BatchLoop(abc.ABC):
 
     def _done(
         self,
-        seq: Any,
-        reason: str,
+        seq: SeqT,
+        reason: FinishReason,
         text: str,
         ids: tuple[int, ...] = (),
         lps: tuple[TokenLogprob, ...] = (),
@@ -301,18 +308,18 @@ class BatchLoop(abc.ABC):
             TokenDelta(
                 text=text,
                 token_ids=ids,
-                finish_reason=reason,  # type: ignore[arg-type]
+                finish_reason=reason,
                 usage=Usage(len(seq.prompt), seq.n_generated),
                 logprobs=lps,
             ),
         )
 
     @abc.abstractmethod
-    def _take(self, seq: Any, token: int) -> str:
+    def _take(self, seq: SeqT, token: int) -> str:
         """Record an accepted (non-EOS) token and return the text it completes."""
 
     @abc.abstractmethod
-    def _tail(self, seq: Any) -> str:
+    def _tail(self, seq: SeqT) -> str:
         """Text still held back when the stream ends (an unfinished character, a possible
         stop string)."""
 
@@ -325,7 +332,7 @@ class BatchLoop(abc.ABC):
         """One forward pass over the active sequences, posting what they produced."""
 
     @abc.abstractmethod
-    def _release(self, seq: Any) -> None:
+    def _release(self, seq: SeqT) -> None:
         """Free whatever `seq` holds; called once it leaves the batch."""
 
     @abc.abstractmethod
@@ -350,20 +357,21 @@ def engine_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
-class BatchedEngine(Engine):
+class BatchedEngine(Engine, Generic[SeqT]):
     """An engine whose generations run in a BatchLoop: prompt checks, streaming and health
     are the same for each. Subclasses set `sequence_type`, and `_scheduler` and `_n_vocab`
     once loaded."""
 
-    sequence_type: type[BaseSequence] = BaseSequence
+    sequence_type: type[SeqT]
     supports_logprobs = True
     supports_logit_bias = True
-    _scheduler: BatchLoop | None = None
+    _scheduler: BatchLoop[SeqT] | None = None
     _n_vocab: int = 0
     _grammars: GrammarCompiler | None = None
 
-    @property  # type: ignore[override]
-    def max_sequences(self) -> int | None:
+    # Read-only here where Engine declares a plain attribute (FakeEngine sets it).
+    @property
+    def max_sequences(self) -> int | None:  # type: ignore[override]
         return None if self._scheduler is None else self._scheduler.n_slots
 
     def health(self) -> EngineHealth:
@@ -375,7 +383,7 @@ class BatchedEngine(Engine):
         stats["kv_cache_usage"] = stats["kv_tokens"] / cells if cells else 0.0
         return EngineHealth(ok=alive, detail="" if alive else "scheduler stopped", stats=stats)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         scheduler = self._scheduler
         if scheduler is None:
             raise EngineNotReady("the model is not loaded", retry_after=5)
@@ -417,7 +425,7 @@ class BatchedEngine(Engine):
             raise InvalidRequest(
                 f"the {self.name} engine cannot constrain its output", param="response_format"
             )
-        grammar = compiler.cached(constraint) or await asyncio.to_thread(
-            compiler.compile, constraint
-        )
+        grammar = compiler.cached(constraint)
+        if grammar is None:
+            grammar = await asyncio.to_thread(compiler.compile, constraint)
         return grammar.matcher()

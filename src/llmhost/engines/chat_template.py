@@ -4,7 +4,7 @@ transformers' `apply_chat_template` renders them, in a sandbox a hostile templat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -56,10 +56,10 @@ def _strftime_now(fmt: str) -> str:
 class _TemplateDict:
     """`dict(...)` and `dict.fromkeys(...)` for templates, without handing them the type itself."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
         return dict(*args, **kwargs)
 
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
         return dict.fromkeys(*args, **kwargs)
 
 
@@ -98,7 +98,7 @@ class _GenerationTag(Extension):
         call = self.call_method("_body")
         return nodes.CallBlock(call, [], [], body).set_lineno(lineno)
 
-    def _body(self, caller: Any) -> str:
+    def _body(self, caller: Callable[[], str]) -> str:
         return caller()
 
 
@@ -133,11 +133,14 @@ def _unwrap(node: nodes.Node) -> nodes.Node:
     """The expression under filters, tests and slices: `message['content'] | selectattr(...)`
     and `message.content[1:]` still iterate the content."""
     while True:
-        wrapped = isinstance(node, (nodes.Filter, nodes.Test)) and node.node is not None
-        sliced = isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)
-        if not (wrapped or sliced):
+        inner: nodes.Node | None = None
+        if isinstance(node, (nodes.Filter, nodes.Test)) or (
+            isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)
+        ):
+            inner = node.node
+        if inner is None:
             return node
-        node = node.node
+        node = inner
 
 
 def _is_name(node: nodes.Node, names: set[str]) -> bool:

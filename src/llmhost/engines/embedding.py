@@ -12,6 +12,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from llmhost.types import EngineHealth, ModelInfo
 class _Job:
     inputs: list[list[int]]
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    future: asyncio.Future[list[np.ndarray]]
     vectors: list[np.ndarray | None] = field(default_factory=list)
     next: int = 0  # the next input to take
 
@@ -161,11 +162,15 @@ class EmbeddingEngine:
     _suffix: list[int] | None = None
     model_info: ModelInfo
 
+    if TYPE_CHECKING:  # the engine it is mixed into tokenizes
+
+        def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+
     def special_suffix(self) -> list[int]:
         """The special tokens tokenizing appends to any text (BERT: [SEP]; none for most
         decoders): what the two shortest texts end with in common."""
         if self._suffix is None:
-            a, b = self.tokenize("a"), self.tokenize("b")  # type: ignore[attr-defined]
+            a, b = self.tokenize("a"), self.tokenize("b")
             n = 0
             while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
                 n += 1
@@ -243,11 +248,11 @@ class RerankEngine(EmbeddingEngine):
         return scores, sum(len(p) for p in pairs)
 
 
-def _resolve(future: asyncio.Future, vectors: list) -> None:
-    if not future.done():
-        future.set_result(vectors)
+def _resolve(future: asyncio.Future[list[np.ndarray]], vectors: list[np.ndarray | None]) -> None:
+    if not future.done():  # every vector is there by now
+        future.set_result([v for v in vectors if v is not None])
 
 
-def _fail(future: asyncio.Future, why: str) -> None:
+def _fail(future: asyncio.Future[list[np.ndarray]], why: str) -> None:
     if not future.done():
         future.set_exception(EngineError(why))

@@ -4,13 +4,14 @@ tracks how many streams are running, so api behaviour can be checked without a m
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
 
 from llmhost.engines.base import Engine, StopMatcher, check_context
 from llmhost.errors import EngineNotReady
 from llmhost.types import (
     EngineHealth,
+    FinishReason,
     GenerationRequest,
     ModelInfo,
     TokenDelta,
@@ -88,7 +89,7 @@ class FakeEngine(Engine):
     def health(self) -> EngineHealth:
         return EngineHealth(ok=self.started, stats={"active": self.active})
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         if not self.started:
             raise EngineNotReady("the fake engine is not started")
         n_prompt = (
@@ -102,7 +103,7 @@ class FakeEngine(Engine):
         self.active += 1
         stops = StopMatcher(sp.stop)
         produced = 0
-        finish = "length"
+        finish: FinishReason = "length"
         try:
             while produced < budget:
                 if self.eos_after is not None and produced >= self.eos_after and not sp.ignore_eos:

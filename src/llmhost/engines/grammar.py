@@ -30,13 +30,16 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import llguidance
 import numpy as np
 
 from llmhost.errors import InvalidRequest
 from llmhost.types import Constraint
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 log = logging.getLogger("llmhost.engines.grammar")
 
@@ -45,10 +48,20 @@ MAX_SOURCE_CHARS = 100_000  # a schema or grammar larger than this is refused un
 CACHE_SIZE = 128
 # JSON layout: at most one space wherever JSON allows whitespace; a schema's own "x-guidance"
 # options may override it.
-JSON_OPTIONS = {"whitespace_pattern": "[ ]?"}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": "[ ]?"}
+
+
 # Bounds on what one grammar may cost (llguidance's units; ~50k fuel/ms to build the lexer,
 # ~14k/ms per mask step).
-LIMITS = {
+class _Limits(TypedDict):
+    max_grammar_size: int
+    initial_lexer_fuel: int
+    step_lexer_fuel: int
+    step_max_items: int
+    max_lexer_states: int
+
+
+LIMITS: _Limits = {
     "max_grammar_size": 200_000,
     "initial_lexer_fuel": 1_000_000,
     "step_lexer_fuel": 200_000,
@@ -119,9 +132,11 @@ def llamacpp_tokenizer(vocab: Any, n_vocab: int, eos: list[int]) -> llguidance.L
             piece = b"\xff" + piece
         tokens.append(piece)
     tokenize = ctypes.cast(C.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
-    return llguidance.LLTokenizer.from_llamacpp(
+    # from_llamacpp is missing from llguidance's stubs (its own adapter ignores it too).
+    tok: llguidance.LLTokenizer = llguidance.LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
         tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize, eos_token=eos
     )
+    return tok
 
 
 class Grammar:

@@ -34,12 +34,15 @@ DEFAULT_CTX_CAP = 4096
 _LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml: 1 debug, 2 info, 5 continuation
 
 
-@C.llama_log_callback
-def _route_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+def _log_native(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     # llama.cpp prints a great deal at load; keep it out of the server log unless debugging.
     lvl = _LEVELS.get(level, logging.DEBUG)
     if _native_log.isEnabledFor(lvl):
         _native_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip())
+
+
+# Kept at module level: llama.cpp holds the pointer for as long as the process runs.
+_route_native_log = C.llama_log_callback(_log_native)
 
 
 def resolve_gguf(path: Path) -> Path:
@@ -55,7 +58,7 @@ def resolve_gguf(path: Path) -> Path:
     return path
 
 
-class LlamaCppEngine(BatchedEngine):
+class LlamaCppEngine(BatchedEngine[Sequence]):
     name = "llamacpp"
     sequence_type = Sequence
     supports_tools = True

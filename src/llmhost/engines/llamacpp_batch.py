@@ -29,6 +29,7 @@ import ctypes
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +61,7 @@ class Sequence(BaseSequence):
     # With logprobs the chain is split: `pre` (logit bias, penalties) changes the logits the
     # log-probabilities are taken from, `sampler` then picks (truncation, temperature, draw).
     pre: Any = None
-    decoder: Any = field(init=False)
+    decoder: codecs.IncrementalDecoder = field(init=False)
     decoded: list[int] = field(default_factory=list)  # generated tokens whose KV is written
     source: Sequence | None = None  # waiting to copy `share` prompt tokens from its cells
     share: int = 0
@@ -71,7 +72,7 @@ class Sequence(BaseSequence):
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
-class BatchScheduler(BatchLoop):
+class BatchScheduler(BatchLoop[Sequence]):
     """Owns the llama.cpp context; all llama_decode calls happen on its thread."""
 
     thread_name = "llamacpp-batch"
@@ -176,11 +177,11 @@ class BatchScheduler(BatchLoop):
             self._save(best)  # about to be overwritten
         self._cached[best] = []
         if caching and self._host:
-            key, n = max(
+            held, n = max(
                 ((k, common_prefix(k, seq.prompt, limit)) for k in self._host),
                 key=lambda kn: kn[1],
             )
-            if n >= reuse + MIN_SHARE and self._restore(key, best):
+            if n >= reuse + MIN_SHARE and self._restore(held, best):
                 reuse = n
         seq.n_fed = self._trim(best, reuse)
         if caching:
@@ -496,7 +497,7 @@ def plan_prefill(active: list[Sequence], batch_size: int) -> dict[int, int]:
     return plan
 
 
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+def common_prefix(a: Sequence_[int], b: Sequence_[int], limit: int) -> int:
     """How many leading tokens `a` and `b` share, at most `limit`."""
     n = min(len(a), len(b), limit)
     for i in range(n):

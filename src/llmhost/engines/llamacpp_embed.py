@@ -73,7 +73,7 @@ class _LlamaEmbedLoop(EmbedLoop):
         C.llama_batch_free(self.batch)
 
 
-class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[misc]
+class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):
     """A GGUF model served for `/v1/embeddings`."""
 
     pooling_type = C.LLAMA_POOLING_TYPE_UNSPECIFIED  # the model's own
@@ -147,7 +147,7 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine, LlamaCppEngine):  # type: ignore[
         return ctx
 
 
-class LlamaCppRerankEngine(RerankEngine, LlamaCppEmbeddingEngine):  # type: ignore[misc]
+class LlamaCppRerankEngine(RerankEngine, LlamaCppEmbeddingEngine):
     """A GGUF cross-encoder (a rank head: `cls`, `cls.output`) served for `/v1/rerank`."""
 
     pooling_type = C.LLAMA_POOLING_TYPE_RANK

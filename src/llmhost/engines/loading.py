@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 # Re-exported: the engines make the decrypted copies (store.in_memory), and the api layer, which
 # never reaches into the store, sweeps them through the engines.
@@ -23,7 +23,8 @@ LOAD_NICENESS = 10  # added to the process's: a load yields the CPU to serving t
 
 def at_low_priority(fn: Callable[[], T]) -> T:
     """`fn()` in a short-lived thread of lower priority; returns or raises what it does."""
-    result: list[Any] = []
+    result: list[T] = []
+    error: list[BaseException] = []
 
     def run() -> None:
         with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed
@@ -31,14 +32,13 @@ def at_low_priority(fn: Callable[[], T]) -> T:
             nice = os.getpriority(os.PRIO_PROCESS, tid)
             os.setpriority(os.PRIO_PROCESS, tid, nice + LOAD_NICENESS)
         try:
-            result.append((True, fn()))
+            result.append(fn())
         except BaseException as exc:  # raised again in the caller's thread
-            result.append((False, exc))
+            error.append(exc)
 
     worker = threading.Thread(target=run, name="model-read", daemon=True)
     worker.start()
     worker.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
+    if error:
+        raise error[0]
+    return result[0]

@@ -11,7 +11,8 @@ from llmhost.types import TokenLogprob
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log(softmax(logits)) in float32, stable for rows holding -inf (masked tokens)."""
     shifted = np.asarray(logits, dtype=np.float32) - np.float32(logits.max())
-    return shifted - np.float32(np.log(np.exp(shifted, dtype=np.float64).sum()))
+    out: np.ndarray = shifted - np.float32(np.log(np.exp(shifted, dtype=np.float64).sum()))
+    return out
 
 
 def token_logprob(logprobs: np.ndarray, token: int, k: int) -> TokenLogprob:

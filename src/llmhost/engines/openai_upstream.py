@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -28,12 +28,21 @@ from llmhost.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from llmhost.types import EngineHealth, GenerationRequest, ModelInfo, TokenDelta, Usage
+from llmhost.types import (
+    EngineHealth,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    TokenDelta,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
 
 log = logging.getLogger("llmhost.engines.upstream")
+# The upstream's finish reasons passed on; any other is a plain stop.
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 def _error_for(status: int, body: bytes) -> Exception:
@@ -90,7 +99,7 @@ class OpenAIUpstreamEngine(Engine):
         self._client: httpx.AsyncClient | None = None
         self._healthy = False
         self._detail = "not started"
-        self._checker: asyncio.Task | None = None
+        self._checker: asyncio.Task[None] | None = None
         self.active = 0
 
     @classmethod
@@ -143,7 +152,7 @@ class OpenAIUpstreamEngine(Engine):
         entry = next(m for m in models if m.get("id") == self.upstream_model)
         ctx = entry.get("context_length") or entry.get("max_model_len") or 0
         self.model_info = ModelInfo(
-            id=self.served_name or self.upstream_model,
+            id=self.served_name or self.upstream_model or "",
             context_length=int(ctx),
             owned_by=str(entry.get("owned_by") or "upstream"),
         )
@@ -232,7 +241,7 @@ class OpenAIUpstreamEngine(Engine):
             raise InvalidRequest("the upstream engine takes text prompts")
         return "/v1/completions", {**body, "prompt": request.prompt}
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         if self._client is None:
             raise ServiceUnavailable("the upstream engine is not started")
         path, body = self._body(request)
@@ -277,7 +286,7 @@ class OpenAIUpstreamEngine(Engine):
                 prompt_tokens=int((usage or {}).get("prompt_tokens", 0)),
                 completion_tokens=int((usage or {}).get("completion_tokens", n_chunks)),
             )
-            reason = finish if finish in ("stop", "length", "tool_calls") else "stop"
+            reason = _FINISH.get(finish, "stop") if isinstance(finish, str) else "stop"
             yield TokenDelta(text="", finish_reason=reason, usage=u)
         except httpx.HTTPError as exc:
             raise EngineError(f"upstream connection lost: {exc}") from exc

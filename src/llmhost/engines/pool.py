@@ -56,7 +56,7 @@ class _Entry:
     spec: ModelSpec
     state: State = "unloaded"
     engine: Engine | None = None
-    loading: asyncio.Task | None = None
+    loading: asyncio.Task[None] | None = None
     leases: int = 0
     last_used: float = 0.0
     keep_alive: float | None = None

@@ -50,15 +50,16 @@ def engine_class(name: str, kind: str = "chat") -> type[Engine]:
         raise ConfigError(f"unknown engine {name!r}; available: {', '.join(names)}")
     module_name, _, attr = target.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        cls: type[Engine] = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
         extra = {"llamacpp": "llmhost[llamacpp]", "transformers": "llmhost[transformers]"}.get(
             name, f"the package providing {name}"
         )
         raise ConfigError(f"engine {name!r} needs {extra}: {exc}") from exc
+    return cls
 
 
 def create_engine(name: str, settings: Settings, kind: str = "chat") -> Engine:
     """Instantiate engine `name` (serving `kind`) with the server settings; nothing is
     loaded until start()."""
-    return engine_class(name, kind).from_settings(settings)  # type: ignore[attr-defined]
+    return engine_class(name, kind).from_settings(settings)

@@ -4,11 +4,14 @@ transformers engine swaps in."""
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmhost.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +37,9 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device, stored: Any, quantization: str | None):
+def resolve_dtype(
+    dtype: str, device: torch.device, stored: Any, quantization: str | None
+) -> torch.dtype:
     """`auto`: bfloat16 on GPUs that have it (else float16); on CPU float32, or bfloat16 when the
     checkpoint is bfloat16 and the CPU computes it natively. CPU int8 quantizes float32 layers."""
     if dtype != "auto":
@@ -79,7 +84,10 @@ class OneDnnLinear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x, self.weight, self.bias, "none", [], ""
+        )
+        return out
 
 
 def onednn_linear_works(dtype: torch.dtype) -> bool:
@@ -117,7 +125,7 @@ def own_memory(model: torch.nn.Module) -> None:
     gc.collect()
 
 
-def bnb_config(quantization: str, compute_dtype: torch.dtype):
+def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:

@@ -73,7 +73,7 @@ def check_folder(path: Path, allow_pickle: bool) -> bool:
     return False
 
 
-class TransformersEngine(BatchedEngine):
+class TransformersEngine(BatchedEngine[Sequence]):
     name = "transformers"
     sequence_type = Sequence
     supports_tools = True
@@ -202,7 +202,9 @@ class TransformersEngine(BatchedEngine):
                 log.debug("oneDNN linear layers: %d", use_onednn_linears(model))
         self._install(model, tokenizer, config, device, dtype)
 
-    def _install(self, model: Any, tokenizer: Any, config: Any, device, dtype) -> None:
+    def _install(
+        self, model: Any, tokenizer: Any, config: Any, device: torch.device, dtype: torch.dtype
+    ) -> None:
         n_ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
         per_seq = min(self.ctx_size, n_ctx) if self.ctx_size else min(n_ctx, DEFAULT_CTX_CAP)
         gen = getattr(model, "generation_config", None)
@@ -229,13 +231,15 @@ class TransformersEngine(BatchedEngine):
         if backend is not None:
 
             def decode(ids: list[int]) -> str:
-                return backend.decode(ids, skip_special_tokens=True)
+                text: str = backend.decode(ids, skip_special_tokens=True)
+                return text
         else:
 
             def decode(ids: list[int]) -> str:
-                return tokenizer.decode(
+                text: str = tokenizer.decode(
                     ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
                 )
+                return text
 
         self.model, self.tokenizer = model, tokenizer
         self._n_vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))

@@ -18,11 +18,13 @@ takes the entry with the longest common prefix, cropped so at least its last tok
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ class Detokenizer:
     """Incremental text from token ids: decodes a short window twice per token and emits the
     difference, holding back text that ends in an incomplete UTF-8 sequence."""
 
-    def __init__(self, decode, context: list[int]):
+    def __init__(self, decode: Callable[[list[int]], str], context: list[int]):
         self._decode = decode
         self._ids = list(context)
         self._prefix = 0
@@ -108,7 +110,17 @@ def new_cache(config: Any) -> Any:
     return DynamicCache(config=config)
 
 
-def cache_kv(cache: Any) -> list[DynamicLayer]:
+class KVLayer(Protocol):
+    """One layer of a cache in the batch: its tensors are always there once it holds rows
+    (transformers declares them optional for an empty cache)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    device: torch.device
+    is_initialized: bool
+
+
+def cache_kv(cache: Any) -> list[KVLayer]:
     return list(cache.layers)
 
 
@@ -190,8 +202,8 @@ def apply_penalties(logits: torch.Tensor, history: list[int], sp: SamplingParams
     ones; frequency and presence subtract per occurrence and once, over the last 64 tokens."""
     if not history:
         return
-    ids, counts = torch.tensor(history[-PENALTY_LAST_N:], device=logits.device).unique(
-        return_counts=True
+    ids, counts = torch.unique(
+        torch.tensor(history[-PENALTY_LAST_N:], device=logits.device), return_counts=True
     )
     vals = logits[ids]
     if sp.repeat_penalty != 1.0:
@@ -218,7 +230,7 @@ def sample_token(logits: torch.Tensor, sp: SamplingParams, generator: torch.Gene
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class TorchScheduler(BatchLoop):
+class TorchScheduler(BatchLoop[Sequence]):
     """Owns the model; every forward pass happens on its thread."""
 
     thread_name = "transformers-batch"
@@ -257,7 +269,7 @@ class TorchScheduler(BatchLoop):
         self.prefix_cache_requests_hit = 0
         self.start()
 
-    def _thread_context(self):
+    def _thread_context(self) -> contextlib.AbstractContextManager[object]:
         return torch.inference_mode()
 
     def _shutdown(self) -> None:
@@ -317,7 +329,12 @@ class TorchScheduler(BatchLoop):
         self.steps += 1
 
     def _forward(
-        self, ids: torch.Tensor, mask, pos: torch.Tensor, cache: Any, every: bool = False
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        pos: torch.Tensor,
+        cache: Any,
+        every: bool = False,
     ) -> torch.Tensor:
         """The last position's logits of each row, or with `every` all positions' ([1, n, V])."""
         out = self.model(
@@ -328,7 +345,8 @@ class TorchScheduler(BatchLoop):
             logits_to_keep=0 if every else 1,
             **{self._cache_arg: cache},
         )
-        return out.logits.float() if every else out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits
+        return logits.float() if every else logits[:, -1, :].float()
 
     def _prefill(self) -> None:
         for seq in self._pending:
@@ -447,7 +465,8 @@ class TorchScheduler(BatchLoop):
         tokens = tuple(seq.prompt) + tuple(seq.generated[:fed])
         if len(tokens) != seq.kv_len or pc.covers(tokens):
             return
-        keys, values = [], []
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
         for layer in cache_kv(self._cache):
             for src, dst in ((layer.keys, keys), (layer.values, values)):
                 dst.append(

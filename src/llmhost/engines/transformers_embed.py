@@ -108,12 +108,14 @@ class _TorchEmbedLoop(EmbedLoop):
         return list(pooled.cpu().numpy())
 
 
-class TransformersEmbeddingEngine(EmbeddingEngine, TransformersEngine):  # type: ignore[misc]
+class TransformersEmbeddingEngine(EmbeddingEngine, TransformersEngine):
     """A Hugging Face model folder served for `/v1/embeddings`."""
 
-    auto_class = AutoModel
+    auto_class: Any = AutoModel
 
-    def _install(self, model: Any, tokenizer: Any, config: Any, device, dtype) -> None:
+    def _install(
+        self, model: Any, tokenizer: Any, config: Any, device: torch.device, dtype: torch.dtype
+    ) -> None:
         n_ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
         per_seq = min(self.ctx_size or n_ctx, n_ctx, self.batch_size)
         self.model, self.tokenizer = model, tokenizer
@@ -137,7 +139,7 @@ class TransformersEmbeddingEngine(EmbeddingEngine, TransformersEngine):  # type:
         )
 
 
-class TransformersRerankEngine(RerankEngine, TransformersEmbeddingEngine):  # type: ignore[misc]
+class TransformersRerankEngine(RerankEngine, TransformersEmbeddingEngine):
     """A Hugging Face cross-encoder (…ForSequenceClassification) served for `/v1/rerank`."""
 
     auto_class = AutoModelForSequenceClassification

@@ -47,7 +47,8 @@ VLLM_TOOL_PARSERS = {
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def vllm_command(settings: Settings, port: int, api_key: str, served_name: str) -> list[str]:
@@ -109,10 +110,10 @@ class VllmEngine(OpenAIUpstreamEngine):
         self.start_timeout = start_timeout
         self.max_backoff = max_backoff
         self.log_path = settings.home / "vllm.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self._closing = False
-        self._supervisor: asyncio.Task | None = None
+        self._supervisor: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngine:

@@ -22,7 +22,9 @@ ASSETS = (
 def read_asset(name: str) -> str:
     if name not in ASSETS:
         raise KeyError(name)
-    return resources.files("llmhost.observability").joinpath("monitoring", name).read_text()
+    return (
+        resources.files("llmhost.observability").joinpath("monitoring").joinpath(name).read_text()
+    )
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ without its sidecar does not exist, so an interrupted backup leaves nothing half
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import hmac
@@ -161,7 +162,7 @@ class Backups:
                 return b
         raise NotFound(f"no backup {backup_id!r} in {self.dest}")
 
-    def chain(self, target: BackupInfo) -> list[BackupInfo]:
+    def chain(self, target: BackupInfo) -> builtins.list[BackupInfo]:
         """Full backup first, then each incremental up to `target`."""
         by_id = {b.id: b for b in self.list()}
         out = [target]
@@ -220,13 +221,13 @@ class Backups:
                 out[name] = tmp / name
         return out
 
-    def _model_files(self) -> tuple[dict[str, Path], dict[str, str], list[str]]:
+    def _model_files(self) -> tuple[dict[str, Path], dict[str, str], builtins.list[str]]:
         """Every registered model file: archive path -> source, and the sha256 its manifest
         records. Unregistered folders (the demo model, partial pulls) are not backed up."""
         root = self.home / "models"
         files: dict[str, Path] = {}
         sums: dict[str, str] = {}
-        notes: list[str] = []
+        notes: builtins.list[str] = []
         if not root.is_dir():
             return files, sums, notes
         for mf in sorted(root.glob(f"*/*/{MANIFEST_NAME}")):
@@ -277,11 +278,11 @@ class Backups:
         self._record_key(bool(self.key), create=True)  # a missing key fails before any work
         previous = self.list()
         parent = previous[-1] if previous else None
-        if kind == "incremental" and parent is None:
-            raise BackupError("no backup yet to increment from; make a full backup first")
-        if kind == "incremental" and parent.encrypted != bool(self.key):
-            raise BackupError("an incremental backup must be encrypted like its parent")
         if kind == "incremental":
+            if parent is None:
+                raise BackupError("no backup yet to increment from; make a full backup first")
+            if parent.encrypted != bool(self.key):
+                raise BackupError("an incremental backup must be encrypted like its parent")
             self.check_record(parent)  # its list of state hashes decides what is left out
         created = time.time()
         stamp = datetime.fromtimestamp(created, timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -291,7 +292,7 @@ class Backups:
             (tmp / "state").mkdir()
             state_files = self._state_files(tmp / "state")
             state = {name: _sha256_file(p) for name, p in state_files.items()}
-            if kind == "full":
+            if kind == "full" or parent is None:  # (an incremental one has a parent)
                 included = sorted(state)
             else:
                 included = sorted(n for n, h in state.items() if parent.state.get(n) != h)
@@ -342,7 +343,7 @@ class Backups:
         self.new_files += [final, self.dest / f"{backup_id}.json"]
         return info
 
-    def referenced(self, items: list[BackupInfo]) -> set[str]:
+    def referenced(self, items: builtins.list[BackupInfo]) -> set[str]:
         """Every file name (relative to the folder) that `items` need."""
         out = set()
         for b in items:
@@ -418,7 +419,7 @@ class Backups:
                 raise BackupError(f"{info.archive}: {name} does not match its record")
         return out
 
-    def verify(self, info: BackupInfo) -> list[str]:
+    def verify(self, info: BackupInfo) -> builtins.list[str]:
         """Problems found in one backup (empty when it is whole)."""
         try:
             self.check_record(info)
@@ -454,7 +455,7 @@ class Backups:
                 problems.append(exc.message)
         return problems
 
-    def _check_blob(self, sha: str, rel: str, encrypted: bool) -> list[str]:
+    def _check_blob(self, sha: str, rel: str, encrypted: bool) -> builtins.list[str]:
         blob = self.blobs / (sha + (".enc" if encrypted else ""))
         if not blob.is_file():
             return [f"model file {rel}: blob {sha[:12]}… is missing"]
@@ -473,7 +474,7 @@ class Backups:
 
     # --- restore ---------------------------------------------------------------------------
 
-    def restore(self, info: BackupInfo, home: Path, force: bool = False) -> list[str]:
+    def restore(self, info: BackupInfo, home: Path, force: bool = False) -> builtins.list[str]:
         """Rebuild `home` as it was at `info`; returns what was restored."""
         existing = [n for n in (*PLAIN_STATE, *SQLITE_STATE, "models") if (home / n).exists()]
         models_root = home / "models"
@@ -531,7 +532,7 @@ class Backups:
 
     # --- prune -----------------------------------------------------------------------------
 
-    def prune(self, keep: int) -> list[str]:
+    def prune(self, keep: int) -> builtins.list[str]:
         """Keep the newest `keep` full backups and the incrementals that build on them; remove
         the rest, then every blob no remaining backup refers to."""
         if keep < 1:

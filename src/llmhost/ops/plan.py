@@ -59,7 +59,7 @@ class Gpu:
     nvlink: bool
 
 
-GPUS = (
+GPUS: tuple[Gpu, ...] = (
     Gpu("RTX 4090", 24, False),
     Gpu("A10", 24, False),
     Gpu("A30", 24, True),

@@ -4,6 +4,7 @@ settings it is served with and a pool spec carrying the memory `llmhost plan` sa
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def build_pool(settings: Settings, models: Served) -> Pool:
         specs.append(
             ModelSpec(
                 id=model_id,
-                build=lambda s=s, kind=entry.kind: create_engine(s.engine, s, kind),
+                build=functools.partial(create_engine, s.engine, s, entry.kind),
                 kind=entry.kind,
                 need_bytes=host,
                 gpu_bytes=on_gpus,

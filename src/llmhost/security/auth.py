@@ -16,9 +16,10 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmhost.errors import AuthenticationError, ConfigError, NotFound
 from llmhost.files import private_sqlite
@@ -93,9 +94,19 @@ _KEY_COLS = "key_id, user_id, role, created, expires, revoked, rpm, tpm, models"
 MAX_KEY_MODELS = 256
 
 
-def _info(row: tuple) -> KeyInfo:
-    *head, models = row
-    return KeyInfo(*head, models=None if models is None else tuple(json.loads(models)))
+def _info(row: Sequence[Any]) -> KeyInfo:
+    key_id, user_id, role, created, expires, revoked, rpm, tpm, models = row
+    return KeyInfo(
+        key_id,
+        user_id,
+        role,
+        created,
+        expires,
+        revoked,
+        rpm,
+        tpm,
+        models=None if models is None else tuple(json.loads(models)),
+    )
 
 
 def check_models(models: list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -124,7 +135,7 @@ class KeyStore:
             self._db.execute("ALTER TABLE api_keys ADD COLUMN models TEXT")
         # Rows by key id, valid while the database is unchanged: `PRAGMA data_version` moves
         # whenever another connection (`llmhost keys revoke` in another process) commits.
-        self._rows: dict[str, tuple | None] = {}
+        self._rows: dict[str, tuple[Any, ...] | None] = {}
         self._version = -1
 
     def close(self) -> None:
@@ -225,7 +236,7 @@ class JWTConfig:
     algorithm: str = "HS256"
     secret: str | None = None
     public_key: str | None = None  # PEM
-    jwks: dict | None = None
+    jwks: dict[str, Any] | None = None
     audience: str | None = None
     issuer: str | None = None
     leeway: float = 30.0
@@ -260,7 +271,7 @@ class JWTVerifier:
         else:
             self._keys[None] = cfg.secret
 
-    def _key_for(self, token: str):
+    def _key_for(self, token: str) -> object:
         if None in self._keys:
             return self._keys[None]
         kid = self._jwt.get_unverified_header(token).get("kid")
@@ -321,7 +332,7 @@ class JWTVerifier:
         )
 
 
-def load_jwks(path: Path) -> dict:
+def load_jwks(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
@@ -70,7 +70,7 @@ class RateLimiter:
         )
         self.rejected = 0
 
-    async def _refusal(self, item, key: str, reason: str, scope: str) -> Decision:
+    async def _refusal(self, item: RateLimitItem, key: str, reason: str, scope: str) -> Decision:
         stats = await self.window.get_window_stats(item, key)
         self.rejected += 1
         reset = max(0.0, stats.reset_time - time.time())
@@ -141,7 +141,7 @@ class RateLimiter:
         if self.auth_failures is not None:
             await self.window.hit(self.auth_failures, "authfail:" + client)
 
-    async def _stats(self, item, key: str) -> Decision:
+    async def _stats(self, item: RateLimitItem, key: str) -> Decision:
         stats = await self.window.get_window_stats(item, key)
         return Decision(
             True, item.amount, stats.remaining, max(0.0, stats.reset_time - time.time())

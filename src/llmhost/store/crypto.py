@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import mmap
 import os
 import secrets
@@ -148,7 +149,7 @@ def _auth_failed(name: str, i: int) -> DecryptionError:
 
 
 def encrypt_stream(
-    src: BinaryIO, dst: BinaryIO, key: bytes, size: int, chunk_size: int = DEFAULT_CHUNK
+    src: io.BufferedIOBase, dst: BinaryIO, key: bytes, size: int, chunk_size: int = DEFAULT_CHUNK
 ) -> None:
     header, salt, prefix = _new_header(size, chunk_size)
     aead = _file_cipher(key, salt)

@@ -92,7 +92,7 @@ def build_bert(
     """Write `root/hf` (safetensors, tokenizer) and `root/<name>.gguf` from the same weights."""
     import gguf
     import torch
-    from transformers import (
+    from transformers import (  # type: ignore[attr-defined]  # BertTokenizerFast: not in its hints
         BertConfig,
         BertForSequenceClassification,
         BertModel,
@@ -122,7 +122,7 @@ def build_bert(
         intermediate_size=shape.intermediate,
         max_position_embeddings=shape.positions,
         type_vocab_size=2,
-        num_labels=1,
+        num_labels=1,  # type: ignore[call-arg]  # a PretrainedConfig keyword
         pad_token_id=vocab.index("[PAD]"),
     )
     torch.manual_seed(seed)

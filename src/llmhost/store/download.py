@@ -441,7 +441,7 @@ class _Job:
 
     # workers -------------------------------------------------------------------------------
 
-    def _worker(self, seg: _Segment) -> None:
+    def _worker(self, seg: _Segment | None) -> None:
         try:
             while seg is not None and not self._stopped():
                 self._fill(seg)

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmhost.errors import ConfigError, InsufficientStorage, IntegrityError
 from llmhost.store.download import (
@@ -89,7 +90,7 @@ def plan(
         dest = safe_join(staging, rf.path)
         prev = done.get(rf.path)
         unchanged = prev and (rf.sha256 is None or rf.sha256 == prev.sha256)
-        if unchanged and dest.is_file() and dest.stat().st_size == prev.size:
+        if unchanged and prev and dest.is_file() and dest.stat().st_size == prev.size:
             continue
         done.pop(rf.path, None)
         probe = downloader.probe(rf)
@@ -159,7 +160,7 @@ def pull(
     free_space: Callable[[Path], int] | None = None,
 ) -> Manifest:
     opts = opts or SourceOptions()
-    kwargs = {} if min_segment is None else {"min_segment": min_segment}
+    kwargs: dict[str, Any] = {} if min_segment is None else {"min_segment": min_segment}
     with Downloader(connections=connections, progress=progress, stop=stop, **kwargs) as dl:
         extra = {} if free_space is None else {"free_space": free_space}
         p = plan(store, source, name=name, opts=opts, downloader=dl, force=force, **extra)

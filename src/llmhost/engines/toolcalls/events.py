@@ -111,7 +111,8 @@ def _json_object(text: str) -> bool:
 def _decode_string(raw: str) -> str | None:
     """The value of a JSON string given the text between its quotes, or None if invalid."""
     try:
-        return json.loads('"' + raw + '"')
+        value: str = json.loads('"' + raw + '"')
+        return value
     except ValueError:
         return None
 

@@ -3,9 +3,8 @@ template."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
 
 from llmhost.engines.toolcalls.events import (
     _BRACKET,
@@ -21,7 +20,7 @@ from llmhost.engines.toolcalls.events import (
     _skip_ws,
     _valid_name,
 )
-from llmhost.engines.toolcalls.scanner import ToolCallParser
+from llmhost.engines.toolcalls.scanner import ToolCallParser, Tools
 
 
 class HermesParser(ToolCallParser):
@@ -53,7 +52,7 @@ class _StartAnchored(ToolCallParser):
 
     fence: bool = False
 
-    def __init__(self, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(self, tools: Tools | None = None) -> None:
         super().__init__(tools)
         self._state = self._st_start
 
@@ -355,7 +354,7 @@ def detect(template: str | None) -> str:
     return "json"
 
 
-def make_parser(name: str, tools: Sequence[Mapping[str, Any]] | None = None) -> ToolCallParser:
+def make_parser(name: str, tools: Tools | None = None) -> ToolCallParser:
     try:
         cls = PARSERS[name]
     except KeyError:

@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from llmhost.engines.toolcalls.events import Event, _skip_ws
-from llmhost.engines.toolcalls.scanner import ToolCallParser
+from llmhost.engines.toolcalls.scanner import ToolCallParser, Tools
 from llmhost.types import Constraint
 
 
@@ -17,7 +17,7 @@ class NamedCallParser(ToolCallParser):
     """Output constrained to the named function's arguments object: CallStart at once, then
     the text as CallArgs."""
 
-    def __init__(self, name: str, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(self, name: str, tools: Tools | None = None) -> None:
         super().__init__(tools)
         self._forced_name = name
         self._state = self._st_start
@@ -50,7 +50,7 @@ class RequiredCallsParser(ToolCallParser):
 
     _start_on_name = True
 
-    def __init__(self, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(self, tools: Tools | None = None) -> None:
         super().__init__(tools)
         self._state = self._st_start
 

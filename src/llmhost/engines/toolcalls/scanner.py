@@ -29,6 +29,9 @@ from llmhost.engines.toolcalls.events import (
     _skip_ws,
 )
 
+# The request's tools a parser is made for: their definitions, or only their names.
+Tools = Sequence[Mapping[str, Any]] | Sequence[str]
+
 
 class ToolCallParser:
     """Incremental parser of one generation's text: `feed` pieces as they arrive, then call
@@ -38,7 +41,7 @@ class ToolCallParser:
 
     marker: str = ""  # the text that opens tool-call markup in content, if any
 
-    def __init__(self, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(self, tools: Tools | None = None) -> None:
         self.tools = tuple(tools or ())
         self.calls: list[ToolCall] = []  # completed calls with valid arguments
         self.malformed = False
