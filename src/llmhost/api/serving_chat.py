@@ -18,9 +18,10 @@ from llmhost.api.protocol_chat import (
     check_tools,
     schema_error,
 )
+from llmhost.chatml import FALLBACK_TEMPLATE
 from llmhost.engines import toolcalls
 from llmhost.engines.base import Engine
-from llmhost.engines.chat_template import FALLBACK_TEMPLATE, render_chat
+from llmhost.engines.chat_template import render_chat
 from llmhost.errors import InvalidRequest
 from llmhost.types import Constraint, TokenDelta
 
