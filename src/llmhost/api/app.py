@@ -18,6 +18,7 @@ from llmhost.api.audit import AuditMiddleware, InFlight, PromptPolicy
 from llmhost.api.cors import CorsMiddleware
 from llmhost.api.errors import install_error_handlers
 from llmhost.api.metrics import METRICS_PATH, MetricsMiddleware
+from llmhost.api.record import request_record
 from llmhost.api.routes import router
 from llmhost.api.security import (
     PUBLIC_PATHS,
@@ -42,7 +43,8 @@ log = logging.getLogger("llmhost.api")
 
 
 class RequestIdMiddleware:
-    """Gives each request an id (the client's X-Request-Id if sane) and echoes it back."""
+    """Gives each request an id (the client's X-Request-Id if sane), echoed back, and its
+    `RequestRecord`."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -59,7 +61,7 @@ class RequestIdMiddleware:
                     rid = cand
                 break
         rid = rid or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        request_record(scope).request_id = rid
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -102,8 +104,10 @@ class LeaseMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            for model_id in scope.get("state", {}).pop("leases", ()):
+            leases = request_record(scope).leases
+            for model_id in leases:
                 self.pool.release(model_id)
+            leases.clear()
 
 
 def create_app(
