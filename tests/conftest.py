@@ -10,9 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from llmhost.config import Settings
 from llmhost.store.demo import BuiltModel, build_model
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -85,6 +87,12 @@ def require_exe(name: str, package: str) -> str:
             pytest.fail(f"{name} (Debian package {package}) is required in CI but missing")
         pytest.skip(f"{name} not installed (apt-get install {package})")
     return exe
+
+
+def open_settings(**overrides: Any) -> Settings:
+    """A server's settings with authentication, the audit log and rate limits off, its state
+    under the test's own LLMHOST_HOME: for tests about serving, not about the edge."""
+    return Settings(**{"auth": False, "audit": False, "rate_limit_rps": 0, **overrides})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,12 +10,13 @@ import pytest
 
 from llmhost.api import create_app
 from llmhost.engines.fake import FakeEngine
+from tests.conftest import open_settings
 
 
 @pytest.fixture
 async def env():
     engine = FakeEngine(model_id="fake-model", script=["Hello", " world", "!"], context_length=64)
-    app = create_app(engine)
+    app = create_app(engine, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)
@@ -254,7 +255,7 @@ async def test_unknown_route_and_method(env):
 
 async def test_not_ready_is_503_with_retry_after():
     engine = FakeEngine()
-    app = create_app(engine)
+    app = create_app(engine, open_settings())
     # no lifespan: the engine never loads
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         r = await c.post("/v1/completions", json={"prompt": "a"})
@@ -270,7 +271,7 @@ async def test_failed_load_reported_and_fatal_called():
             raise RuntimeError("weights are corrupt")
 
     called = []
-    app = create_app(Broken(), on_fatal=lambda: called.append(True))
+    app = create_app(Broken(), open_settings(), on_fatal=lambda: called.append(True))
     async with app.router.lifespan_context(app):
         await app.state.loader
         async with httpx.AsyncClient(

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import require
+from tests.conftest import open_settings, require
 
 torch = require("torch")
 require("transformers")
@@ -179,7 +179,7 @@ async def api(tiny_model):
             ),
         ]
     )
-    app = create_app(pool)
+    app = create_app(pool, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)

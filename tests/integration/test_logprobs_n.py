@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import require
+from tests.conftest import open_settings, require
 
 torch = require("torch")
 require("transformers")
@@ -181,7 +181,7 @@ async def test_token_bytes_spell_the_text(engine):
 @pytest.fixture(params=["llamacpp", "transformers"])
 async def api(request, tiny_model):
     engine = make(request.param, tiny_model)
-    app = create_app(engine)
+    app = create_app(engine, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)

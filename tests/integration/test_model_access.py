@@ -16,6 +16,7 @@ from llmhost.config import Settings
 from llmhost.engines.fake import FakeEngine
 from llmhost.engines.pool import ModelSpec, Pool
 from llmhost.security.auth import KeyStore
+from tests.conftest import open_settings
 
 SECRET = "s" * 40
 
@@ -128,7 +129,7 @@ async def test_a_models_own_requests_per_minute(tmp_path):
             ModelSpec(id="big", build=lambda: FakeEngine(model_id="big")),
         ]
     )
-    app = create_app(pool)  # no settings: the model's limit applies all the same
+    app = create_app(pool, open_settings())  # auth and limits off: the model's own applies
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import require
+from tests.conftest import open_settings, require
 
 require("torch")
 require("transformers")
@@ -68,7 +68,7 @@ async def api(request, tiny_reranker):
             ),
         ]
     )
-    app = create_app(pool)
+    app = create_app(pool, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)

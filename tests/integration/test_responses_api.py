@@ -17,7 +17,7 @@ from llmhost.engines.fake import FakeEngine
 from llmhost.errors import EngineError
 from llmhost.security.auth import KeyStore
 from llmhost.types import GenerationRequest
-from tests.conftest import require
+from tests.conftest import open_settings, require
 from tests.integration.test_api import assert_error
 from tests.integration.test_tools_api import CALL_SCRIPT, HERMES_TEMPLATE, _UpstreamOverASGI
 
@@ -42,7 +42,7 @@ async def env():
     engine = FakeEngine(
         model_id="fake-model", script=["Hello", " world", "!"], context_length=64, eos_after=3
     )
-    app = create_app(engine)
+    app = create_app(engine, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)
@@ -59,7 +59,7 @@ async def tools_env():
         eos_after=len(CALL_SCRIPT),
         chat_template=HERMES_TEMPLATE,
     )
-    app = create_app(engine)
+    app = create_app(engine, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)
@@ -375,10 +375,10 @@ async def test_upstream_calls_come_back_as_items():
     back = FakeEngine(
         model_id="fake-model", script=CALL_SCRIPT, context_length=4096, eos_after=len(CALL_SCRIPT)
     )
-    back_app = create_app(back)
+    back_app = create_app(back, open_settings())
     async with back_app.router.lifespan_context(back_app):
         await back_app.state.loader
-        front = create_app(_UpstreamOverASGI(back_app))
+        front = create_app(_UpstreamOverASGI(back_app), open_settings())
         async with front.router.lifespan_context(front):
             await front.state.loader
             transport = httpx.ASGITransport(app=front)
@@ -411,7 +411,7 @@ class _FailingEngine(FakeEngine):
 
 async def test_engine_failure_mid_stream_is_a_failed_event():
     engine = _FailingEngine(model_id="fake-model", script=["Hello", " world", "!"], eos_after=3)
-    app = create_app(engine)
+    app = create_app(engine, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)
@@ -437,7 +437,7 @@ async def test_engine_failure_mid_stream_is_a_failed_event():
 
 async def test_a_shutdown_ends_the_stream_in_band():
     engine = FakeEngine(model_id="fake-model", script=["Hello", " world", "!"], eos_after=3)
-    app = create_app(engine)
+    app = create_app(engine, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)

@@ -12,6 +12,7 @@ import pytest
 from llmhost.api import create_app
 from llmhost.engines.fake import FakeEngine
 from llmhost.engines.openai_upstream import OpenAIUpstreamEngine
+from tests.conftest import open_settings
 from tests.integration.test_api import assert_error, sse_events
 
 HERMES_TEMPLATE = (
@@ -53,7 +54,7 @@ async def env():
         eos_after=len(CALL_SCRIPT),
         chat_template=HERMES_TEMPLATE,
     )
-    app = create_app(engine)
+    app = create_app(engine, open_settings())
     async with app.router.lifespan_context(app):
         await app.state.loader
         transport = httpx.ASGITransport(app=app)
@@ -303,10 +304,10 @@ async def gateway():
     back = FakeEngine(
         model_id="fake-model", script=CALL_SCRIPT, context_length=4096, eos_after=len(CALL_SCRIPT)
     )
-    back_app = create_app(back)
+    back_app = create_app(back, open_settings())
     async with back_app.router.lifespan_context(back_app):
         await back_app.state.loader
-        front_app = create_app(_UpstreamOverASGI(back_app))
+        front_app = create_app(_UpstreamOverASGI(back_app), open_settings())
         async with front_app.router.lifespan_context(front_app):
             await front_app.state.loader
             transport = httpx.ASGITransport(app=front_app)

@@ -18,6 +18,7 @@ from llmhost.api.audit import AuditMiddleware, InFlight, PromptPolicy
 from llmhost.api.cors import CorsMiddleware
 from llmhost.api.errors import install_error_handlers
 from llmhost.api.metrics import METRICS_PATH, MetricsMiddleware
+from llmhost.api.record import request_record
 from llmhost.api.routes import router
 from llmhost.api.security import (
     PUBLIC_PATHS,
@@ -42,7 +43,8 @@ log = logging.getLogger("llmhost.api")
 
 
 class RequestIdMiddleware:
-    """Gives each request an id (the client's X-Request-Id if sane) and echoes it back."""
+    """Gives each request an id (the client's X-Request-Id if sane), echoed back, and its
+    `RequestRecord`."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -59,7 +61,7 @@ class RequestIdMiddleware:
                     rid = cand
                 break
         rid = rid or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        request_record(scope).request_id = rid
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -102,96 +104,160 @@ class LeaseMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            for model_id in scope.get("state", {}).pop("leases", ()):
+            leases = request_record(scope).leases
+            for model_id in leases:
                 self.pool.release(model_id)
+            leases.clear()
 
 
 def create_app(
     engine: Engine | Pool,
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The app serving `engine`, or every model of a pool (loaded on demand). The engine (the
-    pool's pinned models) loads in the background after start-up so that /health answers at
-    once and /ready reports loading; if loading fails, `on_fatal` is called (the CLI uses it to
-    stop the server and exit non-zero). With settings (and `audit` on), every generation
-    request leaves a record in `$LLMHOST_HOME/audit.db`."""
+    """The app serving `engine`, or every model of a pool (loaded on demand), as `settings`
+    say (authentication, audit, limits, metrics: `Settings(auth=False, audit=False)` turns
+    the first two off). The engine (the pool's pinned models) loads in the background after
+    start-up so that /health answers at once and /ready reports loading; if loading fails,
+    `on_fatal` is called (the CLI uses it to stop the server and exit non-zero). With `audit`
+    on, every generation request leaves a record in `$LLMHOST_HOME/audit.db`."""
     pool = engine if isinstance(engine, Pool) else Pool.single(engine)
     name = engine.name if isinstance(engine, Engine) else "pool"
-    metrics = Metrics(engine_name=name) if settings is None or settings.metrics else None
-    audit = None
-    if settings is not None and settings.audit:
-        policy = PromptPolicy(
-            mode=settings.audit_prompt_mode,
-            redactor=Redactor(ip=settings.audit_redact_ip),
-            max_chars=settings.audit_prompt_max_chars,
-        )
-        audit = AuditWriter(
-            open_store(
-                settings.audit_url,
-                settings.audit_db,
-                key_file=settings.audit_key_path,
-                head_file=settings.audit_head_path,
-                writer=True,
-            ),
-            retention_days=settings.audit_retention_days,
-            on_write=metrics.observe_audit_write if metrics is not None else None,
-            on_drop=metrics.audit_dropped.inc if metrics is not None else None,
-            prepare=policy.prepare,
-        )
-        if metrics is not None:
-            metrics.watch_audit_queue(audit.queue.qsize)
+    metrics = Metrics(engine_name=name) if settings.metrics else None
+    app = FastAPI(
+        title="llmhost",
+        version=__version__,
+        description="OpenAI-compatible LLM service.",
+        lifespan=_lifespan(on_fatal),
+    )
+    state = app.state
+    state.settings = settings
+    state.pool = pool
+    state.created = int(time.time())  # when the models were registered (`created`)
+    state.servings = {}
+    # The default model's engine and serving once loaded (the one model of `serve MODEL`)
+    state.engine = engine if isinstance(engine, Engine) else None
+    state.serving = None
+    state.ready = False
+    state.load_error = None
+    state.audit = _audit_writer(settings, metrics) if settings.audit else None
+    state.drain = Drain()  # a graceful shutdown's deadline, for streams to end in-band
+    state.in_flight = InFlight()
+    state.metrics = metrics
+    # /metrics lives on the main port unless a port of its own is configured.
+    state.metrics_here = metrics is not None and not settings.metrics_port
+    state.authenticator = authenticator_from_settings(settings) if settings.auth else None
+    state.limiter = _rate_limiter(settings, pool)
+    _follow_pool(app, pool, settings.tool_parser)
+    install_error_handlers(app)
+    app.include_router(router)
+    _add_middleware(app, settings)
+    return app
 
-    servings: dict[str, OpenAIServing] = {}
+
+def _audit_writer(settings: Settings, metrics: Metrics | None) -> AuditWriter:
+    """The audit log's writer as `settings` describe it, reporting to `metrics`."""
+    policy = PromptPolicy(
+        mode=settings.audit_prompt_mode,
+        redactor=Redactor(ip=settings.audit_redact_ip),
+        max_chars=settings.audit_prompt_max_chars,
+    )
+    audit = AuditWriter(
+        open_store(
+            settings.audit_url,
+            settings.audit_db,
+            key_file=settings.audit_key_path,
+            head_file=settings.audit_head_path,
+            writer=True,
+        ),
+        retention_days=settings.audit_retention_days,
+        on_write=metrics.observe_audit_write if metrics is not None else None,
+        on_drop=metrics.audit_dropped.inc if metrics is not None else None,
+        prepare=policy.prepare,
+    )
+    if metrics is not None:
+        metrics.watch_audit_queue(audit.queue.qsize)
+    return audit
+
+
+def _rate_limiter(settings: Settings, pool: Pool) -> RateLimiter | None:
+    """The rate limiter, or None when no limit can apply: none set, no model with its own,
+    and no keys or tokens (which may carry limits of their own)."""
+    model_limits = any(spec.rpm for spec in pool.specs)  # a model's own requests/minute
+    if not (
+        model_limits
+        or settings.auth
+        or settings.rate_limit_rps
+        or settings.rate_limit_rpm
+        or settings.rate_limit_tpm
+    ):
+        return None
+    return RateLimiter(
+        instance_rps=settings.rate_limit_rps,
+        default_rpm=settings.rate_limit_rpm,
+        default_tpm=settings.rate_limit_tpm,
+        auth_failures_per_minute=settings.auth_failures_per_minute if settings.auth else 0,
+        redis_url=settings.redis_url,
+    )
+
+
+def _follow_pool(app: FastAPI, pool: Pool, tool_parser: str | None) -> None:
+    """Keeps `app.state.servings` (and the default model's serving and engine) in step with
+    the models the pool loads and unloads."""
+    state = app.state
 
     def loaded(model_id: str, loaded_engine: Engine) -> None:
-        servings[model_id] = OpenAIServing(
-            loaded_engine,
-            metrics,
-            app.state.drain,
-            tool_parser=settings.tool_parser if settings is not None else None,
+        state.servings[model_id] = OpenAIServing(
+            loaded_engine, state.metrics, state.drain, tool_parser=tool_parser
         )
         if model_id == pool.default_id:
-            app.state.serving, app.state.engine = servings[model_id], loaded_engine
+            state.serving, state.engine = state.servings[model_id], loaded_engine
 
     def unloading(model_id: str, _engine: Engine) -> None:
-        servings.pop(model_id, None)
+        state.servings.pop(model_id, None)
 
     pool.on_loaded, pool.on_unloading = loaded, unloading
 
+
+def _lifespan(on_fatal: Callable[[], None] | None):
+    """Start-up and shutdown of an app `create_app` made: the models load in the background;
+    at the end, requests still running are ended and recorded before the audit log closes."""
+
+    async def load(app: FastAPI) -> None:
+        state = app.state
+        try:
+            await state.pool.start()
+        except Exception as exc:  # any load failure must reach /ready and the operator
+            state.load_error = getattr(exc, "message", None) or str(exc) or repr(exc)
+            log.error("model failed to load: %s", state.load_error)
+            if on_fatal is not None:
+                on_fatal()
+            return
+        state.ready = True
+        log.info("ready: serving %s", ", ".join(state.pool.ids()))
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async def load() -> None:
-            try:
-                await pool.start()
-            except Exception as exc:  # any load failure must reach /ready and the operator
-                app.state.load_error = getattr(exc, "message", None) or str(exc) or repr(exc)
-                log.error("model failed to load: %s", app.state.load_error)
-                if on_fatal is not None:
-                    on_fatal()
-                return
-            app.state.ready = True
-            log.info("ready: serving %s", ", ".join(pool.ids()))
-
-        app.state.drain.loop = asyncio.get_running_loop()
+        state = app.state
+        settings, audit, metrics = state.settings, state.audit, state.metrics
+        state.drain.loop = asyncio.get_running_loop()
         if audit is not None:
             audit.start()
         metrics_server = None
-        if metrics is not None and settings is not None and settings.metrics_port:
+        if metrics is not None and settings.metrics_port:
             metrics_server = serve_metrics(metrics, settings.host, settings.metrics_port)
-        loader = asyncio.create_task(load())
-        app.state.loader = loader
-        sweeper = asyncio.create_task(sweep_decrypted(settings)) if settings else None
+        loader = asyncio.create_task(load(app))
+        state.loader = loader
+        sweeper = asyncio.create_task(sweep_decrypted(settings))
         try:
             yield
         finally:
-            app.state.ready = False
+            state.ready = False
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()
-            if sweeper is not None:
-                sweeper.cancel()
+            sweeper.cancel()
             if not loader.done():
                 loader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -199,83 +265,43 @@ def create_app(
             if audit is not None:
                 # Requests still running past the graceful timeout are ended here, so their
                 # records are submitted before the writer drains: nothing is lost.
-                await in_flight.finish()
+                await state.in_flight.finish()
                 await audit.close()
                 audit.store.close()
+            authenticator = state.authenticator
             if authenticator is not None and authenticator.keys is not None:
                 authenticator.keys.close()
-            await pool.close()
+            await state.pool.close()
 
-    app = FastAPI(
-        title="llmhost",
-        version=__version__,
-        description="OpenAI-compatible LLM service.",
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.pool = pool
-    app.state.created = int(time.time())  # when the models were registered (`created`)
-    app.state.servings = servings
-    # The default model's engine and serving once loaded (the one model of `serve MODEL`)
-    app.state.engine = engine if isinstance(engine, Engine) else None
-    app.state.serving = None
-    app.state.ready = False
-    app.state.load_error = None
-    app.state.audit = audit
-    app.state.drain = Drain()  # a graceful shutdown's deadline, for streams to end in-band
-    in_flight = InFlight()
-    app.state.in_flight = in_flight
-    app.state.limiter = None
-    app.state.metrics = metrics
-    # /metrics lives on the main port unless a port of its own is configured.
-    app.state.metrics_here = metrics is not None and not (settings and settings.metrics_port)
+    return lifespan
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    """The edge of the app, innermost first: leases, rate limits, authentication, the body
+    limit, audit, metrics, the request id and its record, CORS outermost."""
+    state = app.state
+    pool, metrics = state.pool, state.metrics
     public = PUBLIC_PATHS
-    if metrics is not None and not (settings and settings.metrics_auth):
+    if metrics is not None and not settings.metrics_auth:
         public = public | {METRICS_PATH}
-    authenticator = (
-        authenticator_from_settings(settings) if settings is not None and settings.auth else None
-    )
-    app.state.authenticator = authenticator
-    install_error_handlers(app)
-    app.include_router(router)
     app.add_middleware(LeaseMiddleware, pool=pool)
-    model_limits = any(spec.rpm for spec in pool.specs)  # a model's own requests/minute
-    if model_limits or (
-        settings is not None
-        and (
-            settings.auth  # keys and tokens may carry limits of their own
-            or settings.rate_limit_rps
-            or settings.rate_limit_rpm
-            or settings.rate_limit_tpm
-        )
-    ):
-        app.state.limiter = RateLimiter(
-            instance_rps=settings.rate_limit_rps if settings else 0,
-            default_rpm=settings.rate_limit_rpm if settings else 0,
-            default_tpm=settings.rate_limit_tpm if settings else 0,
-            auth_failures_per_minute=(
-                settings.auth_failures_per_minute if settings and settings.auth else 0
-            ),
-            redis_url=settings.redis_url if settings else None,
-        )
+    if state.limiter is not None:
         app.add_middleware(
-            RateLimitMiddleware, limiter=app.state.limiter, public=public, metrics=metrics
+            RateLimitMiddleware, limiter=state.limiter, public=public, metrics=metrics
         )
     app.add_middleware(
         AuthMiddleware,
-        authenticator=authenticator,
+        authenticator=state.authenticator,
         public=public,
         metrics=metrics,
-        limiter=app.state.limiter,
+        limiter=state.limiter,
     )
-    app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_request_bytes if settings else 4 << 20
-    )
-    if audit is not None:
-        app.add_middleware(AuditMiddleware, writer=audit, tracker=in_flight)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if state.audit is not None:
+        app.add_middleware(AuditMiddleware, writer=state.audit, tracker=state.in_flight)
     if metrics is not None:
         metrics.watch_engine(
-            lambda: e.health() if app.state.ready and (e := pool.loaded(pool.default_id)) else None
+            lambda: e.health() if state.ready and (e := pool.loaded(pool.default_id)) else None
         )
         metrics.watch_models(pool.status)
         # our router's paths (FastAPI may include routers lazily) and the app's own (docs)
@@ -284,8 +310,7 @@ def create_app(
         ) - {""}
         app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.add_middleware(RequestIdMiddleware)
-    if settings is not None and settings.cors_origins:
+    if settings.cors_origins:
         # Outermost: a preflight is answered before auth, limits and the body limit, and every
         # response, the refusals of those included, carries the headers a page needs to read it.
         app.add_middleware(CorsMiddleware, origins=settings.cors_origins)
-    return app

@@ -1,6 +1,6 @@
 """One audit record per generation request, written when its response ends (last byte sent,
 error, or client gone). The serving layer leaves what it knows (model, prompt, usage, length
-of the text) in the request's `audit` notes; this middleware adds who, where, status and time.
+of the text) in the request's `RequestRecord`; this middleware adds where, status and time.
 
 The request path only captures the raw prompt (text or token ids); redaction, hashing and the
 length cap run in the audit writer's thread (`PromptPolicy.prepare`), off the event loop."""
@@ -13,12 +13,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmhost.api.cors import is_preflight
-from llmhost.api.serving import usage_noted
+from llmhost.api.record import Prompt, RequestRecord, request_record
 from llmhost.audit.store import AuditRecord
 from llmhost.audit.writer import AuditWriter
 from llmhost.security.redact import Redactor
@@ -49,7 +49,7 @@ def _capped(text: str, max_chars: int) -> str:
 
 
 def stored_prompt(
-    prompt: str | list[int] | list[str] | list[list[int]] | None,
+    prompt: Prompt | None,
     mode: PromptMode,
     redactor: Redactor,
     max_chars: int = DEFAULT_PROMPT_CHARS,
@@ -80,7 +80,7 @@ class PendingRecord:
     """A record whose prompt is still raw: `PromptPolicy.prepare` finishes it."""
 
     record: AuditRecord
-    raw_prompt: str | list[int] | list[str] | list[list[int]] | None
+    raw_prompt: Prompt | None
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,7 @@ class AuditMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.time()
-        state = scope.setdefault("state", {})
-        notes: dict[str, Any] = state.setdefault("audit", {})
+        rec = request_record(scope)
         outcome = ResponseOutcome(send)
         task = asyncio.current_task()
         if self.tracker is not None and task is not None:
@@ -146,31 +145,30 @@ class AuditMiddleware:
             if self.tracker is not None and task is not None:
                 self.tracker.discard(task)
             try:
-                self._record(scope, state, notes, outcome.final_status, t0)
+                self._record(scope, rec, outcome.final_status, t0)
             except Exception:  # never let the audit trail break the client's connection
-                log.exception("audit record of request %s not made", state.get("request_id"))
+                log.exception("audit record of request %s not made", rec.request_id)
                 self.writer.count_dropped(1)
 
-    def _record(self, scope: Scope, state: dict, notes: dict, status: int, t0: float) -> None:
-        principal = state.get("principal")
-        usage = usage_noted(notes)
-        status = int(notes.get("status") or status)
+    def _record(self, scope: Scope, rec: RequestRecord, status: int, t0: float) -> None:
+        principal = rec.principal
+        usage = rec.tokens()
         client = scope.get("client") or ("", 0)
         record = AuditRecord(
             ts=t0,
-            request_id=str(state.get("request_id", "")),
+            request_id=rec.request_id,
             client_ip=str(client[0]),
-            user_id=str(getattr(principal, "user_id", None) or "anonymous"),
+            user_id=(principal.user_id if principal is not None else None) or "anonymous",
             route=scope["path"],
-            status=status,
-            model=str(notes.get("model", "")),
+            status=rec.error_status or status,
+            model=rec.model,
             prompt=None,
-            response_length=int(notes.get("chars", 0)),
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
+            response_length=rec.chars,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
             latency_ms=(time.time() - t0) * 1000,
         )
-        self.writer.submit(PendingRecord(record, notes.get("prompt")))
+        self.writer.submit(PendingRecord(record, rec.prompt))
 
 
 class InFlight:

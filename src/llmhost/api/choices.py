@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmhost.api.logprobs import LogprobShaper
+from llmhost.api.record import RequestRecord
 from llmhost.api.serving_chat import gather_remote_calls
 from llmhost.api.sse import Kind, chunk_choices, usage_body, whole_choice
 from llmhost.engines.base import TokenStream
@@ -194,7 +195,7 @@ def chunk_body(kind: Kind, c: Choice, d: TokenDelta) -> list[dict[str, Any]]:
 
 
 async def whole_body(
-    run: Choices, kind: Kind, head: dict[str, Any], notes: dict[str, Any]
+    run: Choices, kind: Kind, head: dict[str, Any], record: RequestRecord
 ) -> dict[str, Any]:
     """Every choice collected into one response body (tool calls from an upstream folded)."""
     parts: dict[int, list[str]] = {c.index: [c.echo] for c in run.all}
@@ -208,8 +209,9 @@ async def whole_body(
             lps[c.index].append(c.logprobs.shape(d.prompt_logprobs + d.logprobs))
         if d.finish_reason is not None:
             finish[c.index] = d.finish_reason
-        notes["usage_so_far"] = total_usage(run.all)
-    usage = usage_body(total_usage(run.all))
+        record.usage_so_far = total_usage(run.all)
+    record.usage = total_usage(run.all)
+    usage = usage_body(record.usage)
     out = []
     for c in run.all:
         text = "".join(parts[c.index])
@@ -219,5 +221,5 @@ async def whole_body(
         if c.logprobs is not None and merged is None:
             merged = c.logprobs.shape(())
         out.append(whole_choice(kind, body, reason, c.index, merged))
-    notes.update(usage=usage, chars=sum(len("".join(p)) for p in parts.values()))
+    record.chars = sum(len("".join(p)) for p in parts.values())
     return {**head, "object": kind.object, "choices": out, "usage": usage}

@@ -13,9 +13,11 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic.json_schema import JsonDict
 
 from llmhost.api.protocol import JsonInt, KeepAlive
+from llmhost.api.record import RequestRecord
 from llmhost.api.serving import OpenAIServing, check_text
 from llmhost.engines.embedding import THREAD_CHARS
 from llmhost.errors import InvalidRequest
+from llmhost.types import Usage
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
@@ -122,11 +124,11 @@ def _encode(vec: np.ndarray, fmt: str) -> list[float] | str:
 
 
 async def create_embeddings(
-    s: OpenAIServing, req: EmbeddingRequest, notes: dict[str, Any]
+    s: OpenAIServing, req: EmbeddingRequest, record: RequestRecord
 ) -> dict[str, Any]:
     model = s.check_model(req.model)
     inputs = req.inputs
-    notes.update(model=model, prompt=[t for t in inputs if isinstance(t, str)] or None)
+    record.model, record.prompt = model, [t for t in inputs if isinstance(t, str)] or None
     size = getattr(s.engine, "dimensions", None)
     if req.dimensions is not None and size is not None and req.dimensions > size:
         raise InvalidRequest(
@@ -146,5 +148,5 @@ async def create_embeddings(
             {"object": "embedding", "index": i, "embedding": _encode(vec, req.encoding_format)}
         )
     usage = {"prompt_tokens": n, "total_tokens": n}
-    notes.update(usage={**usage, "completion_tokens": 0}, chars=0)
+    record.usage = Usage(n, 0)
     return {"object": "list", "data": data, "model": model, "usage": usage}

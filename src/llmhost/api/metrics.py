@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmhost.api.audit import AUDITED, ResponseOutcome
 from llmhost.api.cors import is_preflight
+from llmhost.api.record import request_record
 from llmhost.observability.metrics import Metrics
 
 METRICS_PATH = "/metrics"
@@ -43,9 +44,9 @@ class MetricsMiddleware:
             if generation:
                 self.metrics.in_flight.dec()
             status = outcome.final_status
-            notes = scope.get("state", {}).get("audit") or {}
-            model = notes.get("model", "")
-            stream = "true" if notes.get("stream") else "false"
+            rec = request_record(scope)
+            model = rec.model
+            stream = "true" if rec.stream else "false"
             m = self.metrics
             m.requests.labels(route, model, str(status)).inc()
             m.request_seconds.labels(route, model, stream).observe(time.perf_counter() - t0)

@@ -10,7 +10,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from llmhost.api.embeddings import Truncate
 from llmhost.api.protocol import KeepAlive, PositiveInt
+from llmhost.api.record import RequestRecord
 from llmhost.api.serving import OpenAIServing, check_text
+from llmhost.types import Usage
 
 MAX_DOCUMENTS = 1000  # Cohere's limit per request
 
@@ -49,14 +51,14 @@ class RerankRequest(BaseModel):
 
 
 async def create_rerank(
-    s: OpenAIServing, req: RerankRequest, request_id: str, notes: dict[str, Any]
+    s: OpenAIServing, req: RerankRequest, request_id: str, record: RequestRecord
 ) -> dict[str, Any]:
     model = s.check_model(req.model)
     texts = req.texts
     check_text(req.query, "query")
     for i, t in enumerate(texts):
         check_text(t, f"documents[{i}]")
-    notes.update(model=model, prompt=req.query)
+    record.model, record.prompt = model, req.query
     scores, tokens = await s.engine.rerank(  # type: ignore[attr-defined]
         req.query, texts, req.truncate_prompt_tokens
     )
@@ -67,7 +69,7 @@ async def create_rerank(
         if req.return_documents:
             item["document"] = {"text": texts[i]}
         results.append(item)
-    notes.update(usage={"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens})
+    record.usage = Usage(tokens, 0)
     return {
         "id": f"rerank-{request_id}",
         "model": model,

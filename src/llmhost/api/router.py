@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -276,23 +276,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def create_router_app(
-    pool: Pool,
-    *,
-    admin_token: str | None = None,
-    retries: int = 2,
-    timeout: float = 600.0,
-    max_body: int = MAX_BODY,
-) -> Starlette:
-    """The router as an ASGI app. `retries`: other upstreams tried when one fails before its
-    response starts; `max_body`: the largest request body passed on (413 past it)."""
-    state: dict = {}
+class RouterApp:
+    """The router's handlers over one pool of upstreams and the HTTP client they share."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        admin_token: str | None,
+        retries: int,
+        timeout: float,
+        max_body: int,
+    ):
+        self.pool = pool
+        self.admin_token = admin_token
+        self.retries = retries
+        self.timeout = timeout
+        self.max_body = max_body
+        self.client: httpx.AsyncClient  # made when the app starts (its lifespan)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        pool = self.pool
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
-        state["client"] = client
+        client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=5.0), limits=limits)
+        self.client = client
         await asyncio.gather(*(pool.check(client, u) for u in pool.upstreams))
         checker = asyncio.create_task(pool.run_checks(client))
         try:
@@ -303,9 +311,9 @@ def create_router_app(
                 await checker
             await client.aclose()
 
-    async def proxy(request: Request) -> Response:
-        client: httpx.AsyncClient = state["client"]
-        body = await read_body(request, max_body)
+    async def proxy(self, request: Request) -> Response:
+        client, pool = self.client, self.pool
+        body = await read_body(request, self.max_body)
         headers = _forward_headers(request)
         model = await model_of(request, body)
         served = pool.served()
@@ -317,7 +325,7 @@ def create_router_app(
             )
         tried: set[str] = set()
         last_error = "no healthy upstream" + (f" serves {model!r}" if model else "")
-        for _ in range(retries + 1):
+        for _ in range(self.retries + 1):
             u = pool.pick(tried, model)
             if u is None:
                 break
@@ -347,46 +355,51 @@ def create_router_app(
                 pool.mark_failed(u)
                 last_error = f"{u.name}: {type(exc).__name__}"
                 continue
-            if resp.status_code in RETRYABLE_STATUS and len(tried) <= retries:
+            if resp.status_code in RETRYABLE_STATUS and len(tried) <= self.retries:
                 await resp.aclose()
                 release(False)
                 last_error = f"{u.name}: HTTP {resp.status_code}"
                 continue
-
-            async def body_iter(
-                resp: httpx.Response = resp, release=release, up: Upstream = u
-            ) -> AsyncIterator[bytes]:
-                ok = resp.status_code < 500
-                try:
-                    async for chunk in resp.aiter_raw():
-                        yield chunk
-                except httpx.TransportError:
-                    ok = False  # the upstream died mid-stream: the client sees the cut
-                    pool.mark_failed(up)
-                    raise
-                finally:
-                    await resp.aclose()
-                    release(ok)
-
-            out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
-            out_headers["x-llmhost-upstream"] = u.name
-            return StreamingResponse(body_iter(), status_code=resp.status_code, headers=out_headers)
+            return self._relay(resp, u, release)
         raise ServiceUnavailable(f"no upstream could answer ({last_error})", retry_after=1)
 
-    def check_admin(request: Request) -> None:
-        if admin_token is None:
+    def _relay(
+        self, resp: httpx.Response, up: Upstream, release: Callable[[bool], None]
+    ) -> StreamingResponse:
+        """The upstream's response passed on chunk by chunk; `release` once it is over."""
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            ok = resp.status_code < 500
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            except httpx.TransportError:
+                ok = False  # the upstream died mid-stream: the client sees the cut
+                self.pool.mark_failed(up)
+                raise
+            finally:
+                await resp.aclose()
+                release(ok)
+
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+        out_headers["x-llmhost-upstream"] = up.name
+        return StreamingResponse(body_iter(), status_code=resp.status_code, headers=out_headers)
+
+    def check_admin(self, request: Request) -> None:
+        if self.admin_token is None:
             raise NotFound("router administration is off (no admin token configured)")
         got = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(got.encode(), admin_token.encode()):
+        if not hmac.compare_digest(got.encode(), self.admin_token.encode()):
             raise AuthenticationError("admin token required")
 
-    async def status(request: Request) -> Response:
-        if admin_token is not None:
-            check_admin(request)
-        return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
+    async def status(self, request: Request) -> Response:
+        if self.admin_token is not None:
+            self.check_admin(request)
+        return JSONResponse({"upstreams": [u.status() for u in self.pool.upstreams]})
 
-    async def weights(request: Request) -> Response:
-        check_admin(request)
+    async def weights(self, request: Request) -> Response:
+        self.check_admin(request)
+        pool = self.pool
         body = await read_body(request, WEIGHTS_BODY_MAX)
         try:
             wanted = json.loads(body)
@@ -403,10 +416,10 @@ def create_router_app(
         log.info("weights now %s", {u.name: u.weight for u in pool.upstreams})
         return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
 
-    async def models(request: Request) -> Response:
+    async def models(self, request: Request) -> Response:
         """The union of the healthy upstreams' /v1/models, asked with the client's headers."""
-        client: httpx.AsyncClient = state["client"]
-        live = [u for u in pool.upstreams if u.healthy and u.weight > 0]
+        client = self.client
+        live = [u for u in self.pool.upstreams if u.healthy and u.weight > 0]
         if not live:
             raise ServiceUnavailable("no healthy upstream", retry_after=1)
         headers = _forward_headers(request)
@@ -439,27 +452,41 @@ def create_router_app(
                     data.setdefault(m["id"], m)
         return JSONResponse({"object": "list", "data": list(data.values())})
 
-    async def health(request: Request) -> Response:
+    async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def ready(request: Request) -> Response:
-        live = [u.name for u in pool.upstreams if u.healthy and u.weight > 0]
+    async def ready(self, request: Request) -> Response:
+        live = [u.name for u in self.pool.upstreams if u.healthy and u.weight > 0]
         return JSONResponse(
             {"status": "ready" if live else "no upstream", "upstreams": live},
             status_code=200 if live else 503,
         )
 
+
+def create_router_app(
+    pool: Pool,
+    *,
+    admin_token: str | None = None,
+    retries: int = 2,
+    timeout: float = 600.0,
+    max_body: int = MAX_BODY,
+) -> Starlette:
+    """The router as an ASGI app. `retries`: other upstreams tried when one fails before its
+    response starts; `max_body`: the largest request body passed on (413 past it)."""
+    r = RouterApp(
+        pool, admin_token=admin_token, retries=retries, timeout=timeout, max_body=max_body
+    )
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
     return Starlette(
         routes=[
-            Route("/router/status", status, methods=["GET"]),
-            Route("/router/weights", weights, methods=["PUT"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/ready", ready, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/{path:path}", proxy, methods=methods),
+            Route("/router/status", r.status, methods=["GET"]),
+            Route("/router/weights", r.weights, methods=["PUT"]),
+            Route("/health", r.health, methods=["GET"]),
+            Route("/ready", r.ready, methods=["GET"]),
+            Route("/v1/models", r.models, methods=["GET"]),
+            Route("/{path:path}", r.proxy, methods=methods),
         ],
-        lifespan=lifespan,
+        lifespan=r.lifespan,
         exception_handlers={
             LlmhostError: llmhost_error_response,  # type: ignore[dict-item]
             Exception: unexpected_error_handler(log, "router"),

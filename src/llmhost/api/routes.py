@@ -21,6 +21,7 @@ from llmhost.api.protocol import (
     ModelList,
 )
 from llmhost.api.protocol_responses import ResponseObject, ResponsesRequest
+from llmhost.api.record import RequestRecord, request_record
 from llmhost.api.rerank import RerankRequest, create_rerank
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_responses import create_response
@@ -95,7 +96,7 @@ async def serving_for(
             f"send it to {KIND_ROUTES.get(have, have)}",
             param="model",
         )
-    principal = request.scope.get("state", {}).get("principal")
+    principal = request_record(request.scope).principal
     if principal is not None and not principal.allows(model_id):
         raise PermissionDenied(
             f"this key or token may not use the model '{model_id}'; it may use: "
@@ -111,7 +112,7 @@ async def serving_for(
                 retry_after=max(1.0, decision.reset_after),
             )
     await pool.acquire(model_id, keep_alive)
-    request.scope.setdefault("state", {}).setdefault("leases", []).append(model_id)
+    request_record(request.scope).leases.append(model_id)
     return state.servings[model_id]
 
 
@@ -121,18 +122,18 @@ async def serving(request: Request) -> OpenAIServing:
 
 
 async def request_id(request: Request) -> str:
-    return request.state.request_id
+    return request_record(request.scope).request_id
 
 
 async def require_admin(request: Request) -> None:
-    principal = request.scope.get("state", {}).get("principal")
+    principal = request_record(request.scope).principal
     if principal is None or not principal.is_admin:
         raise PermissionDenied("this endpoint is for admins (an admin API key or role claim)")
 
 
-async def audit_notes(request: Request) -> dict[str, Any]:
-    """Where the serving layer leaves what the audit record needs."""
-    return request.scope.setdefault("state", {}).setdefault("audit", {})
+async def record(request: Request) -> RequestRecord:
+    """Where the serving layer leaves what the audit, limits and metrics need."""
+    return request_record(request.scope)
 
 
 @router.get("/health", tags=["ops"])
@@ -191,7 +192,7 @@ def _cards(request: Request) -> list[dict[str, Any]]:
     what is known before loading; `state` and `kind` say which."""
     state = request.app.state
     pool = state.pool
-    principal = request.scope.get("state", {}).get("principal")
+    principal = request_record(request.scope).principal
     out = []
     for m in pool.status():
         if principal is not None and not principal.allows(m["id"]):
@@ -277,10 +278,10 @@ async def completions(
     request: Request,
     body: CompletionRequest,
     rid: str = Depends(request_id),
-    notes: dict[str, Any] = Depends(audit_notes),
+    rec: RequestRecord = Depends(record),
 ):
     s = await serving_for(request, body.model, body.keep_alive)
-    return await s.completion(body, rid, notes)
+    return await s.completion(body, rid, rec)
 
 
 @router.post(
@@ -293,10 +294,10 @@ async def chat_completions(
     request: Request,
     body: ChatCompletionRequest,
     rid: str = Depends(request_id),
-    notes: dict[str, Any] = Depends(audit_notes),
+    rec: RequestRecord = Depends(record),
 ):
     s = await serving_for(request, body.model, body.keep_alive)
-    return await s.chat(body, rid, notes)
+    return await s.chat(body, rid, rec)
 
 
 @router.post("/v1/responses", response_model=ResponseObject, responses=_STREAM_DOC, tags=["openai"])
@@ -304,23 +305,23 @@ async def responses(
     request: Request,
     body: ResponsesRequest,
     rid: str = Depends(request_id),
-    notes: dict[str, Any] = Depends(audit_notes),
+    rec: RequestRecord = Depends(record),
 ):
     """OpenAI's Responses API, stateless: nothing is stored, so each request carries its
     whole conversation in `input` (previous_response_id is refused)."""
     s = await serving_for(request, body.model, body.keep_alive)
-    return await create_response(s, body, rid, notes)
+    return await create_response(s, body, rid, rec)
 
 
 @router.post("/v1/embeddings", tags=["openai"])
 async def embeddings(
     request: Request,
     body: EmbeddingRequest,
-    notes: dict[str, Any] = Depends(audit_notes),
+    rec: RequestRecord = Depends(record),
 ) -> dict[str, Any]:
     """Vectors of texts or token ids from an embedding model (L2-normalised)."""
     s = await serving_for(request, body.model, body.keep_alive, kind="embedding")
-    return await create_embeddings(s, body, notes)
+    return await create_embeddings(s, body, rec)
 
 
 @router.post("/v1/rerank", tags=["openai"])
@@ -329,11 +330,11 @@ async def rerank(
     request: Request,
     body: RerankRequest,
     rid: str = Depends(request_id),
-    notes: dict[str, Any] = Depends(audit_notes),
+    rec: RequestRecord = Depends(record),
 ) -> dict[str, Any]:
     """Documents scored against a query by a reranker (relevance 0..1, best first)."""
     s = await serving_for(request, body.model, body.keep_alive, kind="rerank")
-    return await create_rerank(s, body, rid, notes)
+    return await create_rerank(s, body, rid, rec)
 
 
 @router.post("/generate", response_model=GenerateResponse, tags=["simple"])
@@ -341,11 +342,11 @@ async def generate(
     request: Request,
     body: GenerateRequest,
     rid: str = Depends(request_id),
-    notes: dict[str, Any] = Depends(audit_notes),
+    rec: RequestRecord = Depends(record),
 ):
     """The deployment guide's interface: a prompt in, the generated text out."""
     s = await serving_for(request, None)
-    return await s.generate(body, rid, notes)
+    return await s.generate(body, rid, rec)
 
 
 @router.get("/v1/admin/audit", tags=["admin"], dependencies=[Depends(require_admin)])

@@ -1,6 +1,6 @@
 """The edge of the app: request size limits (before a body is read whole), authentication
 (every route but the public ones needs a Bearer API key or JWT; the Principal lands in the
-request state for the handlers, limits and audit), a per-client-IP limit on failed
+request's `RequestRecord` for the handlers, limits and audit), a per-client-IP limit on failed
 authentication that refuses before any credential is checked, and rate limits."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmhost.api.bodies import read_body_within
-from llmhost.api.serving import usage_noted
+from llmhost.api.record import request_record
 from llmhost.errors import (
     LlmhostError,
     RateLimited,
@@ -104,9 +104,9 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
+        rec = request_record(scope)
         if self.authenticator is None:
-            state["principal"] = ANONYMOUS
+            rec.principal = ANONYMOUS
         elif scope["path"] not in self.public:
             client = str((scope.get("client") or ("?",))[0])
             if self.limiter is not None:
@@ -130,7 +130,7 @@ class AuthMiddleware:
                     header = v.decode("latin-1")
                     break
             try:
-                state["principal"] = self.authenticator.authenticate(header)
+                rec.principal = self.authenticator.authenticate(header)
             except LlmhostError as exc:
                 if self.metrics is not None:
                     self.metrics.auth_failures.inc()
@@ -162,8 +162,8 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
-        principal = state.get("principal", ANONYMOUS)
+        rec = request_record(scope)
+        principal = rec.principal if rec.principal is not None else ANONYMOUS
         decision = await self.limiter.admit(principal)
         if not decision.allowed:
             if self.metrics is not None:
@@ -184,7 +184,6 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            usage = usage_noted(state.get("audit") or {})
-            used = usage["prompt_tokens"] + usage["completion_tokens"]
+            used = rec.tokens().total_tokens
             if used:
                 await self.limiter.charge_tokens(principal, used)

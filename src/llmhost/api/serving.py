@@ -21,6 +21,7 @@ from llmhost.api.protocol import (
     GenerateRequest,
     _SamplingRequest,
 )
+from llmhost.api.record import RequestRecord
 from llmhost.api.serving_chat import (
     ChatPlan,
     ChatShaper,
@@ -86,17 +87,6 @@ class Drain:
 
     def _expire(self) -> None:
         self.expired = True
-
-
-def usage_noted(notes: dict[str, Any]) -> dict[str, int]:
-    """The usage a request's notes hold: the final usage, else what was produced so far (a
-    stream dropped midway, a request cut by shutdown), else zeros."""
-    if notes.get("usage"):
-        return notes["usage"]
-    so_far = notes.get("usage_so_far")
-    if so_far is not None:
-        return usage_body(so_far)
-    return usage_body(Usage(0, int(notes.get("tokens_sent", 0))))
 
 
 class _TextShaper:
@@ -245,19 +235,19 @@ class OpenAIServing:
         return first, stream
 
     @staticmethod
-    async def _collect(first: TokenDelta, stream: TokenStream, notes: dict[str, Any]) -> TokenDelta:
+    async def _collect(first: TokenDelta, stream: TokenStream, record: RequestRecord) -> TokenDelta:
         parts = [first.text]
         calls: dict[int, dict[str, Any]] = {}
         gather_remote_calls(calls, first.tool_calls)
         last = first
-        notes["usage_so_far"] = first.usage
+        record.usage_so_far = first.usage
         try:
             while last.finish_reason is None:
                 last = await anext(stream)
                 parts.append(last.text)
                 gather_remote_calls(calls, last.tool_calls)
                 if last.usage is not None:
-                    notes["usage_so_far"] = last.usage
+                    record.usage_so_far = last.usage
         finally:
             await stream.aclose()
         return TokenDelta(
@@ -273,12 +263,12 @@ class OpenAIServing:
         choices: list[Choice],
         model: str,
         kind: Kind,
-        notes: dict[str, Any],
+        record: RequestRecord,
     ) -> dict[str, Any] | StreamingResponse:
         """Run the choices and answer as one JSON body, or as SSE chunks when `req.stream`.
         What the audit log needs (model, prompt, usage, length of the text) is left in
-        `notes`."""
-        notes.update(stream=bool(req.stream))
+        `record`."""
+        record.stream = bool(req.stream)
         limit = self.engine.max_sequences or REMOTE_WIDTH
         run = Choices(choices, lambda g: self._start(g, model), limit // req.n)
         await run.open()
@@ -289,7 +279,7 @@ class OpenAIServing:
         }
         if not req.stream:
             try:
-                return await whole_body(run, kind, head, notes)
+                return await whole_body(run, kind, head, record)
             finally:
                 await run.aclose()
         writer = ChunkWriter(head, kind, req.include_usage)
@@ -301,8 +291,8 @@ class OpenAIServing:
             try:
                 async for c, delta in run.deltas():
                     chars += len(delta.text)
-                    notes["chars"] = chars
-                    notes["usage_so_far"] = c.usage if one else total_usage(run.all)
+                    record.chars = chars
+                    record.usage_so_far = c.usage if one else total_usage(run.all)
                     for choice in chunk_body(kind, c, delta):
                         yield writer.chunk(choice)
                     if delta.finish_reason is None and drain.expired:
@@ -310,13 +300,13 @@ class OpenAIServing:
                             "the server is shutting down; this stream was ended early",
                             code="shutting_down",
                         )
-                notes["usage"] = usage_body(total_usage(run.all))
+                record.usage = total_usage(run.all)
                 if req.include_usage:
-                    yield writer.usage(notes["usage"])
+                    yield writer.usage(usage_body(record.usage))
             except LlmhostError as exc:
                 # The status line is gone already; the error travels in-band as OpenAI does.
                 log.warning("stream %s failed: %s", head["id"], exc.message)
-                notes["status"] = exc.status_code
+                record.error_status = exc.status_code
                 yield sse(exc.to_openai())
             finally:
                 await run.aclose()
@@ -368,11 +358,11 @@ class OpenAIServing:
         return data.decode("utf-8", errors="replace")
 
     async def completion(
-        self, req: CompletionRequest, request_id: str, notes: dict[str, Any] | None = None
+        self, req: CompletionRequest, request_id: str, record: RequestRecord | None = None
     ):
         model = self.check_model(req.model)
-        notes = {} if notes is None else notes
-        notes.update(model=model, prompt=req.prompt)
+        record = RequestRecord() if record is None else record
+        record.model, record.prompt = model, req.prompt
         wants = req.logprobs is not None
         self._check_features(req, wants)
         sampling = self.sampling(req, req.max_tokens, req.logprobs)
@@ -386,7 +376,7 @@ class OpenAIServing:
         if req.echo:
             for c in choices:
                 c.echo = self._echo(prompts[c.group])
-        return await self._respond(req, choices, model, COMPLETION, notes)
+        return await self._respond(req, choices, model, COMPLETION, record)
 
     async def chat_request(
         self, req: ChatCompletionRequest, request_id: str, logprobs: int | None = None
@@ -408,14 +398,14 @@ class OpenAIServing:
         return plan, gen
 
     async def chat(
-        self, req: ChatCompletionRequest, request_id: str, notes: dict[str, Any] | None = None
+        self, req: ChatCompletionRequest, request_id: str, record: RequestRecord | None = None
     ):
         model = self.check_model(req.model)
-        notes = {} if notes is None else notes
+        record = RequestRecord() if record is None else record
         self._check_features(req, req.logprobs)
         top = (req.top_logprobs or 0) if req.logprobs else None
         plan, gen = await self.chat_request(req, request_id, top)
-        notes.update(model=model, prompt=plan.prompt)
+        record.model, record.prompt = model, plan.prompt
         choices = self._new_choices(
             req,
             [plan.prompt],
@@ -424,7 +414,7 @@ class OpenAIServing:
             lambda: ChatShaper(plan.parser(), forced=plan.forced is not None),
         )
         try:
-            return await self._respond(req, choices, model, CHAT, notes)
+            return await self._respond(req, choices, model, CHAT, record)
         except InvalidRequest as exc:
             # A forced call's grammar is built from the tools' schemas: name those.
             if plan.forced is not None and exc.param == "response_format":
@@ -434,10 +424,10 @@ class OpenAIServing:
     # --- /generate ---------------------------------------------------------------------------
 
     async def generate(
-        self, req: GenerateRequest, request_id: str, notes: dict[str, Any] | None = None
+        self, req: GenerateRequest, request_id: str, record: RequestRecord | None = None
     ) -> dict[str, Any]:
-        notes = {} if notes is None else notes
-        notes.update(model=self.model_id, prompt=req.prompt)
+        record = RequestRecord() if record is None else record
+        record.model, record.prompt = self.model_id, req.prompt
         if req.max_new_tokens is not None:
             budget = req.max_new_tokens
         else:
@@ -456,8 +446,8 @@ class OpenAIServing:
             GenerationRequest(prompt=req.prompt, sampling=sampling, request_id=request_id),
             self.model_id,
         )
-        done = await self._collect(first, stream, notes)
-        notes.update(usage=usage_body(done.usage), chars=len(done.text))
+        done = await self._collect(first, stream, record)
+        record.usage, record.chars = done.usage or Usage(0, 0), len(done.text)
         return {
             "text": done.text,
             "finish_reason": done.finish_reason,

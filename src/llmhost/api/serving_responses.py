@@ -1,5 +1,5 @@
 """`POST /v1/responses`: a Responses request is read as the chat request it amounts to and run by
-the chat machinery (templates, tool-call parsing, grammar constraints, metrics, audit notes); its
+the chat machinery (templates, tool-call parsing, grammar constraints, metrics, request record); its
 output is shaped as a Response object, or streamed as the Responses API's typed SSE events."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from llmhost.api.protocol_responses import (
     OutputText,
     ResponsesRequest,
 )
+from llmhost.api.record import RequestRecord
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_chat import ChatShaper
 from llmhost.api.sse import SSE_HEADERS, json_line
@@ -328,16 +329,6 @@ def _usage(u: Usage | None) -> dict[str, Any]:
     }
 
 
-def _chat_usage(u: Usage | None) -> dict[str, int]:
-    """Usage as the audit log and the token rate limit read it."""
-    u = u or Usage(0, 0)
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-
-
 def _echo(req: ResponsesRequest) -> dict[str, Any]:
     """The request's settings, as a response repeats them."""
     fmt = req.text.format if req.text is not None else None
@@ -415,27 +406,30 @@ class _Events:
 
 
 async def create_response(
-    s: OpenAIServing, req: ResponsesRequest, request_id: str, notes: dict[str, Any] | None = None
+    s: OpenAIServing,
+    req: ResponsesRequest,
+    request_id: str,
+    record: RequestRecord | None = None,
 ) -> dict[str, Any] | StreamingResponse:
     """Run `req` as the chat request it amounts to and answer as a Response object, or as SSE
     events when `req.stream`. Errors before the first token are real HTTP errors naming the
-    Responses field; the audit notes are those of a chat request."""
-    notes = {} if notes is None else notes
+    Responses field; the request record is that of a chat request."""
+    record = RequestRecord() if record is None else record
     model = s.check_model(req.model)
     forced = False
     try:
         chat = to_chat(req)
         plan, gen = await s.chat_request(chat, request_id)
         forced = plan.forced is not None
-        notes.update(model=model, prompt=gen.prompt, stream=req.stream)
+        record.model, record.prompt, record.stream = model, gen.prompt, req.stream
         first, stream = await s._start(gen, model)
     except LlmhostError as exc:
         raise _renamed(exc, forced) from None
     shaper = ChatShaper(plan.parser(), forced=forced)
     response = _Response(req, request_id, model)
     if not req.stream:
-        done = await s._collect(first, stream, notes)
-        notes.update(usage=_chat_usage(done.usage), chars=len(done.text))
+        done = await s._collect(first, stream, record)
+        record.usage, record.chars = done.usage or Usage(0, 0), len(done.text)
         out = _Output(forced)
         for piece in shaper.deltas(replace(done, tool_calls=())):
             out.feed(piece)
@@ -446,7 +440,7 @@ async def create_response(
         status = "incomplete" if incomplete else "completed"
         return response.body(status, out.items, done.usage)
     return StreamingResponse(
-        _stream(s, req, response, first, stream, shaper, forced, notes),
+        _stream(s, req, response, first, stream, shaper, forced, record),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
@@ -460,7 +454,7 @@ async def _stream(
     stream: TokenStream,
     shaper: ChatShaper,
     forced: bool,
-    notes: dict[str, Any],
+    record: RequestRecord,
 ) -> AsyncIterator[bytes]:
     event = _Events()
     out = _Output(forced)
@@ -471,16 +465,16 @@ async def _stream(
         yield event("response.in_progress", {"response": started})
         while True:
             chars += len(delta.text)
-            notes["chars"] = chars
+            record.chars = chars
             if delta.usage is not None:
-                notes["usage_so_far"] = delta.usage
+                record.usage_so_far = delta.usage
             elif delta.token_ids:  # an engine that reports usage only at the end
-                notes["tokens_sent"] = notes.get("tokens_sent", 0) + len(delta.token_ids)
+                record.tokens_sent += len(delta.token_ids)
             for piece in shaper.deltas(delta):
                 for kind, fields in out.feed(piece):
                     yield event(kind, fields)
             if delta.finish_reason is not None:
-                notes["usage"] = _chat_usage(delta.usage)
+                record.usage = delta.usage or Usage(0, 0)
                 break
             if s.drain.expired:
                 raise ServiceUnavailable(
@@ -499,7 +493,7 @@ async def _stream(
         # The status line is gone already: the error travels in-band, as OpenAI sends it.
         exc = _renamed(exc, forced)
         log.warning("stream %s failed: %s", response.head["id"], exc.message)
-        notes["status"] = exc.status_code
+        record.error_status = exc.status_code
         error = {"code": exc.code or exc.error_type, "message": exc.message, "param": exc.param}
         yield event("error", error)
         code = "rate_limit_exceeded" if exc.status_code == 429 else "server_error"

@@ -178,12 +178,36 @@ def host_stats() -> dict[str, float]:
     }
 
 
+HOST_GAUGES = (
+    ("llmhost_system_memory_total_bytes", "memory_total", "Host memory."),
+    (
+        "llmhost_system_memory_available_bytes",
+        "memory_available",
+        "Host memory available without swapping.",
+    ),
+    ("llmhost_system_swap_total_bytes", "swap_total", "Swap space."),
+    ("llmhost_system_swap_used_bytes", "swap_used", "Swap in use."),
+    ("llmhost_system_load1", "load1", "Load average over 1 minute."),
+    ("llmhost_system_load5", "load5", "Load average over 5 minutes."),
+    ("llmhost_system_load15", "load15", "Load average over 15 minutes."),
+    ("llmhost_system_cpu_count", "cpus", "Logical CPUs of the host."),
+)
+
+
 class Metrics:
     """All metrics of one server. Names follow Prometheus conventions: `llmhost_` prefix,
     base units (`_seconds`, `_bytes`), `_total` on counters."""
 
     def __init__(self, *, engine_name: str = "", nvml=None, gpu: bool = True):
-        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._add_request_metrics()
+        self._add_edge_metrics()
+        self._add_audit_metrics()
+        self._add_process_metrics(engine_name, nvml, gpu)
+
+    def _add_request_metrics(self) -> None:
+        """Requests, their latency, TTFT, TPOT and tokens (fed by the api layer)."""
+        r = self.registry
         self.requests = Counter(
             "llmhost_requests",
             "HTTP requests answered, by route, model and status code.",
@@ -222,6 +246,10 @@ class Metrics:
             "Generation requests being answered now (waiting or running).",
             registry=r,
         )
+
+    def _add_edge_metrics(self) -> None:
+        """Refusals at the edge: rate limits and failed authentication."""
+        r = self.registry
         self.rate_limited = Counter(
             "llmhost_rate_limit_rejections",
             "Requests refused with 429, by the limit that refused them.",
@@ -233,6 +261,10 @@ class Metrics:
         self.auth_failures = Counter(
             "llmhost_auth_failures", "Requests refused with 401.", registry=r
         )
+
+    def _add_audit_metrics(self) -> None:
+        """Audit records written and dropped, and how long they waited."""
+        r = self.registry
         self.audit_records = Counter(
             "llmhost_audit_records_written", "Audit records written.", registry=r
         )
@@ -247,6 +279,10 @@ class Metrics:
             buckets=AUDIT_LAG_BUCKETS,
             registry=r,
         )
+
+    def _add_process_metrics(self, engine_name: str, nvml, gpu: bool) -> None:
+        """The build, the process, the host, and the GPUs (unless `gpu` is off)."""
+        r = self.registry
         build = Gauge(
             "llmhost_build_info",
             "Version of llmhost and of the Python running it.",
@@ -255,25 +291,7 @@ class Metrics:
         )
         build.labels(__version__, platform.python_version(), engine_name).set(1)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total
-        r.register(
-            _CallbackCollector(
-                host_stats,
-                [
-                    ("llmhost_system_memory_total_bytes", "memory_total", "Host memory."),
-                    (
-                        "llmhost_system_memory_available_bytes",
-                        "memory_available",
-                        "Host memory available without swapping.",
-                    ),
-                    ("llmhost_system_swap_total_bytes", "swap_total", "Swap space."),
-                    ("llmhost_system_swap_used_bytes", "swap_used", "Swap in use."),
-                    ("llmhost_system_load1", "load1", "Load average over 1 minute."),
-                    ("llmhost_system_load5", "load5", "Load average over 5 minutes."),
-                    ("llmhost_system_load15", "load15", "Load average over 15 minutes."),
-                    ("llmhost_system_cpu_count", "cpus", "Logical CPUs of the host."),
-                ],
-            )
-        )
+        r.register(_CallbackCollector(host_stats, HOST_GAUGES))
         if gpu:
             r.register(GpuCollector(nvml))
 
