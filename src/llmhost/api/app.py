@@ -7,11 +7,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from wsgiref.simple_server import WSGIServer
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmhost import __version__
 from llmhost.api.audit import AuditMiddleware, InFlight, PromptPolicy
@@ -63,7 +64,7 @@ class RequestIdMiddleware:
         rid = rid or uuid.uuid4().hex
         request_record(scope).request_id = rid
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
@@ -80,7 +81,7 @@ async def sweep_decrypted(settings: Settings, every: float = 600.0) -> None:
         await asyncio.sleep(every)
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int):
+def serve_metrics(metrics: Metrics, host: str, port: int) -> WSGIServer:
     """/metrics on a port of its own, in a thread (prometheus-client's WSGI server)."""
     from prometheus_client import start_http_server
 
@@ -220,7 +221,9 @@ def _follow_pool(app: FastAPI, pool: Pool, tool_parser: str | None) -> None:
     pool.on_loaded, pool.on_unloading = loaded, unloading
 
 
-def _lifespan(on_fatal: Callable[[], None] | None):
+def _lifespan(
+    on_fatal: Callable[[], None] | None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Start-up and shutdown of an app `create_app` made: the models load in the background;
     at the end, requests still running are ended and recorded before the audit log closes."""
 
@@ -238,7 +241,7 @@ def _lifespan(on_fatal: Callable[[], None] | None):
         log.info("ready: serving %s", ", ".join(state.pool.ids()))
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
         settings, audit, metrics = state.settings, state.audit, state.metrics
         state.drain.loop = asyncio.get_running_loop()

@@ -176,12 +176,12 @@ class InFlight:
     records are then submitted by the middleware) before the audit writer closes."""
 
     def __init__(self) -> None:
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
 
-    def add(self, task: asyncio.Task) -> None:
+    def add(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
 
-    def discard(self, task: asyncio.Task) -> None:
+    def discard(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
 
     async def finish(self, timeout: float = 5.0) -> None:

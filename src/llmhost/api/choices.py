@@ -74,7 +74,7 @@ class Choices:
         self._queue: asyncio.Queue[tuple[Choice, TokenDelta | BaseException | None]] = (
             asyncio.Queue()
         )
-        self._tasks: set[asyncio.Future] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     async def open(self) -> None:
         """Start the first wave of groups and wait for each choice's first delta."""

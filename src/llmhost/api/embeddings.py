@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -15,7 +15,7 @@ from pydantic.json_schema import JsonDict
 from llmhost.api.protocol import JsonInt, KeepAlive
 from llmhost.api.record import RequestRecord
 from llmhost.api.serving import OpenAIServing, check_text
-from llmhost.engines.embedding import THREAD_CHARS
+from llmhost.engines.embedding import THREAD_CHARS, EmbeddingEngine
 from llmhost.errors import InvalidRequest
 from llmhost.types import Usage
 
@@ -109,8 +109,9 @@ async def _tokenize(
             check_text(t, "input" if len(inputs) == 1 else f"input[{i}]")
 
     def run() -> list[list[int]]:
+        engine = cast(EmbeddingEngine, s.engine)  # the route let only embedding models in
         ids = [s.engine.tokenize(t) if isinstance(t, str) else list(t) for t in inputs]
-        return s.engine.truncate(ids, keep)  # type: ignore[attr-defined]
+        return engine.truncate(ids, keep)
 
     if sum(len(t) for t in texts) > THREAD_CHARS or (keep is not None and len(inputs) > 64):
         return await asyncio.to_thread(run)
@@ -120,7 +121,8 @@ async def _tokenize(
 def _encode(vec: np.ndarray, fmt: str) -> list[float] | str:
     if fmt == "base64":
         return base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
-    return vec.tolist()
+    out: list[float] = vec.tolist()
+    return out
 
 
 async def create_embeddings(

@@ -4,6 +4,8 @@ becomes a 500."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,11 +25,13 @@ _HTTP_TYPES = {
 }
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None):
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _describe(errors: list[dict]) -> tuple[str, str | None]:
+def _describe(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     parts = []
     param = None
     for err in errors:
@@ -55,7 +59,9 @@ async def llmhost_error_response(_: Request, exc: LlmhostError) -> JSONResponse:
     return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
 
 
-def unexpected_error_handler(logger: logging.Logger, who: str):
+def unexpected_error_handler(
+    logger: logging.Logger, who: str
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
     """The handler of any error nothing else caught: logged with its traceback, answered as
     a JSON 500 that points to `who`'s log."""
 

@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import JsonDict
+from typing_extensions import Self
 
 from llmhost.api.protocol_chat import (
     MAX_DOCUMENTS,
@@ -199,7 +200,7 @@ class _SamplingRequest(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _consistent(self) -> Self:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -274,7 +275,7 @@ class CompletionRequest(_SamplingRequest):
         return v
 
     @model_validator(mode="after")
-    def _fits(self):
+    def _fits(self) -> Self:
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.max_tokens == 0 and not self.echo:

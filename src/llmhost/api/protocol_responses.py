@@ -122,9 +122,8 @@ class FunctionCallOutputItem(_Strict):
 
 
 def _item_type(v: Any) -> str | None:
-    if isinstance(v, dict):
-        return v.get("type", "message")
-    return getattr(v, "type", None)
+    kind = v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", None)
+    return None if kind is None else str(kind)
 
 
 InputItem = Annotated[

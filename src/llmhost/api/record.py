@@ -50,6 +50,6 @@ def request_record(scope: Scope) -> RequestRecord:
     """The record of the request `scope` belongs to, made on first use."""
     state = scope.setdefault("state", {})
     record = state.get(RECORD_KEY)
-    if record is None:
+    if not isinstance(record, RequestRecord):
         record = state[RECORD_KEY] = RequestRecord()
     return record

@@ -4,7 +4,7 @@ the shape llama-server, vLLM, Jina and Cohere accept (`query`, `documents`, `top
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
@@ -12,6 +12,7 @@ from llmhost.api.embeddings import Truncate
 from llmhost.api.protocol import KeepAlive, PositiveInt
 from llmhost.api.record import RequestRecord
 from llmhost.api.serving import OpenAIServing, check_text
+from llmhost.engines.embedding import RerankEngine
 from llmhost.types import Usage
 
 MAX_DOCUMENTS = 1000  # Cohere's limit per request
@@ -59,7 +60,7 @@ async def create_rerank(
     for i, t in enumerate(texts):
         check_text(t, f"documents[{i}]")
     record.model, record.prompt = model, req.query
-    scores, tokens = await s.engine.rerank(  # type: ignore[attr-defined]
+    scores, tokens = await cast(RerankEngine, s.engine).rerank(
         req.query, texts, req.truncate_prompt_tokens
     )
     order = sorted(range(len(texts)), key=lambda i: -scores[i])[: req.top_n or len(texts)]

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -97,7 +98,9 @@ class Upstream:
     requests: int = 0
     errors: int = 0
     consecutive_failures: int = 0
-    recent: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # (t, ok, seconds)
+    recent: deque[tuple[float, bool, float]] = field(
+        default_factory=lambda: deque(maxlen=WINDOW)
+    )  # (t, ok, seconds)
     models: frozenset[str] = frozenset()  # what it serves, from /ready; empty: not known
     shown: str = field(init=False)
     _base: str = field(init=False, repr=False)
@@ -134,7 +137,7 @@ class Upstream:
         errors = sum(1 for ok, _ in got if not ok)
         return len(got), errors / len(got), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         n, ratio, p99 = self.window(60)
         return {
             "name": self.name,
@@ -441,7 +444,7 @@ class RouterApp:
             if got:  # e.g. a 401 for a client without a key: the upstream's own answer
                 return Response(got[0].content, got[0].status_code, media_type="application/json")
             raise ServiceUnavailable("no upstream answered /v1/models", retry_after=1)
-        data: dict[str, dict] = {}
+        data: dict[str, dict[str, Any]] = {}
         for r in ok:
             try:
                 items = r.json().get("data") or []

@@ -113,7 +113,8 @@ async def serving_for(
             )
     await pool.acquire(model_id, keep_alive)
     request_record(request.scope).leases.append(model_id)
-    return state.servings[model_id]
+    serving: OpenAIServing = state.servings[model_id]
+    return serving
 
 
 async def serving(request: Request) -> OpenAIServing:
@@ -279,7 +280,7 @@ async def completions(
     body: CompletionRequest,
     rid: str = Depends(request_id),
     rec: RequestRecord = Depends(record),
-):
+) -> dict[str, Any] | Response:
     s = await serving_for(request, body.model, body.keep_alive)
     return await s.completion(body, rid, rec)
 
@@ -295,7 +296,7 @@ async def chat_completions(
     body: ChatCompletionRequest,
     rid: str = Depends(request_id),
     rec: RequestRecord = Depends(record),
-):
+) -> dict[str, Any] | Response:
     s = await serving_for(request, body.model, body.keep_alive)
     return await s.chat(body, rid, rec)
 
@@ -306,7 +307,7 @@ async def responses(
     body: ResponsesRequest,
     rid: str = Depends(request_id),
     rec: RequestRecord = Depends(record),
-):
+) -> dict[str, Any] | Response:
     """OpenAI's Responses API, stateless: nothing is stored, so each request carries its
     whole conversation in `input` (previous_response_id is refused)."""
     s = await serving_for(request, body.model, body.keep_alive)
@@ -343,7 +344,7 @@ async def generate(
     body: GenerateRequest,
     rid: str = Depends(request_id),
     rec: RequestRecord = Depends(record),
-):
+) -> dict[str, Any]:
     """The deployment guide's interface: a prompt in, the generated text out."""
     s = await serving_for(request, None)
     return await s.generate(body, rid, rec)

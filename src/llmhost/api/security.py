@@ -25,7 +25,7 @@ log = logging.getLogger("llmhost.auth")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 
 
-async def send_error(send: Send, exc: LlmhostError, headers: dict[str, str] | None = None):
+async def send_error(send: Send, exc: LlmhostError, headers: dict[str, str] | None = None) -> None:
     body = json.dumps(exc.to_openai()).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -176,7 +176,7 @@ class RateLimitMiddleware:
             return
         extra = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
 
-        async def send_with_headers(message) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start" and extra:
                 message.setdefault("headers", []).extend(extra)
             await send(message)

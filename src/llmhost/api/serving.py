@@ -359,7 +359,7 @@ class OpenAIServing:
 
     async def completion(
         self, req: CompletionRequest, request_id: str, record: RequestRecord | None = None
-    ):
+    ) -> dict[str, Any] | StreamingResponse:
         model = self.check_model(req.model)
         record = RequestRecord() if record is None else record
         record.model, record.prompt = model, req.prompt
@@ -399,7 +399,7 @@ class OpenAIServing:
 
     async def chat(
         self, req: ChatCompletionRequest, request_id: str, record: RequestRecord | None = None
-    ):
+    ) -> dict[str, Any] | StreamingResponse:
         model = self.check_model(req.model)
         record = RequestRecord() if record is None else record
         self._check_features(req, req.logprobs)
