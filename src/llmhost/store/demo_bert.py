@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from llmhost.store.demo import BuiltModel, _corpus, _word_corpus
 
@@ -90,21 +90,25 @@ def build_bert(
     seed: int = 0,
 ) -> BuiltModel:
     """Write `root/hf` (safetensors, tokenizer) and `root/<name>.gguf` from the same weights."""
-    import gguf
-    import torch
-    from transformers import (  # type: ignore[attr-defined]  # BertTokenizerFast: not in its hints
-        BertConfig,
-        BertForSequenceClassification,
-        BertModel,
-        BertTokenizerFast,
-    )
-
     rerank = kind == "rerank"
     hf = root / "hf"
     hf.mkdir(parents=True, exist_ok=True)
+    vocab = _save_tokenizer(hf, shape)
+    model = _hf_model(shape, vocab, rerank, seed)
+    model.save_pretrained(hf, safe_serialization=True)
+    if not rerank:
+        _sentence_transformers_layout(hf)
+    path = root / f"llmhost-bert-{kind}.gguf"
+    _write_gguf(path, model, vocab, shape, kind)
+    return BuiltModel(gguf=path, hf_dir=hf)
+
+
+def _save_tokenizer(hf: Path, shape: BertShape) -> list[str]:
+    """The WordPiece tokenizer in `hf`; its vocabulary in id order."""
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # not in its hints
+
     tok = _tokenizer(shape)
     ids = tok.get_vocab()
-    vocab = sorted(ids, key=ids.__getitem__)
     BertTokenizerFast(
         tokenizer_object=tok._tokenizer,
         unk_token="[UNK]",
@@ -114,6 +118,14 @@ def build_bert(
         mask_token="[MASK]",
         model_max_length=shape.positions,
     ).save_pretrained(hf)
+    return sorted(ids, key=ids.__getitem__)
+
+
+def _hf_model(shape: BertShape, vocab: list[str], rerank: bool, seed: int) -> Any:
+    """A BERT of random weights: with a one-logit classification head for a reranker."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=shape.hidden,
@@ -134,11 +146,14 @@ def build_bert(
         emb[1] = emb[0]
         if rerank:  # a wider head: random relevance scores spread over (0, 1), not all ~0.5
             model.classifier.weight.mul_(200.0)
-    model.save_pretrained(hf, safe_serialization=True)
-    if not rerank:
-        _sentence_transformers_layout(hf)
+    return model
 
-    path = root / f"llmhost-bert-{kind}.gguf"
+
+def _write_gguf(path: Path, model: Any, vocab: list[str], shape: BertShape, kind: str) -> None:
+    """The same weights and vocabulary as a llama.cpp BERT GGUF (f32)."""
+    import gguf
+
+    rerank = kind == "rerank"
     arch = gguf.MODEL_ARCH.BERT
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(f"llmhost tiny BERT {kind}")
@@ -147,10 +162,25 @@ def build_bert(
     writer.add_feed_forward_length(shape.intermediate)
     writer.add_block_count(shape.layers)
     writer.add_head_count(shape.heads)
-    writer.add_layer_norm_eps(config.layer_norm_eps)
+    writer.add_layer_norm_eps(model.config.layer_norm_eps)
     writer.add_causal_attention(False)
     writer.add_pooling_type(gguf.PoolingType.RANK if rerank else gguf.PoolingType.MEAN)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_vocab(writer, vocab)
+    tmap = gguf.TensorNameMap(arch, shape.layers)
+    for name, tensor in model.state_dict().items():
+        target = _gguf_name(name, rerank, tmap)
+        if target is not None:
+            writer.add_tensor(target, tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_vocab(writer: Any, vocab: list[str]) -> None:
+    import gguf
+
     writer.add_tokenizer_model("bert")
     writer.add_tokenizer_pre("default")
     # llama.cpp's WordPiece marks word starts ("▁word") where BERT marks continuations
@@ -173,14 +203,3 @@ def build_bert(
     writer.add_mask_token_id(vocab.index("[MASK]"))
     writer.add_add_bos_token(True)
     writer.add_add_sep_token(True)
-    tmap = gguf.TensorNameMap(arch, shape.layers)
-    for name, tensor in model.state_dict().items():
-        target = _gguf_name(name, rerank, tmap)
-        if target is None:
-            continue
-        writer.add_tensor(target, tensor.detach().float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return BuiltModel(gguf=path, hf_dir=hf)
