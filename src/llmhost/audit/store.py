@@ -31,7 +31,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from llmhost.audit import chain
@@ -402,7 +401,3 @@ def open_store(
             store.close()
             raise
     return store
-
-
-def as_dict(rec: StoredRecord) -> dict:
-    return asdict(rec)
