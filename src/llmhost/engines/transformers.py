@@ -257,6 +257,7 @@ class TransformersEngine(BatchedEngine):
             config=config,
             prompt_cache=prompt_cache,
             prompt_cache_bytes=self.prompt_cache_bytes,
+            tokenizer_backend=backend,
         )
         log.info(
             "loaded %s with transformers %s on %s (%s%s): context %d per sequence x %d, %d threads",
