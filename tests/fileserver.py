@@ -35,6 +35,7 @@ class FileServer:
         self.behaviour = behaviour or Behaviour()
         self.sent: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.authorization: list[str | None] = []  # each request's Authorization header
         self.hub: dict[str, dict] = {}  # repo id -> {"sha": ..., "files": [rel paths]}
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -96,6 +97,7 @@ class FileServer:
                 path = unquote(urlsplit(self.path).path)
                 with server.lock:
                     server.requests.append((path, self.headers.get("Range")))
+                    server.authorization.append(self.headers.get("Authorization"))
                     fail = server.behaviour.fail_statuses
                     status = fail.pop(0) if fail else None
                 if status:

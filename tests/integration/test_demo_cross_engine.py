@@ -41,8 +41,16 @@ async def test_transformers_and_llamacpp_agree(tiny_model, hf):
                     do_sample=False,
                     eos_token_id=None,
                     pad_token_id=tok.pad_token_id,
+                    output_scores=True,
+                    return_dict_in_generate=True,
                 )
-            hf_new = out[0, len(ids) :].tolist()
+            hf_new = out.sequences[0, len(ids) :].tolist()
+            # llama.cpp keeps its KV cache in fp16, which moves logits by up to about 1e-3: a
+            # step whose two best are closer than that may go either way, so the comparison
+            # ends before one.
+            gaps = [float(s[0].topk(2).values.diff().abs()) for s in out.scores]
+            n = next((i for i, gap in enumerate(gaps) if gap < 2e-3), len(gaps))
+            assert n >= 8, gaps
             got: list[int] = []
             req = GenerationRequest(
                 prompt=prompt,
@@ -50,7 +58,7 @@ async def test_transformers_and_llamacpp_agree(tiny_model, hf):
             )
             async for d in engine.stream(req):
                 got.extend(d.token_ids)
-            assert got == hf_new
+            assert got[:n] == hf_new[:n]
     finally:
         await engine.close()
 

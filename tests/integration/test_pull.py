@@ -253,6 +253,31 @@ def test_pull_hugging_face_repo_checks_lfs_sha256_and_blob_ids(tiny_model, tmp_p
     assert verify_folder(store.resolve("acme/tiny"), m).ok
 
 
+def test_hugging_face_token_saved_by_hf_auth_login_is_sent(tiny_model, tmp_path, monkeypatch):
+    """No HF_TOKEN: the token `hf auth login` saved goes with the listing and the downloads;
+    an HF_TOKEN given wins over it."""
+    import huggingface_hub.constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    saved = tmp_path / "hf-home" / "token"
+    saved.parent.mkdir()
+    saved.write_text("hf_saved_by_login\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(saved))
+    root = tmp_path / "www"
+    shutil.copytree(tiny_model.hf_dir, root / "repo")
+    store = ModelStore(tmp_path / "models")
+    with serve(root) as srv:
+        srv.add_repo("acme/tiny", "1" * 40, "repo", lfs={"model.safetensors"})
+        pull(store, "acme/tiny", opts=SourceOptions(env={"HF_ENDPOINT": srv.url}))
+        assert len(srv.authorization) > 1
+        assert set(srv.authorization) == {"Bearer hf_saved_by_login"}
+        srv.authorization.clear()
+        env = {"HF_ENDPOINT": srv.url, "HF_TOKEN": "hf_from_env"}
+        pull(store, "acme/tiny", name="again", opts=SourceOptions(env=env))
+        assert set(srv.authorization) == {"Bearer hf_from_env"}
+
+
 def test_hugging_face_listing_with_unsafe_path_is_refused(tmp_path):
     root = tmp_path / "www"
     (root / "repo").mkdir(parents=True)

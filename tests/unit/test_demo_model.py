@@ -5,6 +5,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from llmhost.store.demo import DEMO_SHAPE, SPECIAL_TOKENS, _permute_rope, build_model
+from tests.conftest import require
 
 
 def test_both_formats_written(tiny_model):
@@ -94,3 +95,22 @@ def test_ensure_model_rebuilds_what_an_older_llmhost_built(tmp_path):
     w.close()
     assert not is_current(path)
     assert is_current(ensure_model(path))
+
+
+def test_the_model_generates_printable_text_only(tiny_model):
+    """Tokens whose text is not printable ASCII (control bytes such as ESC, lone bytes of
+    multi-byte characters) stay in the vocabulary, so any prompt encodes, but are never
+    sampled: not at temperature 2 with every token a candidate."""
+    tok = Tokenizer.from_file(str(tiny_model.hf_dir / "tokenizer.json"))
+    prompt = "\x1b[31mred\x1b[0m \r ☃ ünï"
+    assert tok.decode(tok.encode(prompt).ids, skip_special_tokens=True) == prompt
+    llama_cpp = require("llama_cpp")
+    model = llama_cpp.Llama(str(tiny_model.gguf), n_ctx=512, verbose=False)
+    text = ""
+    for seed in range(8):
+        out = model.create_completion(
+            prompt, max_tokens=100, temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed
+        )
+        text += out["choices"][0]["text"]
+    assert len(text) > 400
+    assert all(" " <= c <= "~" or c in "\n\t" for c in text), repr(text)

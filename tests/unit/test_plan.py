@@ -11,6 +11,7 @@ from llmhost.cli.main import app
 from llmhost.errors import ConfigError
 from llmhost.ops.plan import (
     GIB,
+    _file_type,
     make_plan,
     parse_params,
     shape_for_params,
@@ -133,6 +134,17 @@ def test_params_presets_and_bad_input():
         make_plan(s, concurrency=0)
     with pytest.raises(ConfigError):
         shape_from_hf_config({"hidden_size": 8}, "broken")
+
+
+def test_gguf_file_types():
+    """general.file_type names a format through gguf's LlamaFileType; formats the bits table
+    lacks, and numbers gguf does not know, give none."""
+    known = {0: "fp32", 1: "fp16", 2: "q4_0", 7: "q8_0", 8: "q5_0", 10: "q2_k", 12: "q3_k_m"}
+    known |= {15: "q4_k_m", 17: "q5_k_m", 18: "q6_k", 32: "bf16"}
+    for value, name in known.items():
+        assert _file_type(value) == name
+    for value in (3, 11, 14, 30, 999, None):  # q4_1, q3_k_s, q4_k_s, iq4_xs, unknown, absent
+        assert _file_type(value) is None
 
 
 def test_gguf_model_and_cli(tiny_model, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -453,7 +452,3 @@ class OpenAIServing:
             "finish_reason": done.finish_reason,
             "usage": usage_body(done.usage),
         }
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

@@ -31,7 +31,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -427,7 +426,3 @@ def open_store(
             store.close()
             raise
     return store
-
-
-def as_dict(rec: StoredRecord) -> dict[str, Any]:
-    return asdict(rec)

@@ -261,6 +261,7 @@ class TransformersEngine(BatchedEngine[Sequence]):
             config=config,
             prompt_cache=prompt_cache,
             prompt_cache_bytes=self.prompt_cache_bytes,
+            tokenizer_backend=backend,
         )
         log.info(
             "loaded %s with transformers %s on %s (%s%s): context %d per sequence x %d, %d threads",

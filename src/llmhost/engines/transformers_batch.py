@@ -43,28 +43,52 @@ MIN_REUSE = 2  # shorter common prefixes are prefilled with the batch instead
 
 
 class Detokenizer:
-    """Incremental text from token ids: decodes a short window twice per token and emits the
-    difference, holding back text that ends in an incomplete UTF-8 sequence."""
+    """Incremental text from token ids, decoded after `context` (the prompt's last tokens, so
+    word boundaries come out right). Text is given out once it no longer ends in an incomplete
+    UTF-8 sequence: by tokenizers' DecodeStream for a fast tokenizer (`backend`), by decoding
+    the same short window twice per token with `decode` for a slow one; `flush` gives out what
+    is still held when the sequence ends."""
 
-    def __init__(self, decode: Callable[[list[int]], str], context: list[int]):
+    def __init__(self, decode: Callable[[list[int]], str], context: list[int], backend: Any = None):
         self._decode = decode
-        self._ids = list(context)
-        self._prefix = 0
-        self._read = len(self._ids)
+        self._backend = backend
+        self._last = list(context)  # the tokens of the text given out last
+        self._held: list[int] = []  # tokens since, not yet given out
+        self._stream = None if backend is None else self._new_stream()
+
+    def _new_stream(self) -> Any:
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
+        for token in self._last:
+            stream.step(self._backend, token)
+        return stream
 
     def add(self, token: int) -> str:
-        self._ids.append(token)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
+        self._held.append(token)
+        text: str | None = None
+        if self._stream is not None:
+            try:
+                out = self._stream.step(self._backend, token)
+                text = out if isinstance(out, str) else None
+            except Exception:  # its text no longer starts with what it gave out: decode here
+                self._stream = None
+        if self._stream is None:
+            before = self._decode(self._last)
+            after = self._decode(self._last + self._held)
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                text = after[len(before) :]
+        if not text:
+            return ""
+        self._last, self._held = self._held, []
+        return text
 
     def flush(self) -> str:
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
+        if not self._held:
+            return ""
+        before = self._decode(self._last)
+        after = self._decode(self._last + self._held)
+        self._last, self._held = self._held, []
         return after[len(before) :]
 
 
@@ -248,10 +272,12 @@ class TorchScheduler(BatchLoop[Sequence]):
         config: Any,
         prompt_cache: bool = False,
         prompt_cache_bytes: int = 0,
+        tokenizer_backend: Any = None,
     ):
         super().__init__(n_slots=n_slots, max_queue=max_queue, log=log)
         self.model = model
         self.decode = decode
+        self.tokenizer_backend = tokenizer_backend  # a fast tokenizer's, for DecodeStream
         self.eos_ids = set(eos_ids)
         self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long)
         self.batch_size = batch_size
@@ -299,7 +325,9 @@ class TorchScheduler(BatchLoop[Sequence]):
             seed = secrets.randbits(63) if seq.sampling.seed is None else seq.sampling.seed
             if not seq.greedy:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seed)
-            seq.detok = Detokenizer(self.decode, seq.prompt[-DETOKENIZE_CONTEXT:])
+            seq.detok = Detokenizer(
+                self.decode, seq.prompt[-DETOKENIZE_CONTEXT:], self.tokenizer_backend
+            )
             self._active.append(seq)
             self._pending.append(seq)
 

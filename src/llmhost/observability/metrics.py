@@ -16,6 +16,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    exposition,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,7 +26,9 @@ from llmhost import __version__
 from llmhost.observability.gpu import GpuCollector
 from llmhost.types import EngineHealth, Usage
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# generate_latest writes the 0.0.4 text format, which CONTENT_TYPE_LATEST names before
+# prometheus-client 0.22; from 0.22 on it names 1.0.0 and the 0.0.4 one has a name of its own.
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 
 # Whole requests: a short completion takes tens of ms, a long CPU stream minutes.
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)

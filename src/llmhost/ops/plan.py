@@ -184,6 +184,20 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str) -> Shape:
     return Shape(name, params, layers, hidden, heads, kv, inter, vocab, ctx)
 
 
+def _file_type(value: Any) -> str | None:
+    """general.file_type as a format of BITS_PER_WEIGHT (MOSTLY_Q4_K_M is q4_k_m, ALL_F32
+    fp32); None for a type the table lacks."""
+    import gguf
+
+    try:
+        name = gguf.LlamaFileType(value).name
+    except ValueError:
+        return None
+    name = name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+    name = {"f32": "fp32", "f16": "fp16"}.get(name, name)
+    return name if name in BITS_PER_WEIGHT else None
+
+
 def shape_from_gguf(path: Path) -> tuple[Shape, str | None]:
     import gguf
 
@@ -204,19 +218,7 @@ def shape_from_gguf(path: Path) -> tuple[Shape, str | None]:
         raise ConfigError(f"{path}: GGUF metadata lacks the shape of a {arch} model")
     kv = field(f"{arch}.attention.head_count_kv") or heads
     params = sum(int(t.n_elements) for t in reader.tensors)
-    ftype = {
-        0: "fp32",
-        1: "fp16",
-        2: "q4_0",
-        7: "q8_0",
-        8: "q5_0",
-        15: "q4_k_m",
-        17: "q5_k_m",
-        18: "q6_k",
-        12: "q3_k_m",
-        10: "q2_k",
-        32: "bf16",
-    }.get(field("general.file_type"))
+    ftype = _file_type(field("general.file_type"))
     shape = Shape(
         field("general.name") or path.stem,
         params,

@@ -29,7 +29,11 @@ CHAT_TEMPLATE = "{{ bos_token }}" + FALLBACK_TEMPLATE
 SHIPPED_VOCAB = 1024  # the most tokens the shipped text alone is trained into
 # Bumped whenever the same shape and seed would build another model (tokenizer, metadata):
 # models built by an older llmhost are rebuilt on first use.
-REVISION = 2
+REVISION = 3
+# What the output layer takes off the logit of a token that is not printable text, divided by
+# the RMS of the last hidden state (about 1 to 3): far past what any temperature up to 2 can
+# bring back, and small enough for fp16.
+UNPRINTABLE_PENALTY = 2000.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,32 @@ def _weights(shape: ModelShape, seed: int) -> dict[str, np.ndarray]:
             h, shape.intermediate_size, 1.0 / np.sqrt(shape.intermediate_size)
         )
     return w
+
+
+def _printable(text: str) -> bool:
+    return all(" " <= c <= "~" or c in "\n\t" for c in text)
+
+
+def _never_unprintable(w: dict[str, np.ndarray], tok, shape: ModelShape) -> None:
+    """Keep the model from generating a token whose text is not printable ASCII: a control
+    byte (ESC, CR, ...) or a lone byte of a multi-byte character, whose random sequences make
+    control characters and U+FFFD. Such tokens stay in the vocabulary, so any prompt still
+    encodes. The last residual dimension is 1 at every position (the embeddings write it, no
+    block does); the output layer reads it with weight -UNPRINTABLE_PENALTY for those tokens
+    and 0 for the others, whose logits are unchanged. The weight, not the activation, is
+    large, so int8 activations keep their precision."""
+    banned = [
+        i
+        for t, i in tok.get_vocab().items()
+        if t not in SPECIAL_TOKENS and not _printable(tok.decode([i]))
+    ]
+    d = shape.hidden_size - 1
+    w["model.embed_tokens.weight"][:, d] = 1.0
+    for i in range(shape.num_layers):
+        w[f"model.layers.{i}.self_attn.o_proj.weight"][d, :] = 0.0
+        w[f"model.layers.{i}.mlp.down_proj.weight"][d, :] = 0.0
+    w["lm_head.weight"][:, d] = 0.0
+    w["lm_head.weight"][banned, d] = -UNPRINTABLE_PENALTY
 
 
 def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -326,6 +356,7 @@ def build_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(shape.vocab_size)
     w = _weights(shape, seed)
+    _never_unprintable(w, tok, shape)
     gguf_path = hf_dir = None
     if "hf" in formats:
         hf_dir = out_dir / "hf"

@@ -159,9 +159,6 @@ class ModelStore:
         write_manifest(self.version_dir(ref), manifest)
         return manifest
 
-    def update_manifest(self, manifest: Manifest) -> None:
-        write_manifest(self.version_dir(ModelRef(manifest.name, manifest.tag)), manifest)
-
     def encrypt(self, ref: ModelRef | str, key: bytes) -> Manifest:
         """Encrypt the weight files of a version in place (`X` becomes `X.enc`); config and
         tokenizer files stay readable. The manifest keeps each plaintext's sha256."""

@@ -235,6 +235,9 @@ def _from_s3(source: str, opts: SourceOptions) -> Resolved:
 # --- Hugging Face Hub ---------------------------------------------------------------------
 
 
+_LOG_IN = "log in with `hf auth login` or set HF_TOKEN"
+
+
 def _from_hf(source: str, opts: SourceOptions) -> Resolved:
     try:
         from huggingface_hub import HfApi, hf_hub_url
@@ -244,14 +247,16 @@ def _from_hf(source: str, opts: SourceOptions) -> Resolved:
         raise ConfigError("Hugging Face sources need huggingface_hub") from exc
     env = opts.env
     endpoint = (env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    # A token in the given environment is used as is; without one, None lets huggingface_hub
+    # find one as its own CLI does (HF_TOKEN, then the token `hf auth login` saved).
     token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
     api = HfApi(endpoint=endpoint, token=token)
     try:
         info = api.model_info(source, revision=opts.revision, files_metadata=True)
     except hf_errors.GatedRepoError as exc:
-        raise PermissionDenied(f"{source} is gated: accept its licence and set HF_TOKEN") from exc
+        raise PermissionDenied(f"{source} is gated: accept its licence, then {_LOG_IN}") from exc
     except hf_errors.RepositoryNotFoundError as exc:
-        raise NotFound(f"{source}: no such repository (or it is private: set HF_TOKEN)") from exc
+        raise NotFound(f"{source}: no such repository (or it is private: {_LOG_IN})") from exc
     except hf_errors.RevisionNotFoundError as exc:
         raise NotFound(f"{source}: no revision {opts.revision!r}") from exc
     except hf_errors.HfHubHTTPError as exc:
@@ -259,9 +264,7 @@ def _from_hf(source: str, opts: SourceOptions) -> Resolved:
         if status == 404:
             raise NotFound(f"{source}: no such repository (HTTP 404)") from exc
         if status in (401, 403):
-            raise PermissionDenied(
-                f"{source}: access denied (HTTP {status}); set HF_TOKEN"
-            ) from exc
+            raise PermissionDenied(f"{source}: access denied (HTTP {status}); {_LOG_IN}") from exc
         raise DownloadError(f"{source}: cannot list the repository: {exc}") from exc
     except Exception as exc:  # network errors come from whichever HTTP library it uses
         raise DownloadError(f"{source}: cannot list the repository: {exc}") from exc

@@ -5,6 +5,7 @@ weights (which can run code when loaded) are refused unless allowed."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -109,13 +110,26 @@ def check_sums(folder: Path, sums: dict[str, tuple[str, str]], report: Report) -
 
 # --- layout --------------------------------------------------------------------------------
 
-_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
+
+@functools.cache
+def _gguf_types() -> tuple[dict[int, int], int, int, int]:
+    """gguf's metadata value types: the bytes of each scalar, and the ids of string, array
+    and uint32."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType
+
+    sizes = {int(t): np.dtype(d).itemsize for t, d in GGUFReader.gguf_scalar_to_np.items()}
+    return sizes, int(GGUFValueType.STRING), int(GGUFValueType.ARRAY), int(GGUFValueType.UINT32)
 
 
 class _Reader:
+    """Walks a GGUF header without keeping it. gguf's GGUFReader parses the same layout but
+    makes numpy arrays of every vocabulary entry: 11 s for a 256k-token vocabulary where
+    this walk takes 0.9 s, and verify reads every GGUF pulled."""
+
     def __init__(self, f, size: int):
         self.f, self.size = f, size
+        self.scalars, self.string_type, self.array_type, self.uint32_type = _gguf_types()
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.f.tell() + n > self.size:
@@ -132,14 +146,14 @@ class _Reader:
         return self.take(self.u64())
 
     def skip_value(self, vtype: int, depth: int = 0) -> None:
-        if vtype in _GGUF_SCALARS:
-            self.take(_GGUF_SCALARS[vtype])
-        elif vtype == _STRING:
+        if vtype in self.scalars:
+            self.take(self.scalars[vtype])
+        elif vtype == self.string_type:
             self.string()
-        elif vtype == _ARRAY and depth < 4:
+        elif vtype == self.array_type and depth < 4:
             etype, count = self.u32(), self.u64()
-            if etype in _GGUF_SCALARS:
-                self.take(_GGUF_SCALARS[etype] * count)
+            if etype in self.scalars:
+                self.take(self.scalars[etype] * count)
             else:
                 for _ in range(count):
                     self.skip_value(etype, depth + 1)
@@ -169,7 +183,7 @@ def check_gguf(path: Path) -> list[str]:
             for _ in range(n_kv):
                 key = r.string()
                 vtype = r.u32()
-                if key == b"general.alignment" and vtype == 4:
+                if key == b"general.alignment" and vtype == r.uint32_type:
                     alignment = r.u32()
                 else:
                     r.skip_value(vtype)
