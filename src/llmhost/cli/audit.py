@@ -190,7 +190,3 @@ def export(
     with open_private(out, "w", newline="") as f:  # prompts: for the owner only
         _write(found, fmt, f)
     typer.echo(f"exported {len(found)} records to {out}")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(audit_app, name="audit")

@@ -88,7 +88,3 @@ def revoke(key_id: str = typer.Argument(..., help="The key's id (see `llmhost ke
     with _store() as keys:
         info = keys.revoke(key_id)
     typer.echo(f"revoked {info.key_id} ({info.user_id})")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(keys_app, name="keys")

@@ -45,7 +45,3 @@ def loadtest(
         Console(stderr=True).print(f"HTML report: {result['report']}", highlight=False)
     failures = sum(s["failures"] for s in result["stats"] if s["name"] == "Aggregated")
     raise typer.Exit(1 if failures or result["exit_code"] else 0)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(loadtest)

@@ -36,22 +36,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-serve.register(app)
-bench.register(app)
-models.register(app)
-crypto.register(app)
-audit.register(app)
-keys.register(app)
-cert.register(app)
-monitoring.register(app)
-plan.register(app)
-doctor.register(app)
-backup.register(app)
-router.register(app)
-deploy.register(app)
-loadtest.register(app)
-demo.register(app)
-running.register(app)
+# Every command and group, in the order `llmhost --help` lists them.
+for command in (serve.serve, bench.bench, models.pull):
+    app.command()(command)
+app.command("list")(models.list_models)
+for command in (models.show, models.rm, models.tag, models.promote, models.verify):
+    app.command()(command)
+app.command()(crypto.encrypt)
+app.command()(crypto.decrypt)
+app.add_typer(audit.audit_app, name="audit")
+app.add_typer(keys.keys_app, name="keys")
+app.add_typer(cert.cert_app, name="cert")
+app.add_typer(monitoring.monitoring_app, name="monitoring")
+app.command()(plan.plan)
+app.command()(doctor.doctor)
+app.add_typer(backup.backup_app, name="backup")
+app.command()(router.router)
+app.add_typer(deploy.deploy_app, name="deploy")
+app.command()(deploy.systemd)
+app.command()(loadtest.loadtest)
+app.command("demo-model")(demo.demo_model)
+app.add_typer(running.models_app, name="models")
 
 
 @app.command()
