@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmhost.cli.options import ApiKey
 from llmhost.errors import ConfigError
 
 
@@ -232,7 +233,7 @@ def bench(
     output_tokens: int = typer.Option(64, help="Tokens generated per request (ignore_eos)."),
     temperature: float = typer.Option(1.0),
     model: str | None = typer.Option(None, help="Model id [the server's first model]."),
-    api_key: str | None = typer.Option(None, envvar="LLMHOST_API_KEY"),
+    api_key: ApiKey = None,
     rounds: int = typer.Option(2, help="With --compare: alternations per scenario."),
     warmup: int = typer.Option(1, help="Requests sent before measuring."),
     slo_ttft_ms: float | None = typer.Option(None, help="Goodput SLO on TTFT."),
