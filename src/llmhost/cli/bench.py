@@ -293,23 +293,23 @@ def bench(
             nonce=f"{nonce}-{u}" if same_backend else nonce,
         )
 
-    if compare is None:
+    if url is not None:  # one server (the check above leaves this or --compare)
         report = asyncio.run(run_scenarios(cfg(url), scenarios, warmup=warmup))
         missed = _check_targets(report, targets)
         _print_run(url, report, as_json)
         if missed:
             raise typer.Exit(1)
-        return
-    a, b = compare
-    report = asyncio.run(run_compare(cfg(a), cfg(b), scenarios, rounds=rounds, warmup=warmup))
-    _print_compare(a, b, report, as_json)
+    elif compare is not None:
+        a, b = compare
+        report = asyncio.run(run_compare(cfg(a), cfg(b), scenarios, rounds=rounds, warmup=warmup))
+        _print_compare(a, b, report, as_json)
 
 
 def _console() -> Console:
     return Console(width=max(Console().width, 120))
 
 
-def _print_run(url: str | None, report: list[dict], as_json: bool) -> None:
+def _print_run(url: str, report: list[dict], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({"target": url, "results": report}))
         return

@@ -37,11 +37,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Every command and group, in the order `llmhost --help` lists them.
-for command in (serve.serve, bench.bench, models.pull):
-    app.command()(command)
+app.command()(serve.serve)
+app.command()(bench.bench)
+app.command()(models.pull)
 app.command("list")(models.list_models)
-for command in (models.show, models.rm, models.tag, models.promote, models.verify):
-    app.command()(command)
+app.command()(models.show)
+app.command()(models.rm)
+app.command()(models.tag)
+app.command()(models.promote)
+app.command()(models.verify)
 app.command()(crypto.encrypt)
 app.command()(crypto.decrypt)
 app.add_typer(audit.audit_app, name="audit")

@@ -22,6 +22,7 @@ from llmhost.ops import serve as ops
 
 if TYPE_CHECKING:
     from llmhost.engines.base import Engine
+    from llmhost.engines.pool import Pool
 
 log = logging.getLogger("llmhost.serve")
 err = Console(stderr=True, highlight=False)
@@ -249,7 +250,7 @@ def _graceful_server_class():
 
 
 def serve_settings(
-    settings: Settings, engine: Engine, announce: Callable[[], None] | None = None
+    settings: Settings, engine: Engine | Pool, announce: Callable[[], None] | None = None
 ) -> None:
     """Serve `engine` (one model's, or a pool of several) until SIGINT/SIGTERM; in-flight
     streams get `shutdown_timeout` to end. `announce` runs once the ports are known free,
