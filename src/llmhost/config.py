@@ -145,21 +145,35 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=default_home, description="State folder.")
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
-    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="Port to listen on.")
     model: str | None = Field(None, description="Path of the model file or folder to serve.")
     model_name: str | None = Field(None, description="Model id clients use; default: file stem.")
-    engine: str = Field("llamacpp", description="Engine name from the engine registry.")
-    threads: int = Field(default_factory=default_threads, ge=1, le=1024)
+    engine: str = Field(
+        "llamacpp",
+        description="Engine name from the engine registry: llamacpp, transformers, vllm, "
+        "openai, fake or a plugin's.",
+    )
+    threads: int = Field(
+        default_factory=default_threads,
+        ge=1,
+        le=1024,
+        description="CPU threads; default: the physical cores.",
+    )
     ctx_size: int = Field(
         0, ge=0, description="Context tokens per sequence; 0 = model's own, capped at 4096."
     )
     parallel: int = Field(
-        default_factory=default_parallel, ge=1, le=256, description="Sequences decoded together."
+        default_factory=default_parallel,
+        ge=1,
+        le=256,
+        description="Sequences decoded together; default: 2 x physical cores, 4 to 16.",
     )
     batch_size: int = Field(512, ge=16, le=65536, description="Most tokens per decode step.")
     max_queue: int = Field(64, ge=0, description="Requests that may wait for a free sequence.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights' type (transformers engine); auto picks per device."
+        "auto",
+        description="Weights' type (transformers engine): auto, float32, bfloat16 or "
+        "float16; auto picks per device.",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (transformers engine).")
     allow_pickle: bool = Field(
@@ -222,7 +236,7 @@ class Settings(BaseSettings):
     tensor_parallel: int = Field(1, ge=1, le=64, description="GPUs one model is split over.")
     pipeline_parallel: int = Field(1, ge=1, le=64, description="Pipeline stages (nodes).")
     distributed_backend: Literal["mp", "ray"] | None = Field(
-        None, description="vLLM's executor: ray for several nodes."
+        None, description="vLLM's executor: mp, or ray for several nodes."
     )
     quantization: str | None = Field(
         None, description="transformers: int8 or int4; vLLM: its --quantization (awq, fp8, ...)."
@@ -234,8 +248,10 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, description="Serve /metrics on this port only (same host)."
     )
     metrics_auth: bool = Field(False, description="/metrics needs an API key or JWT too.")
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or json.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Least severe level logged: debug, info, warning or error."
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="Seconds SIGTERM waits for in-flight streams."
     )
@@ -266,7 +282,8 @@ class Settings(BaseSettings):
     )
     tool_parser: Literal["hermes", "llama3", "mistral", "deepseek", "json"] | None = Field(
         None,
-        description="The model's tool-call format; by default found from its chat template.",
+        description="The model's tool-call format: hermes, llama3, mistral, deepseek or json; "
+        "by default found from its chat template.",
     )
     # NoDecode: the env var is a comma-separated list, not JSON (the validator splits it).
     cors_origins: Annotated[list[str], NoDecode] = Field(

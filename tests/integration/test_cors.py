@@ -268,7 +268,7 @@ def served(monkeypatch, tmp_path):
     got: list[Settings] = []
     model = tmp_path / "demo.gguf"
     model.write_bytes(b"GGUF")
-    monkeypatch.setattr(serve_cli, "serve_settings", got.append)
+    monkeypatch.setattr(serve_cli, "serve_settings", lambda s, _engine, _announce: got.append(s))
     monkeypatch.setattr("llmhost.store.demo.ensure_demo_model", lambda _dir: model)
     monkeypatch.setattr(serve_cli, "_check_model_files", lambda _s: None)
 

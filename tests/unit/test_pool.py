@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from llmhost.engines.fake import FakeEngine
-from llmhost.engines.pool import ModelSpec, Pool, parse_duration
+from llmhost.engines.pool import ModelSpec, Pool
 from llmhost.errors import EngineNotReady, InvalidRequest, ModelLoadError, ModelNotFound, Overloaded
 
 GIB = 1 << 30
@@ -188,17 +188,3 @@ async def test_admin_load_and_unload():
     pool.release("b")
     assert await pool.unload("b") is True
     assert pool.status()[1]["state"] == "unloaded" and log == ["start b", "close b"]
-
-
-@pytest.mark.parametrize(
-    "text, seconds",
-    [("90", 90), ("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), ("500ms", 0.5), (7, 7)],
-)
-def test_durations(text, seconds):
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("bad", ["", "5x", "-5m", "1.5m", "m", " 5m", "5M", "5sm", "1e9"])
-def test_bad_durations(bad):
-    with pytest.raises(ValueError):
-        parse_duration(bad)

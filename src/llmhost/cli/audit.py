@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import re
 import sys
+import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,14 +16,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from llmhost.cli.options import duration_flag
 from llmhost.config import load_settings
+from llmhost.durations import parse_duration
 from llmhost.errors import ConfigError, IntegrityError
 from llmhost.files import open_private
 
 audit_app = typer.Typer(
     help="Search, verify, purge and export the audit log.", no_args_is_help=True
 )
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 CELL_CHARS = 60  # a table cell shows this much of a stored value; --json gives it all
 # bidirectional overrides and isolates reorder what a terminal shows ("Trojan Source")
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -30,23 +32,21 @@ _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
-def parse_duration(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if not m:
-        raise ConfigError(f"bad duration {text!r}: use e.g. 90d, 12h, 30m")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def parse_when(text: str | None) -> float | None:
-    """An ISO date/time (UTC unless it says otherwise) or a duration ago (`7d`)."""
+    """An ISO date/time (UTC unless it says otherwise) or a duration ago (`7d`, `7d ago`)."""
     if text is None:
         return None
-    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhdw]\s*", text):
-        return datetime.now(timezone.utc).timestamp() - parse_duration(text)
+    words = text.split()
+    ago = bool(words) and words[-1].lower() == "ago"
+    with contextlib.suppress(ValueError):  # else an ISO time
+        spoken = "".join(words[:-1] if ago else words)
+        return time.time() - parse_duration(spoken, unit_required=True)
     try:
         when = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ConfigError(f"bad time {text!r}: use 2026-11-01, 2026-11-01T12:00 or 7d") from exc
+    except ValueError:
+        raise ConfigError(
+            f"bad time {text!r}: use 2026-11-01, 2026-11-01T12:00, 7d or 7d ago"
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.timestamp()
@@ -169,7 +169,7 @@ def seal() -> None:
 @audit_app.command()
 def purge(older_than: str = typer.Option("90d", help="Retention, e.g. 90d.")) -> None:
     """Remove records past the retention (the server also does this daily)."""
-    n = _store().purge(parse_duration(older_than))
+    n = _store().purge(duration_flag(older_than, "--older-than"))
     typer.echo(f"removed {n} records older than {older_than}")
 
 
@@ -190,7 +190,3 @@ def export(
     with open_private(out, "w", newline="") as f:  # prompts: for the owner only
         _write(found, fmt, f)
     typer.echo(f"exported {len(found)} records to {out}")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(audit_app, name="audit")

@@ -16,8 +16,12 @@ from rich.table import Table
 from llmhost.config import load_settings
 from llmhost.errors import BackupError, ConfigError
 
+backup_app = typer.Typer(
+    help="Back up and restore config, keys, audit log and models.", no_args_is_help=True
+)
 DEST_HELP = "Backup folder or s3://bucket/prefix [$LLMHOST_HOME/backups]."
 KEY_HELP = "Encrypt with (or read with) this key file (the model key, 0600)."
+KEY_COMMAND_HELP = "Command printing the key."
 
 
 def _backups(to: str | None, key_file: Path | None, key_command: str | None = None):
@@ -44,12 +48,13 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
+@backup_app.command()
 def create(
     full: bool = typer.Option(False, "--full", help="Everything (the default)."),
     incremental: bool = typer.Option(False, "--incremental", help="State changed since the last."),
     to: str | None = typer.Option(None, help=DEST_HELP),
     key_file: Path | None = typer.Option(None, help=KEY_HELP),
-    key_command: str | None = typer.Option(None, help="Command printing the key."),
+    key_command: str | None = typer.Option(None, help=KEY_COMMAND_HELP),
 ) -> None:
     """Back up config.toml, keys.db, audit.db (consistent copies of the live databases) and
     every stored model (files kept once across backups, by sha256)."""
@@ -77,6 +82,7 @@ def create(
     )
 
 
+@backup_app.command("list")
 def list_cmd(
     to: str | None = typer.Option(None, help=DEST_HELP),
     as_json: bool = typer.Option(False, "--json"),
@@ -102,11 +108,12 @@ def list_cmd(
     Console().print(table)
 
 
+@backup_app.command()
 def verify(
     backup_id: str | None = typer.Argument(None, help="A backup id [all]."),
     to: str | None = typer.Option(None, help=DEST_HELP),
     key_file: Path | None = typer.Option(None, help=KEY_HELP),
-    key_command: str | None = typer.Option(None, help="Command printing the key."),
+    key_command: str | None = typer.Option(None, help=KEY_COMMAND_HELP),
 ) -> None:
     """Check archives and model blobs against their recorded sha256; exit 1 on any problem."""
     b, _, remote = _backups(to, key_file, key_command)
@@ -128,13 +135,14 @@ def verify(
         raise BackupError(f"{bad} of {len(items)} backups are damaged")
 
 
+@backup_app.command()
 def restore(
     backup_id: str | None = typer.Argument(None, help="A backup id [the newest]."),
     to: str | None = typer.Option(None, help=DEST_HELP),
     home: Path | None = typer.Option(None, help="Restore into this home [$LLMHOST_HOME]."),
     force: bool = typer.Option(False, "--force", help="Replace the state the home has."),
     key_file: Path | None = typer.Option(None, help=KEY_HELP),
-    key_command: str | None = typer.Option(None, help="Command printing the key."),
+    key_command: str | None = typer.Option(None, help=KEY_COMMAND_HELP),
 ) -> None:
     """Rebuild the home as it was at a backup (its full backup, then its incrementals);
     every file is checked against its sha256 before anything is replaced."""
@@ -146,6 +154,7 @@ def restore(
     typer.echo(f"restored {info.id}: {len(done)} items")
 
 
+@backup_app.command()
 def prune(
     keep: int = typer.Option(..., "--keep", min=1, help="Full backups to keep (newest)."),
     to: str | None = typer.Option(None, help=DEST_HELP),
@@ -161,6 +170,7 @@ def prune(
         )
 
 
+@backup_app.command()
 def schedule(
     hour: int = typer.Option(2, help="Hour of the daily full backup (local time)."),
     keep: int = typer.Option(7, min=1, help="Full backups to keep."),
@@ -190,16 +200,3 @@ def schedule(
         Console(stderr=True).print(
             "Enable with: systemctl daemon-reload && systemctl enable --now llmhost-backup.timer"
         )
-
-
-def register(app: typer.Typer) -> None:
-    group = typer.Typer(
-        help="Back up and restore config, keys, audit log and models.", no_args_is_help=True
-    )
-    app.add_typer(group, name="backup")
-    group.command()(create)
-    group.command("list")(list_cmd)
-    group.command()(verify)
-    group.command()(restore)
-    group.command()(prune)
-    group.command()(schedule)

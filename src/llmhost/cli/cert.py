@@ -23,7 +23,3 @@ def create(
     cert, key = create_self_signed(out / "cert.pem", out / "key.pem", name or None, days)
     typer.echo(f"certificate: {cert}\nkey:         {key}")
     typer.echo(f"serve with: llmhost serve ... --ssl-certfile {cert} --ssl-keyfile {key}")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(cert_app, name="cert")

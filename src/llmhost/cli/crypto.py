@@ -7,10 +7,8 @@ from pathlib import Path
 
 import typer
 
+from llmhost.cli.options import KeyCommand, KeyFile
 from llmhost.errors import ConfigError
-
-KEY_FILE = typer.Option(None, "--key-file", help="Key file (0600): raw, hex or base64.")
-KEY_COMMAND = typer.Option(None, "--key-command", help="Command that prints the key (KMS).")
 
 
 def _report(verb: str, src: Path, dst: Path, seconds: float) -> None:
@@ -49,54 +47,52 @@ def _decrypt_stored(ref: str, key: bytes) -> None:
     typer.echo(f"decrypted {m.ref}; every file matches its recorded sha256")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def encrypt(
-        path: Path = typer.Argument(..., help="Model file, or name:tag of a stored model."),
-        out: Path | None = typer.Option(None, help="Output file [PATH.enc]."),
-        key_file: Path | None = KEY_FILE,
-        key_command: str | None = KEY_COMMAND,
-        new_key: Path | None = typer.Option(None, help="Create this key file (0600) and use it."),
-    ) -> None:
-        """Encrypt a model file with AES-256-GCM in authenticated chunks. Without a key option
-        the key comes from LLMHOST_MODEL_KEY. `llmhost serve` loads the result directly."""
-        from llmhost.store import crypto
+def encrypt(
+    path: Path = typer.Argument(..., help="Model file, or name:tag of a stored model."),
+    out: Path | None = typer.Option(None, help="Output file [PATH.enc]."),
+    key_file: KeyFile = None,
+    key_command: KeyCommand = None,
+    new_key: Path | None = typer.Option(None, help="Create this key file (0600) and use it."),
+) -> None:
+    """Encrypt a model file with AES-256-GCM in authenticated chunks. Without a key option
+    the key comes from LLMHOST_MODEL_KEY. `llmhost serve` loads the result directly."""
+    from llmhost.store import crypto
 
-        if not path.exists() and not out:
-            if new_key is not None:
-                key_file = _new_key(new_key, key_file, key_command)
-            _encrypt_stored(str(path), crypto.load_key(key_file, key_command))
-            return
-        if not path.is_file():
-            raise ConfigError(f"no such file: {path}")
-        if crypto.is_encrypted(path):
-            raise ConfigError(f"{path} is already encrypted")
+    if not path.exists() and not out:
         if new_key is not None:
             key_file = _new_key(new_key, key_file, key_command)
-        key = crypto.load_key(key_file, key_command)
-        dst = out or path.with_name(path.name + ".enc")
-        t0 = time.perf_counter()
-        crypto.encrypt_file(path, dst, key)
-        _report("encrypted", path, dst, time.perf_counter() - t0)
+        _encrypt_stored(str(path), crypto.load_key(key_file, key_command))
+        return
+    if not path.is_file():
+        raise ConfigError(f"no such file: {path}")
+    if crypto.is_encrypted(path):
+        raise ConfigError(f"{path} is already encrypted")
+    if new_key is not None:
+        key_file = _new_key(new_key, key_file, key_command)
+    key = crypto.load_key(key_file, key_command)
+    dst = out or path.with_name(path.name + ".enc")
+    t0 = time.perf_counter()
+    crypto.encrypt_file(path, dst, key)
+    _report("encrypted", path, dst, time.perf_counter() - t0)
 
-    @app.command()
-    def decrypt(
-        path: Path = typer.Argument(..., help="Encrypted file, or name:tag of a stored model."),
-        out: Path | None = typer.Option(None, help="Where to write the plaintext (files)."),
-        key_file: Path | None = KEY_FILE,
-        key_command: str | None = KEY_COMMAND,
-    ) -> None:
-        """Decrypt a model file; any tampering or a wrong key is refused before output lands."""
-        from llmhost.store import crypto
 
-        if not path.exists() and out is None:
-            _decrypt_stored(str(path), crypto.load_key(key_file, key_command))
-            return
-        if not path.is_file():
-            raise ConfigError(f"no such file: {path}")
-        if out is None:
-            raise ConfigError("give --out for the plaintext file")
-        key = crypto.load_key(key_file, key_command)
-        t0 = time.perf_counter()
-        crypto.decrypt_file(path, out, key)
-        _report("decrypted", path, out, time.perf_counter() - t0)
+def decrypt(
+    path: Path = typer.Argument(..., help="Encrypted file, or name:tag of a stored model."),
+    out: Path | None = typer.Option(None, help="Where to write the plaintext (files)."),
+    key_file: KeyFile = None,
+    key_command: KeyCommand = None,
+) -> None:
+    """Decrypt a model file; any tampering or a wrong key is refused before output lands."""
+    from llmhost.store import crypto
+
+    if not path.exists() and out is None:
+        _decrypt_stored(str(path), crypto.load_key(key_file, key_command))
+        return
+    if not path.is_file():
+        raise ConfigError(f"no such file: {path}")
+    if out is None:
+        raise ConfigError("give --out for the plaintext file")
+    key = crypto.load_key(key_file, key_command)
+    t0 = time.perf_counter()
+    crypto.decrypt_file(path, out, key)
+    _report("decrypted", path, out, time.perf_counter() - t0)

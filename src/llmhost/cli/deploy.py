@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from llmhost.cli.options import AdminTokenFile
 from llmhost.config import load_settings
 from llmhost.errors import ConfigError
 
@@ -28,9 +29,10 @@ def _deployer(token_file: Path | None):
     ), settings
 
 
-TOKEN_HELP = "File with the router's admin token [LLMHOST_ROUTER_TOKEN]."
+deploy_app = typer.Typer(help="Blue-green upgrades behind `llmhost router`.", no_args_is_help=True)
 
 
+@deploy_app.command()
 def init(
     router: str = typer.Option(..., help="URL of the llmhost router (upstreams blue, green)."),
     blue_port: int = typer.Option(..., min=1, max=65535),
@@ -38,7 +40,7 @@ def init(
     live: str = typer.Option("blue", help="The colour serving now."),
     live_pid: int | None = typer.Option(None, help="Its process id, so a switch can stop it."),
     live_model: str | None = typer.Option(None),
-    admin_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
+    admin_token_file: AdminTokenFile = None,
 ) -> None:
     """Record the router and the ports of the two colours."""
     d, _ = _deployer(admin_token_file)
@@ -56,6 +58,7 @@ def _floats(text: str) -> list[float]:
     return out
 
 
+@deploy_app.command()
 def start(
     model: str = typer.Option(..., "--model", help="What the idle colour serves (path, name:tag)."),
     steps: str = typer.Option(
@@ -68,7 +71,7 @@ def start(
     serve_args: str = typer.Option("", help="More `llmhost serve` flags, e.g. '--parallel 8'."),
     smoke_key_file: Path | None = typer.Option(None, help="API key for the smoke request."),
     ready_timeout: float = typer.Option(300.0, min=1),
-    admin_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
+    admin_token_file: AdminTokenFile = None,
 ) -> None:
     """Start the idle colour, smoke-test it, shift traffic, drain and stop the old colour;
     roll back automatically if errors or latency breach the limits."""
@@ -91,7 +94,8 @@ def start(
     typer.echo(f"live: {st.live}" + (f", canary: {st.canary}" if st.canary else ""))
 
 
-def status(admin_token_file: Path | None = typer.Option(None, help=TOKEN_HELP)) -> None:
+@deploy_app.command()
+def status(admin_token_file: AdminTokenFile = None) -> None:
     """The live colour, the canary, each colour's process and the router's view."""
     from dataclasses import asdict
 
@@ -102,11 +106,12 @@ def status(admin_token_file: Path | None = typer.Option(None, help=TOKEN_HELP)) 
     typer.echo(json.dumps({**asdict(st), "router_status": d._status(st)}, indent=1))
 
 
+@deploy_app.command()
 def promote(
     watch: float = typer.Option(60.0, min=0),
     max_error_ratio: float = typer.Option(0.05, min=0, max=1),
     max_p99: float = typer.Option(30.0, min=0),
-    admin_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
+    admin_token_file: AdminTokenFile = None,
 ) -> None:
     """Give the canary all traffic, drain and stop the old colour (with the same guard)."""
     from llmhost.ops.deploy import Guard
@@ -116,7 +121,8 @@ def promote(
     typer.echo(f"live: {st.live}")
 
 
-def rollback(admin_token_file: Path | None = typer.Option(None, help=TOKEN_HELP)) -> None:
+@deploy_app.command()
+def rollback(admin_token_file: AdminTokenFile = None) -> None:
     """Take traffic back: from a canary, or to the previous colour while it still runs."""
     d, _ = _deployer(admin_token_file)
     st = d.rollback()
@@ -165,11 +171,3 @@ def systemd(
     typer.echo(
         "Then: systemctl daemon-reload && systemctl enable --now " + " ".join(units), err=True
     )
-
-
-def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Blue-green upgrades behind `llmhost router`.", no_args_is_help=True)
-    app.add_typer(group, name="deploy")
-    for fn in (init, start, status, promote, rollback):
-        group.command()(fn)
-    app.command()(systemd)

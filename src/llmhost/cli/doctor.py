@@ -34,7 +34,3 @@ def doctor(
             table.add_row(c.name, f"[{STYLE[c.status]}]{c.status}[/]", c.reason, c.fix)
         Console().print(table)
     raise typer.Exit(code)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(doctor)

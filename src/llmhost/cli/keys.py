@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmhost.cli.audit import parse_duration
+from llmhost.cli.options import AsJson, duration_flag
 from llmhost.config import load_settings
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -40,7 +40,7 @@ def create(
     ),
 ) -> None:
     """Create a key. It is printed once: only its hash is stored."""
-    lifetime = parse_duration(expires) if expires else None
+    lifetime = duration_flag(expires, "--expires") if expires else None
     with _store() as keys:
         text, info = keys.create(
             user,
@@ -58,7 +58,7 @@ def create(
 
 
 @keys_app.command("list")
-def list_keys(as_json: bool = typer.Option(False, "--json")) -> None:
+def list_keys(as_json: AsJson = False) -> None:
     """Keys with their owner, role, limits and state (never the secret)."""
     with _store() as keys:
         found = keys.list()
@@ -88,7 +88,3 @@ def revoke(key_id: str = typer.Argument(..., help="The key's id (see `llmhost ke
     with _store() as keys:
         info = keys.revoke(key_id)
     typer.echo(f"revoked {info.key_id} ({info.user_id})")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(keys_app, name="keys")

@@ -9,13 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmhost.cli.options import ApiKey
+
 
 def loadtest(
     url: str = typer.Argument(..., help="Server base URL, e.g. http://127.0.0.1:8080"),
     users: int = typer.Option(10, help="Concurrent simulated users."),
     spawn_rate: float = typer.Option(2.0, help="Users started per second."),
     duration: str = typer.Option("60s", help="Run time, e.g. 60s, 5m."),
-    api_key: str | None = typer.Option(None, envvar="LLMHOST_API_KEY"),
+    api_key: ApiKey = None,
     model: str | None = typer.Option(None),
     max_tokens: int = typer.Option(64),
     out: Path = typer.Option(Path("loadtest"), help="Folder for the CSV and HTML reports."),
@@ -45,7 +47,3 @@ def loadtest(
         Console(stderr=True).print(f"HTML report: {result['report']}", highlight=False)
     failures = sum(s["failures"] for s in result["stats"] if s["name"] == "Aggregated")
     raise typer.Exit(1 if failures or result["exit_code"] else 0)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(loadtest)

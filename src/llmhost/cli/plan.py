@@ -79,7 +79,3 @@ def plan(
     out.print(table)
     for line in p.derivation:
         out.print(f"  · {line}", highlight=False, style="dim")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(plan)

@@ -51,7 +51,3 @@ def router(
         highlight=False,
     )
     uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=30)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(router)

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmhost.cli.options import AdminApiKey, Url
+from llmhost.config import DEFAULT_PORT
 from llmhost.errors import LlmhostError
 
 models_app = typer.Typer(
     help="Models of a running server: list, load, unload.", no_args_is_help=True
 )
 
-URL = typer.Option("http://127.0.0.1:8080", "--url", help="The server.")
-API_KEY = typer.Option(None, "--api-key", envvar="LLMHOST_API_KEY", help="An admin API key.")
+SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 
 
 def _call(method: str, url: str, path: str, api_key: str | None) -> dict[str, Any]:
@@ -52,9 +53,9 @@ def _until(ts: float | None) -> str:
 
 @models_app.command()
 def ps(
-    url: str = URL,
-    api_key: str | None = API_KEY,
-    as_json: bool = typer.Option(False, "--json", help="The server's JSON."),
+    url: Url = SERVER,
+    api_key: AdminApiKey = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The server's JSON.")] = False,
 ) -> None:
     """Every model with its state, memory, requests in flight and when it unloads."""
     body = _call("GET", url, "/v1/admin/models", api_key)
@@ -92,18 +93,16 @@ def _memory(m: dict) -> str:
 
 
 @models_app.command()
-def load(model: str = typer.Argument(...), url: str = URL, api_key: str | None = API_KEY) -> None:
+def load(model: str = typer.Argument(...), url: Url = SERVER, api_key: AdminApiKey = None) -> None:
     """Load a model now (waits until it is loaded)."""
     m = _call("POST", url, f"/v1/admin/models/{model}/load", api_key)
     typer.echo(f"{m['id']}: {m['state']}")
 
 
 @models_app.command()
-def unload(model: str = typer.Argument(...), url: str = URL, api_key: str | None = API_KEY) -> None:
+def unload(
+    model: str = typer.Argument(...), url: Url = SERVER, api_key: AdminApiKey = None
+) -> None:
     """Unload a model now (refused while it has requests in flight)."""
     m = _call("POST", url, f"/v1/admin/models/{model}/unload", api_key)
     typer.echo(f"{m['id']}: {m['state']}")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(models_app, name="models")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from llmhost.durations import parse_duration
 from llmhost.engines.base import Engine
 from llmhost.errors import (
     EngineNotReady,
@@ -370,19 +371,3 @@ def keep_alive_seconds(value: str | float | int) -> float:
             f"keep_alive must be 0 to {MAX_KEEP_ALIVE:.0f} seconds (30 days), got {value!r:.40}"
         )
     return seconds
-
-
-def parse_duration(value: str | float | int) -> float:
-    """Seconds from a number, or a string of digits with an optional unit: "90", "30s",
-    "5m", "2h", "1d", "500ms" (Ollama's keep_alive forms)."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like 5m")
-    if isinstance(value, int | float):
-        return float(value)
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    text = value
-    number = text.rstrip("smhd")
-    unit = text[len(number) :] or "s"
-    if unit not in units or not (number.isascii() and number.isdigit() and len(number) <= 7):
-        raise ValueError(f"not a duration: {value!r:.40} (use seconds or 30s, 5m, 2h, 1d)")
-    return int(number) * units[unit]
