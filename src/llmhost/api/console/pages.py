@@ -163,6 +163,7 @@ async def login(request: Request) -> Response:
             session=None,
         )
     console = console_of(request)
+    console.sessions.end(request.cookies.get(SESSION_COOKIE))  # a new login, a new id
     sid, _session = console.sessions.start(principal)
     log.info("console login: %s", principal.user_id)
     response = see_other("")
