@@ -351,3 +351,30 @@ async def test_audit_pages_are_bounded(con, monkeypatch):
     assert last.count("<td>bob</td>") == 1 and 'rel="next"' not in last
     huge = await con.client.get("/console/audit?user=bob&page=99999999")
     assert huge.status_code == 200
+
+
+async def test_with_auth_metrics_and_audit_off(tmp_path):
+    async with console_app(tmp_path, auth=False, metrics=False, audit=False) as con:
+        page = await con.client.get("/console/login")
+        assert "Authentication is off" in page.text and 'name="key"' not in page.text
+        r = await con.login("")
+        assert r.status_code == 303
+        page = await con.client.get("/console")
+        assert "anonymous" in page.text and "Metrics are off" in page.text
+        assert "<svg" not in page.text
+        assert "audit log is off" in (await con.client.get("/console/audit")).text
+        token = await con.csrf()
+        r = await con.client.post("/console/audit/verify", data={"csrf": token})
+        assert r.status_code == 303
+
+
+async def test_login_failures_count_towards_the_clients_limit(tmp_path):
+    async with console_app(tmp_path, auth_failures_per_minute=2) as con:
+        for _ in range(2):
+            assert (await con.login("llmh_bad_key")).status_code == 401
+        r = await con.login(con.admin)  # even the right key, once the limit is reached
+        assert r.status_code == 429
+        assert SESSION_COOKIE not in con.client.cookies
+        # the API counts the same failures: a Bearer request from this client is refused too
+        r = await con.client.get("/v1/models", headers={"Authorization": f"Bearer {con.admin}"})
+        assert r.status_code == 429
