@@ -263,6 +263,12 @@ async def test_unload_and_load_from_the_overview(con):
     assert "no-such-model" in (await con.client.get("/console")).text
     r = await con.client.post("/console/models/fake-model/delete", data={"csrf": token})
     assert r.status_code == 404
+    con.app.state.ready = False  # starting up: refused as the admin endpoints refuse
+    r = await con.client.post("/console/models/fake-model/unload", data={"csrf": token})
+    assert r.status_code == 303
+    assert "still starting" in (await con.client.get("/console")).text
+    assert pool.status()[0]["state"] == "loaded"
+    con.app.state.ready = True
 
 
 async def test_playground_streams_for_the_admin_and_is_audited(con):

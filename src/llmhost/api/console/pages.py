@@ -236,6 +236,9 @@ async def model_action(request: Request) -> Response:
     if action not in ("load", "unload"):
         raise Refused(404, "a model can be loaded or unloaded")
     await checked_form(request, session)
+    if not console.api.state.ready:  # as the admin endpoints: not while the pool starts
+        session.flash = "The server is still starting: try again in a moment."
+        return see_other("")
     try:
         entry = pool.entry(model_id)
     except LlmhostError as exc:
