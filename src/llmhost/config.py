@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from llmhost.durations import parse_duration
 from llmhost.errors import ConfigError
 
 DEFAULT_PORT = 8080  # the port the deployment guide's firewall rule opens
@@ -318,6 +319,18 @@ class Settings(BaseSettings):
     model_load_timeout: float = Field(
         600.0, gt=0, le=86400, description="Seconds a request waits for its model to load."
     )
+    console_session_lifetime: float = Field(
+        8 * 3600.0,
+        gt=0,
+        le=30 * 86400,
+        description="How long a /console login lasts (seconds, or 30m, 8h, 1d); logout ends it "
+        "sooner.",
+    )
+
+    @field_validator("console_session_lifetime", mode="before")
+    @classmethod
+    def _parse_lifetime(cls, v: Any) -> Any:
+        return parse_duration(v) if isinstance(v, str) else v
 
     @field_validator("home", mode="before")
     @classmethod

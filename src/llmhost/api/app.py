@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmhost import __version__
 from llmhost.api.audit import AuditMiddleware, InFlight, PromptPolicy
+from llmhost.api.console.app import ConsoleMiddleware, build_console
 from llmhost.api.cors import CorsMiddleware
 from llmhost.api.errors import install_error_handlers
 from llmhost.api.metrics import METRICS_PATH, MetricsMiddleware
@@ -154,6 +155,9 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     _add_middleware(app, settings)
+    # Outermost of all: /console has its own sessions and headers, apart from the API's edge.
+    state.console_app = build_console(app)
+    app.add_middleware(ConsoleMiddleware, console=state.console_app)
     return app
 
 
@@ -253,6 +257,8 @@ def _lifespan(
         loader = asyncio.create_task(load(app))
         state.loader = loader
         sweeper = asyncio.create_task(sweep_decrypted(settings))
+        sampler = state.console_app.state.console.sampler
+        charts = asyncio.create_task(sampler.run()) if sampler is not None else None
         try:
             yield
         finally:
@@ -261,6 +267,8 @@ def _lifespan(
                 metrics_server.shutdown()
                 metrics_server.server_close()
             sweeper.cancel()
+            if charts is not None:
+                charts.cancel()
             if not loader.done():
                 loader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -18,11 +18,15 @@ from llmhost.errors import (
     UriTooLong,
 )
 from llmhost.observability.metrics import Metrics
-from llmhost.security.auth import ANONYMOUS, Authenticator
+from llmhost.security.auth import ANONYMOUS, Authenticator, Principal
 from llmhost.security.ratelimit import RateLimiter
 
 log = logging.getLogger("llmhost.auth")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+# A Principal the app itself put in the ASGI scope of a request it makes in-process (the
+# console's playground, for the admin logged in there). An HTTP server never sets this key, so
+# no client can: the credential of such a request is the console session already checked.
+TRUSTED_PRINCIPAL = "llmhost.trusted_principal"
 
 
 async def send_error(send: Send, exc: LlmhostError, headers: dict[str, str] | None = None) -> None:
@@ -105,7 +109,10 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         rec = request_record(scope)
-        if self.authenticator is None:
+        trusted = scope.get(TRUSTED_PRINCIPAL)
+        if isinstance(trusted, Principal):
+            rec.principal = trusted
+        elif self.authenticator is None:
             rec.principal = ANONYMOUS
         elif scope["path"] not in self.public:
             client = str((scope.get("client") or ("?",))[0])

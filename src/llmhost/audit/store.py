@@ -236,7 +236,12 @@ class SqlAuditStore:
         model: str | None = None,
         status: int | None = None,
         limit: int | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
     ) -> list[StoredRecord]:
+        """The records matching every filter given, oldest first (newest first if asked),
+        at most `limit` of them after skipping `offset` (a page of a long result; `offset`
+        applies with a `limit` only)."""
         where, args = [], []
         for col, op, val in (
             ("user_id", "=", user),
@@ -251,9 +256,11 @@ class SqlAuditStore:
         sql = f"SELECT {','.join(COLUMNS)} FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq"
+        sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
         if limit:
             sql += f" LIMIT {int(limit)}"
+            if offset:
+                sql += f" OFFSET {int(offset)}"
         return list(self._rows(sql, args))
 
     def count(self) -> int:

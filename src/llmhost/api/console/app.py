@@ -1,0 +1,126 @@
+"""The console as an ASGI app of its own beside the API: `ConsoleMiddleware` hands it every
+/console request before the API's middlewares (Bearer authentication, audit, metrics) see
+it, so the console's session cookie never reaches the API, and every console response gets
+the security headers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmhost.api.console.charts import Sampler
+from llmhost.api.console.pages import install_pages
+from llmhost.api.console.sessions import COOKIE_PATH, Sessions
+from llmhost.api.security import BodyLimitMiddleware
+from llmhost.audit.records import ChainReport
+
+HERE = Path(__file__).parent
+STATIC_PATH = COOKIE_PATH + "/static"
+MAX_FORM_BYTES = 1024 * 1024  # the playground's conversation is the largest body
+
+# No inline script or style anywhere: the pages load /console/static only.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "object-src 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+
+
+@dataclass
+class VerifyState:
+    """The audit chain's last check, run on demand in a thread, one at a time."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    report: ChainReport | None = None
+    at: float | None = None  # Unix time the last check ended
+
+
+@dataclass
+class Console:
+    """What the console's pages share: the API app they act on, sessions, charts, templates."""
+
+    api: FastAPI
+    sessions: Sessions
+    sampler: Sampler | None  # None: metrics are off
+    templates: Environment
+    secure_cookies: bool
+    verify: VerifyState = field(default_factory=VerifyState)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # loads started from a page
+
+
+def utc(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t is not None else "-"
+
+
+def templates() -> Environment:
+    """The pages' templates, every value escaped (a model id or an audited prompt holding
+    markup is shown as text)."""
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["utc"] = utc
+    return env
+
+
+def build_console(api: FastAPI) -> FastAPI:
+    """The console app for `api` (an app `create_app` made, its state filled in)."""
+    state = api.state
+    settings = state.settings
+    console = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    console.state.console = Console(
+        api=api,
+        sessions=Sessions(settings.console_session_lifetime),
+        sampler=Sampler(state.metrics) if state.metrics is not None else None,
+        templates=templates(),
+        secure_cookies=settings.ssl_certfile is not None,
+    )
+    install_pages(console)
+    console.mount(STATIC_PATH, StaticFiles(directory=HERE / "static"), name="static")
+    return console
+
+
+def is_console_path(path: str) -> bool:
+    return path == COOKIE_PATH or path.startswith(COOKIE_PATH + "/")
+
+
+class ConsoleMiddleware:
+    """Sends /console requests to the console app (bodies bounded, security headers on every
+    response) and everything else on to the API."""
+
+    def __init__(self, app: ASGIApp, console: FastAPI):
+        self.app = app
+        self.console = BodyLimitMiddleware(console, max_bytes=MAX_FORM_BYTES)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_console_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v)
+                    for k, v in message.get("headers", [])
+                    if k.lower() not in {name for name, _ in SECURITY_HEADERS}
+                ]
+                message["headers"] = headers + SECURITY_HEADERS
+            await send(message)
+
+        await self.console(scope, receive, send_with_headers)

@@ -1,0 +1,126 @@
+"""The console in a real headless Chromium (Playwright) against a real `llmhost serve` (tiny
+real model, authentication on): a wrong key is refused, the admin logs in, sees the model,
+unloads and loads it, watches the live part refresh, finds a user's request in the audit
+page and checks the chain, chats in the playground with the answer streamed, and logs out;
+the browser reports no Content-Security-Policy violation on the way."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from llmhost.security.auth import KeyStore
+from tests.conftest import require, require_exe
+from tests.e2e.conftest import Server
+
+TIMEOUT_MS = 60_000
+
+
+def test_console_in_a_browser(tiny_model, tmp_path):
+    chromium = require_exe("chromium", "chromium")
+    require("playwright")
+    from playwright.sync_api import expect, sync_playwright
+
+    home = tmp_path / "home"
+    home.mkdir()
+    keys = KeyStore(home / "keys.db")
+    admin, _ = keys.create("root", "admin")
+    user, _ = keys.create("bob", "user")
+    keys.close()
+    srv = Server(home, str(tiny_model.gguf), "--ctx-size", "512", auth=True)
+    try:
+        srv.wait_ready()
+        (model,) = [
+            m["id"]
+            for m in httpx.get(
+                srv.url + "/v1/models", headers={"Authorization": f"Bearer {admin}"}
+            ).json()["data"]
+        ]
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+            headers={"Authorization": f"Bearer {user}"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                expect.set_options(timeout=TIMEOUT_MS)
+                problems: list[str] = []
+                page.on(
+                    "console",
+                    lambda m: (
+                        problems.append(f"{m.location.get('url')}: {m.text}")
+                        if m.type == "error"
+                        else None
+                    ),
+                )
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                drive(page, expect, srv.url, admin, model)
+                assert not [t for t in problems if "Content Security Policy" in t], problems
+                # the one error expected: the wrong key's 401
+                assert len(problems) == 1 and "/console/login: " in problems[0], problems
+            finally:
+                browser.close()
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def drive(page, expect, url: str, admin: str, model: str) -> None:
+    # login: a wrong key first
+    page.goto(url + "/console")
+    assert page.url.endswith("/console/login")
+    page.fill("#key", "llmh_wrong_key")
+    page.click("button[type=submit]")
+    expect(page.locator(".error")).to_contain_text("not valid")
+    page.fill("#key", admin)
+    page.click("form.login button[type=submit]")
+    expect(page).to_have_url(url + "/console")
+    row = page.locator("tr[data-model]", has_text=model)
+    expect(row.locator(".state")).to_have_text("loaded")
+
+    # unload, then load again: the live part shows the state as it changes
+    row.get_by_role("button", name="Unload").click()
+    expect(page.locator(".flash")).to_contain_text("Unloaded")
+    expect(row.locator(".state")).to_have_text("unloaded")
+    row.get_by_role("button", name="Load").click()
+    expect(row.locator(".state")).to_have_text("loaded")
+
+    # the live part is swapped in by our script, charts included
+    expect(page.locator("#live")).to_have_attribute("data-refreshed", re.compile(r"\d+"))
+    expect(page.locator("figure.chart svg")).to_have_count(4)
+
+    # the user's request is in the audit log; the chain checks out
+    page.click("nav >> text=Audit")
+    page.fill("input[name=user]", "bob")
+    page.click("form.search button[type=submit]")
+    expect(page.locator("table.audit tbody tr")).to_have_count(1)
+    expect(page.locator("table.audit tbody tr")).to_contain_text("/v1/chat/completions")
+    page.click("text=Check the chain now")
+    expect(page.locator("#chain-state")).to_contain_text("Intact")
+
+    # the playground streams an answer and measures it
+    page.click("nav >> text=Playground")
+    page.select_option("#model", model)
+    page.fill("#max-tokens", "16")
+    page.fill("#message", "Hello there")
+    page.click("#send")
+    expect(page.locator("#status")).to_have_text("done")
+    answer = page.locator(".msg.assistant span").inner_text()
+    assert answer.strip(), answer
+    assert float(page.locator("#ttft").inner_text()) >= 0
+    assert int(page.locator("#tokens").inner_text()) > 0
+
+    # the playground's request is audited under the admin's name
+    page.goto(url + "/console/audit?user=root")
+    expect(page.locator("table.audit tbody tr")).to_have_count(1)
+
+    # logging out ends the session
+    page.click("form.logout button")
+    expect(page).to_have_url(url + "/console/login")
+    page.goto(url + "/console")
+    assert page.url.endswith("/console/login")
