@@ -151,3 +151,29 @@ def test_names_cannot_collide_across_scopes():
 def test_bad_quota_values_are_refused(bad):
     with pytest.raises(ConfigError):
         Quota(tokens_per_day=bad)
+
+
+def test_a_keys_quota_is_stored_and_reaches_its_principal(tmp_path):
+    import sqlite3
+
+    from llmhost.security.auth import KeyStore
+
+    path = tmp_path / "keys.db"
+    old = sqlite3.connect(path)  # a keys.db from before quotas, with a key in it
+    old.execute(
+        "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, "
+        "user_id TEXT NOT NULL, role TEXT NOT NULL, created REAL NOT NULL, expires REAL, "
+        "revoked REAL, rpm INTEGER, tpm INTEGER, models TEXT)"
+    )
+    old.commit()
+    old.close()
+    store = KeyStore(path)
+    plain, _ = store.create("old")
+    capped, info = store.create("new", quota=Quota(tokens_per_day=0, requests_per_day=7))
+    store.close()
+    store = KeyStore(path)
+    assert store.authenticate(plain).quota == NO_QUOTA
+    principal = store.authenticate(capped)
+    assert principal.quota == Quota(tokens_per_day=0, requests_per_day=7) == info.quota
+    assert [k.quota for k in store.list()] == [NO_QUOTA, info.quota]
+    store.close()
