@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from llmhost.api.embeddings import EmbeddingRequest, create_embeddings
 from llmhost.api.protocol import (
@@ -23,6 +23,7 @@ from llmhost.api.protocol import (
 from llmhost.api.protocol_responses import ResponseObject, ResponsesRequest
 from llmhost.api.record import RequestRecord, request_record
 from llmhost.api.rerank import RerankRequest, create_rerank
+from llmhost.api.security import admit_quota
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_responses import create_response
 from llmhost.errors import (
@@ -35,6 +36,7 @@ from llmhost.errors import (
     RateLimited,
 )
 from llmhost.observability.metrics import CONTENT_TYPE
+from llmhost.security.usage import GroupBy, day_range, to_csv, utc_day
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": why}
@@ -45,7 +47,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "No such model or resource"),
         (413, "Request body over the server's limit"),
         (414, "URL over 8 KiB"),
-        (429, "A rate limit was reached (Retry-After)"),
+        (429, "A rate limit or quota was reached (Retry-After)"),
         (503, "The model is loading, overloaded or the server is shutting down"),
     )
 }
@@ -111,8 +113,11 @@ async def serving_for(
                 f"rate limit reached ({decision.reason}); retry later",
                 retry_after=max(1.0, decision.reset_after),
             )
+    rec = request_record(request.scope)
+    await admit_quota(state, rec, model_id, entry.spec.quota)
     await pool.acquire(model_id, keep_alive)
-    request_record(request.scope).leases.append(model_id)
+    rec.leases.append(model_id)
+    rec.served_model = model_id
     serving: OpenAIServing = state.servings[model_id]
     return serving
 
@@ -374,3 +379,36 @@ async def admin_audit(
         limit=limit,
     )
     return {"object": "list", "data": [vars(r) for r in found]}
+
+
+@router.get(
+    "/v1/admin/usage",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    response_model=None,
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+)
+async def admin_usage(
+    request: Request,
+    since: str | None = Query(None, max_length=10, description="First UTC day, YYYY-MM-DD."),
+    until: str | None = Query(None, max_length=10, description="Last UTC day (included)."),
+    group_by: GroupBy = Query("day", description="key, user, model or day."),
+    format: Literal["json", "csv"] = Query("json"),
+    limit: int = Query(10_000, ge=1, le=100_000, description="Most rows."),
+) -> dict[str, Any] | Response:
+    """Requests and tokens per key, user, model or UTC day over at most 366 days (by default
+    the last 30); admins only. Requests refused by a limit or quota are not counted."""
+    usage = request.app.state.usage
+    if usage is None:
+        raise NotFound("usage accounting is off on this server (usage = false)")
+    first, last = day_range(since, until, utc_day(usage.clock()))
+    rows = await usage.query(first, last, group_by, limit)
+    if format == "csv":
+        return PlainTextResponse(to_csv(rows, group_by), media_type="text/csv")
+    return {
+        "object": "list",
+        "since": first,
+        "until": last,
+        "group_by": group_by,
+        "data": [r.as_dict(group_by) for r in rows],
+    }
