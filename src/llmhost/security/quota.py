@@ -10,8 +10,9 @@ expiry only clears old windows away."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Literal
@@ -173,6 +174,7 @@ class Quotas:
         if not isinstance(store, Storage):
             raise ConfigError(f"{redis_url} is not an asynchronous limits storage")
         self.storage: Storage = store
+        self.remote = bool(redis_url)
         self.clock = clock
         self.refused = 0
 
@@ -186,42 +188,53 @@ class Quotas:
         end = window.end(unit)
         return QuotaExceeded(scope, name, unit, limit, end, max(1.0, end - now))
 
+    async def _each(self, calls: list[Awaitable[int]]) -> list[int]:
+        # Redis: every command of a step in flight at once, one round trip rather than one
+        # each; in memory, one after another (tasks would cost more than the calls).
+        if self.remote:
+            return list(await asyncio.gather(*calls))
+        return [await call for call in calls]
+
     async def admit(self, targets: Sequence[Target]) -> Admission | QuotaExceeded:
         """Count one request against every requests/day quota of `targets` and check their
         token quotas; on a refusal nothing stays counted."""
         now = self.clock()
         window = Window.at(now)
         todo = tuple(t for t in targets if t[2].is_set)
-        for scope, name, quota in todo:
-            for unit, limit in quota.token_limits():
-                if limit == 0 or await self.storage.get(_key(unit, window, scope, name)) >= limit:
-                    return self._refusal(scope, name, unit, limit, window, now)
-        counted: list[str] = []
-        for scope, name, quota in todo:
-            most = quota.requests_per_day
-            if most is None:
-                continue
-            key = _key("requests/day", window, scope, name)
-            used = await self.storage.incr(key, self._expiry(window, "requests/day", now))
-            counted.append(key)
-            if used > most:
+        tokens = [(s, n, u, lim) for s, n, q in todo for u, lim in q.token_limits()]
+        used = await self._each([self.storage.get(_key(u, window, s, n)) for s, n, u, _ in tokens])
+        for (scope, name, unit, limit), spent in zip(tokens, used, strict=True):
+            if spent >= limit:  # 0 refuses at once
+                return self._refusal(scope, name, unit, limit, window, now)
+        counted = [(s, n, q.requests_per_day) for s, n, q in todo if q.requests_per_day is not None]
+        expiry = self._expiry(window, "requests/day", now)
+        keys = [_key("requests/day", window, s, n) for s, n, _ in counted]
+        after = await self._each([self.storage.incr(key, expiry) for key in keys])
+        for (scope, name, most), count in zip(counted, after, strict=True):
+            if most is not None and count > most:
                 # This request never runs, so it uses no one's budget (Redis storage has no
                 # decr: a negative increment does the same on both).
-                for done in counted:
-                    await self.storage.incr(done, self._expiry(window, "requests/day", now), -1)
+                await self._each([self.storage.incr(key, expiry, -1) for key in keys])
                 return self._refusal(scope, name, "requests/day", most, window, now)
         return Admission(window, todo)
 
     async def charge(self, admission: Admission, tokens: int) -> None:
         """Charge the tokens a finished request used to the windows it was admitted in (a
         stream that ends after midnight still pays into the day it started)."""
-        if tokens <= 0:
+        if tokens <= 0 or not admission.targets:
             return
         window, now = admission.window, self.clock()
-        for scope, name, quota in admission.targets:
-            for unit, _limit in quota.token_limits():
-                key = _key(unit, window, scope, name)
-                await self.storage.incr(key, max(1, self._expiry(window, unit, now)), tokens)
+        await self._each(
+            [
+                self.storage.incr(
+                    _key(unit, window, scope, name),
+                    max(1, self._expiry(window, unit, now)),
+                    tokens,
+                )
+                for scope, name, quota in admission.targets
+                for unit, _limit in quota.token_limits()
+            ]
+        )
 
     async def used(self, scope: Scope, name: str, unit: Unit) -> int:
         """What `name` has used of its current `unit` window."""
