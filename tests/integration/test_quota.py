@@ -94,6 +94,35 @@ async def test_a_keys_tokens_per_day_from_real_usage(tmp_path):
     ]
 
 
+def _broken() -> FakeEngine:
+    raise RuntimeError("no such weights")
+
+
+async def test_a_request_that_never_ran_is_not_counted(tmp_path):
+    s = _settings(tmp_path)
+    (key,) = _keys(s, ("erin", "user", Quota(requests_per_day=1)))
+    pool = Pool(
+        [
+            ModelSpec(id="ok", build=lambda: FakeEngine(model_id="ok")),
+            ModelSpec(id="broken", build=_broken),
+        ]
+    )
+    app = create_app(pool, s)
+    h = {"Authorization": f"Bearer {key}"}
+
+    async def calls(c):
+        bad = await c.post("/v1/completions", json={**COMPLETION, "model": "broken"}, headers=h)
+        used = await app.state.quotas.used("key", key.split("_")[1], "requests/day")
+        ok = await c.post("/v1/completions", json={**COMPLETION, "model": "ok"}, headers=h)
+        over = await c.post("/v1/completions", json={**COMPLETION, "model": "ok"}, headers=h)
+        return bad, used, ok, over
+
+    bad, used, ok, over = await _serve(app, calls)
+    assert bad.status_code == 500 and bad.json()["error"]["code"] == "model_load_error"
+    assert used == 0  # counted, then taken back when its model could not be leased
+    assert (ok.status_code, over.status_code) == (200, 429)
+
+
 async def test_user_quotas_from_settings_and_quota_zero(tmp_path):
     s = _settings(
         tmp_path,

@@ -177,3 +177,15 @@ def test_a_keys_quota_is_stored_and_reaches_its_principal(tmp_path):
     assert principal.quota == Quota(tokens_per_day=0, requests_per_day=7) == info.quota
     assert [k.quota for k in store.list()] == [NO_QUOTA, info.quota]
     store.close()
+
+
+async def test_a_refund_takes_back_the_request_only():
+    q = Quotas(clock=Clock("2026-11-27 10:00:00"))
+    targets = [("key", "k", Quota(requests_per_day=1, tokens_per_day=100))]
+    admitted = await q.admit(targets)
+    assert isinstance(admitted, Admission)
+    await q.charge(admitted, 30)
+    await q.refund(admitted)
+    assert await q.used("key", "k", "requests/day") == 0
+    assert await q.used("key", "k", "tokens/day") == 30
+    assert isinstance(await q.admit(targets), Admission)

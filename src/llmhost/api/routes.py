@@ -115,7 +115,13 @@ async def serving_for(
             )
     rec = request_record(request.scope)
     await admit_quota(state, rec, model_id, entry.spec.quota)
-    await pool.acquire(model_id, keep_alive)
+    try:
+        await pool.acquire(model_id, keep_alive)
+    except BaseException:  # never ran (load failed, bad keep_alive, client gone): not counted
+        if rec.quota is not None and state.quotas is not None:
+            await state.quotas.refund(rec.quota)
+            rec.quota = None
+        raise
     rec.leases.append(model_id)
     rec.served_model = model_id
     serving: OpenAIServing = state.servings[model_id]

@@ -236,6 +236,19 @@ class Quotas:
             ]
         )
 
+    async def refund(self, admission: Admission) -> None:
+        """Take back the request an admission counted, for a request that never ran (its
+        model could not be leased)."""
+        window, now = admission.window, self.clock()
+        expiry = self._expiry(window, "requests/day", now)
+        await self._each(
+            [
+                self.storage.incr(_key("requests/day", window, scope, name), expiry, -1)
+                for scope, name, quota in admission.targets
+                if quota.requests_per_day is not None
+            ]
+        )
+
     async def used(self, scope: Scope, name: str, unit: Unit) -> int:
         """What `name` has used of its current `unit` window."""
         return int(await self.storage.get(_key(unit, Window.at(self.clock()), scope, name)))
