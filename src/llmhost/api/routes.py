@@ -6,7 +6,7 @@ import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 from llmhost.api.embeddings import EmbeddingRequest, create_embeddings
 from llmhost.api.protocol import (
@@ -36,7 +36,7 @@ from llmhost.errors import (
     RateLimited,
 )
 from llmhost.observability.metrics import CONTENT_TYPE
-from llmhost.security.usage import GroupBy, day_range, to_csv, utc_day
+from llmhost.security.usage import GroupBy, day_range, to_csv, to_json, utc_day
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": why}
@@ -401,7 +401,7 @@ async def admin_usage(
     group_by: GroupBy = Query("day", description="key, user, model or day."),
     format: Literal["json", "csv"] = Query("json"),
     limit: int = Query(10_000, ge=1, le=100_000, description="Most rows."),
-) -> dict[str, Any] | Response:
+) -> Response:
     """Requests and tokens per key, user, model or UTC day over at most 366 days (by default
     the last 30); admins only. Requests refused by a limit or quota are not counted."""
     usage = request.app.state.usage
@@ -409,12 +409,9 @@ async def admin_usage(
         raise NotFound("usage accounting is off on this server (usage = false)")
     first, last = day_range(since, until, utc_day(usage.clock()))
     rows = await usage.query(first, last, group_by, limit)
+    # Up to 100,000 rows: rendered in a thread, not on the event loop.
     if format == "csv":
-        return PlainTextResponse(to_csv(rows, group_by), media_type="text/csv")
-    return {
-        "object": "list",
-        "since": first,
-        "until": last,
-        "group_by": group_by,
-        "data": [r.as_dict(group_by) for r in rows],
-    }
+        text = await asyncio.to_thread(to_csv, rows, group_by)
+        return Response(text, media_type="text/csv; charset=utf-8")
+    text = await asyncio.to_thread(to_json, rows, group_by, first, last)
+    return Response(text, media_type="application/json")

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import json
 import logging
 import sqlite3
 import threading
@@ -205,6 +206,19 @@ class UsageRecorder:
         """The sums from `since` to `until` (UTC days, both included), what is pending too."""
         await self.flush()
         return await asyncio.to_thread(self.store.query, since, until, group_by, limit)
+
+
+def to_json(rows: list[UsageRow], group_by: GroupBy, since: str, until: str) -> str:
+    """Rows as the admin API's JSON list."""
+    return json.dumps(
+        {
+            "object": "list",
+            "since": since,
+            "until": until,
+            "group_by": group_by,
+            "data": [r.as_dict(group_by) for r in rows],
+        }
+    )
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
