@@ -41,7 +41,7 @@ from llmhost.security.auth import authenticator_from_settings
 from llmhost.security.quota import Quota, QuotaPolicy, Quotas
 from llmhost.security.ratelimit import RateLimiter
 from llmhost.security.redact import Redactor
-from llmhost.security.usage import UsageRecorder, UsageStore
+from llmhost.security.usage import UsageRecorder, open_usage_store
 
 log = logging.getLogger("llmhost.api")
 
@@ -155,7 +155,11 @@ def create_app(
     state.limiter = _rate_limiter(settings, pool)
     state.quota_policy = _quota_policy(settings)
     state.quotas = _quotas(settings, pool, state.quota_policy)
-    state.usage = UsageRecorder(UsageStore(settings.usage_db)) if settings.usage else None
+    state.usage = (
+        UsageRecorder(open_usage_store(settings.audit_url, settings.usage_db))
+        if settings.usage
+        else None
+    )
     _follow_pool(app, pool, settings.tool_parser)
     install_error_handlers(app)
     app.include_router(router)

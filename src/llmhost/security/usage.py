@@ -1,7 +1,8 @@
 """Usage accounting: requests and tokens per API key, user and model per UTC day, added up as
 requests finish (never by reading the audit log back). The request path only adds to a dict
 in memory; a background task writes the sums to `$LLMHOST_HOME/usage.db` (SQLite, 0600) in a
-thread about once a second, one transaction per batch, and the last batch on shutdown."""
+thread about once a second, one transaction per batch, and the last batch on shutdown. Where
+the audit log is in PostgreSQL, the sums are too, so several instances keep one account."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from llmhost.errors import InvalidRequest
+from llmhost.errors import ConfigError, InvalidRequest
 from llmhost.files import private_sqlite
 
 log = logging.getLogger("llmhost.usage")
@@ -30,17 +31,24 @@ MAX_PENDING = 50_000  # distinct (day, key, user, model) rows held before an ear
 _COLUMNS: dict[str, str] = {"key": "key_id", "user": "user_id", "model": "model", "day": "day"}
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
+CREATE TABLE IF NOT EXISTS usage_daily (
     day TEXT NOT NULL,
     key_id TEXT NOT NULL,
     user_id TEXT NOT NULL,
     model TEXT NOT NULL,
-    requests INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
+    requests BIGINT NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
     PRIMARY KEY (day, key_id, user_id, model)
-);
+)
 """
+_ADD = (
+    "INSERT INTO usage_daily VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (day, key_id, user_id, model) DO UPDATE SET "
+    "requests = usage_daily.requests + excluded.requests, "
+    "prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens"
+)
 Row = tuple[str, str, str, str]  # day, key id ("" for none), user, model
 
 
@@ -95,48 +103,80 @@ def day_range(since: str | None, until: str | None, today: str) -> tuple[str, st
 
 
 class UsageStore:
-    """The per-day sums on disk. Its methods block: call them from a thread."""
+    """The per-day sums in SQLite. Its methods block: call them from a thread."""
+
+    ph = "?"
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         private_sqlite(self.path)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        self._open(db)
+
+    def _open(self, db: Any) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = db
+        db.execute(_SCHEMA)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", self.ph)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def add(self, batch: dict[Row, tuple[int, int, int]]) -> None:
-        """Add a batch of sums, in one transaction."""
+        """Add a batch of sums, in one transaction; several instances may add at once."""
         rows = [(*k, *v) for k, v in batch.items()]
         with self._lock:
-            self._db.execute("BEGIN")
+            cur = self._db.cursor()
+            cur.execute("BEGIN")
             try:
-                self._db.executemany(
-                    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (day, key_id, user_id, model) DO UPDATE SET "
-                    "requests = requests + excluded.requests, "
-                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                    "completion_tokens = completion_tokens + excluded.completion_tokens",
-                    rows,
-                )
+                cur.executemany(self._sql(_ADD), rows)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                cur.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            cur.execute("COMMIT")
 
     def query(self, since: str, until: str, group_by: GroupBy, limit: int) -> list[UsageRow]:
         column = _COLUMNS[group_by]  # from a fixed table, never from the request
         sql = (
             f"SELECT {column}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) "
-            f"FROM usage WHERE day >= ? AND day <= ? GROUP BY {column} ORDER BY {column} LIMIT ?"
+            f"FROM usage_daily WHERE day >= ? AND day <= ? GROUP BY {column} "
+            f"ORDER BY {column} LIMIT ?"
         )
         with self._lock:
-            found = self._db.execute(sql, (since, until, limit)).fetchall()
+            cur = self._db.cursor()
+            cur.execute(self._sql(sql), (since, until, limit))
+            found = cur.fetchall()
         return [UsageRow(str(g), int(r), int(p), int(c)) for g, r, p, c in found]
+
+
+class PostgresUsageStore(UsageStore):
+    """The sums in the audit log's PostgreSQL database, shared by every instance using it."""
+
+    ph = "%s"
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise ConfigError("usage in PostgreSQL needs: pip install 'llmhost[postgres]'") from exc
+        try:
+            db = psycopg.connect(url, autocommit=True)
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot connect to the usage database: {exc}") from exc
+        self.path = Path(url.rpartition("@")[2])  # no password in what is shown
+        self._open(db)
+
+
+def open_usage_store(url: str | None, path: Path) -> UsageStore:
+    """PostgreSQL where the audit log is there (so instances share one account), else the
+    SQLite file."""
+    if url:
+        return PostgresUsageStore(url)
+    return UsageStore(path)
 
 
 class UsageRecorder:
