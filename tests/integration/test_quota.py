@@ -24,7 +24,7 @@ from llmhost.engines.pool import ModelSpec, Pool
 from llmhost.errors import ConfigError
 from llmhost.security.auth import KeyStore
 from llmhost.security.quota import Quota
-from llmhost.security.usage import UsageStore
+from llmhost.security.usage import UsageRow, UsageStore
 from tests.integration.test_hardening import LiveServer
 from tests.integration.test_ratelimit import redis_url  # noqa: F401 (a fixture)
 
@@ -324,3 +324,31 @@ async def test_usage_cli_against_a_live_server(tmp_path):
         }
     ]
     assert refused.exit_code != 0 and "at most 366 days" in str(refused.exception or "")
+
+
+async def test_usage_is_written_on_shutdown_and_streams_are_charged(tmp_path):
+    s = _settings(tmp_path)
+    (key,) = _keys(s, ("fay", "user", Quota(tokens_per_day=1000)))
+    app = create_app(FakeEngine(script=["a", " b", " c", " d"]), s)
+    app.state.usage.every = 3600  # nothing written in the background: only the final write
+    h = {"Authorization": f"Bearer {key}"}
+
+    async def calls(c):
+        async with c.stream(
+            "POST", "/v1/completions", json={**COMPLETION, "stream": True}, headers=h
+        ) as r:
+            assert r.status_code == 200
+            async for _ in r.aiter_bytes():
+                pass
+        await c.post("/v1/completions", json=COMPLETION, headers=h)
+        early = UsageStore(s.usage_db)  # another reader: nothing written yet
+        assert early.query("2000-01-01", "2100-01-01", "day", 10) == []
+        early.close()
+        return await app.state.quotas.used("key", key.split("_")[1], "tokens/day")
+
+    tokens = await _serve(app, calls)
+    assert tokens == 14  # the stream's 7 too
+    store = UsageStore(s.usage_db)
+    rows = store.query("2000-01-01", "2100-01-01", "user", 10)
+    store.close()
+    assert rows == [UsageRow("fay", 2, 6, 8)]

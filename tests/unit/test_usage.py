@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sqlite3
 import stat
 from datetime import datetime, timezone
 
@@ -75,3 +76,21 @@ def test_csv_parses_and_defuses_formulas():
     assert parsed[0] == ["user", "requests", "prompt_tokens", "completion_tokens", "total_tokens"]
     assert parsed[1] == ["'=cmd|'/c calc'!A1", "1", "2", "3", "5"]
     assert parsed[2] == ["alice,bob", "4", "5", "6", "11"]
+
+
+async def test_a_failed_write_keeps_the_sums_for_the_next(tmp_path):
+    store = UsageStore(tmp_path / "usage.db")
+    recorder = UsageRecorder(store, clock=lambda: ts("2026-01-05"))
+    recorder.add("k", "u", "m", 1, 2)
+    real_add = store.add
+
+    def broken(batch):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store.add = broken  # type: ignore[method-assign]
+    await recorder.flush()
+    recorder.add("k", "u", "m", 1, 2)
+    assert recorder.pending == {("2026-01-05", "k", "u", "m"): (2, 2, 4)}
+    store.add = real_add  # type: ignore[method-assign]
+    await recorder.close()
+    assert store.query("2026-01-01", "2026-01-31", "day", 10) == [UsageRow("2026-01-05", 2, 2, 4)]

@@ -28,6 +28,7 @@ log = logging.getLogger("llmhost.usage")
 GroupBy = Literal["key", "user", "model", "day"]
 MAX_DAYS = 366
 MAX_PENDING = 50_000  # distinct (day, key, user, model) rows held before an early write
+MAX_HELD = 4 * MAX_PENDING  # rows kept while the store cannot be written, memory bounded
 _COLUMNS: dict[str, str] = {"key": "key_id", "user": "user_id", "model": "model", "day": "day"}
 
 _SCHEMA = """
@@ -214,7 +215,10 @@ class UsageRecorder:
             batch, self.pending = self.pending, {}
             try:
                 await asyncio.to_thread(self.store.add, batch)
-            except (sqlite3.Error, OSError):
+            except Exception:  # sqlite3's or psycopg's errors: the sums wait for the next try
+                if len(batch) + len(self.pending) > MAX_HELD:
+                    log.exception("usage of %d rows dropped: the store keeps failing", len(batch))
+                    return
                 log.exception("usage not written yet (%d rows kept for the next try)", len(batch))
                 for row, (r, p, c) in batch.items():
                     r2, p2, c2 = self.pending.get(row, (0, 0, 0))
