@@ -107,11 +107,11 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-_QUOTA_NOTE = "unset: no quota; 0: refuse every request"
+QUOTA_NOTE = "unset: no quota; 0: refuse every request"
 
 
 def _quota_field(what: str) -> Any:
-    return Field(None, ge=0, le=1 << 53, description=f"{what} ({_QUOTA_NOTE}).")
+    return Field(None, ge=0, le=1 << 53, description=f"{what} ({QUOTA_NOTE}).")
 
 
 class QuotaEntry(BaseModel):

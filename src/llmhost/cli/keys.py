@@ -11,9 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmhost.cli.options import AsJson, duration_flag
-from llmhost.config import load_settings
-
-QUOTA_NOTE = "unset: no quota; 0: refuse every request"
+from llmhost.config import QUOTA_NOTE, load_settings
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 
