@@ -94,3 +94,11 @@ async def test_a_failed_write_keeps_the_sums_for_the_next(tmp_path):
     store.add = real_add  # type: ignore[method-assign]
     await recorder.close()
     assert store.query("2026-01-01", "2026-01-31", "day", 10) == [UsageRow("2026-01-05", 2, 2, 4)]
+
+
+async def test_a_request_counts_on_the_day_it_started(tmp_path):
+    recorder = UsageRecorder(UsageStore(tmp_path / "usage.db"), clock=lambda: ts("2026-01-06"))
+    recorder.add("k", "u", "m", 1, 2, at=ts("2026-01-05 23:59:59"))
+    rows = await recorder.query("2026-01-01", "2026-01-31", "day")
+    assert rows == [UsageRow("2026-01-05", 1, 1, 2)]
+    await recorder.close()

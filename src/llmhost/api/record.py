@@ -36,9 +36,10 @@ class RequestRecord:
     chars: int = 0  # characters of text generated
     # The status of an error sent in-band, after a 200 status line had gone out
     error_status: int | None = None
-    # The model a generation was admitted to (routes.serving_for), for usage accounting, and
-    # the quotas its tokens are charged to when it ends
+    # The model a generation was admitted to (routes.serving_for) and when, for usage
+    # accounting, and the quotas its tokens are charged to when it ends
     served_model: str = ""
+    served_at: float = 0.0
     quota: Admission | None = None
 
     def tokens(self) -> Usage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -123,7 +124,7 @@ async def serving_for(
             rec.quota = None
         raise
     rec.leases.append(model_id)
-    rec.served_model = model_id
+    rec.served_model, rec.served_at = model_id, time.time()
     serving: OpenAIServing = state.servings[model_id]
     return serving
 

@@ -252,6 +252,7 @@ class UsageMiddleware:
                         rec.served_model,
                         used.prompt_tokens,
                         used.completion_tokens,
+                        at=rec.served_at,
                     )
                 if rec.quota is not None and self.quotas is not None:
                     await self.quotas.charge(rec.quota, used.total_tokens)

@@ -199,9 +199,18 @@ class UsageRecorder:
         self._wake = asyncio.Event()
 
     def add(
-        self, key_id: str | None, user_id: str, model: str, prompt: int, completion: int
+        self,
+        key_id: str | None,
+        user_id: str,
+        model: str,
+        prompt: int,
+        completion: int,
+        *,
+        at: float | None = None,
     ) -> None:
-        row = (utc_day(self.clock()), key_id or "", user_id, model)
+        """One finished request, counted on the UTC day of `at` (when it started, as its
+        audit record and quotas count it; default now)."""
+        row = (utc_day(self.clock() if at is None else at), key_id or "", user_id, model)
         r, p, c = self.pending.get(row, (0, 0, 0))
         self.pending[row] = (r + 1, p + max(0, prompt), c + max(0, completion))
         if len(self.pending) >= MAX_PENDING:
