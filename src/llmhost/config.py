@@ -108,6 +108,24 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+QUOTA_NOTE = "unset: no quota; 0: refuse every request"
+
+
+def _quota_field(what: str) -> Any:
+    return Field(None, ge=0, le=1 << 53, description=f"{what} ({QUOTA_NOTE}).")
+
+
+class QuotaEntry(BaseModel):
+    """One user's quotas (`[quota_users.<user id>]` in config.toml), in place of the server's
+    `quota_*` defaults; a kind left out is no quota of that kind for this user."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens_per_day: int | None = _quota_field("Tokens per UTC day")
+    tokens_per_month: int | None = _quota_field("Tokens per UTC calendar month")
+    requests_per_day: int | None = _quota_field("Requests per UTC day")
+
+
 class ModelEntry(BaseModel):
     """One model of a server that serves several (`[models.<id>]` in config.toml): where it
     comes from, its engine and the engine settings that differ from the server's."""
@@ -124,6 +142,11 @@ class ModelEntry(BaseModel):
     rate_limit_rpm: int = Field(
         0, ge=0, description="Requests per minute to this model, all users together; 0: none."
     )
+    quota_tokens_per_day: int | None = _quota_field("Tokens per UTC day, all users together")
+    quota_tokens_per_month: int | None = _quota_field(
+        "Tokens per UTC calendar month, all users together"
+    )
+    quota_requests_per_day: int | None = _quota_field("Requests per UTC day, all users together")
     ctx_size: int | None = Field(None, ge=0)
     parallel: int | None = Field(None, ge=1, le=256)
     threads: int | None = Field(None, ge=1, le=1024)
@@ -201,6 +224,23 @@ class Settings(BaseSettings):
     rate_limit_tpm: int = Field(0, ge=0, description="Default tokens/min per user; 0 = off.")
     auth_failures_per_minute: int = Field(
         30, ge=0, description="Failed authentications per client IP per minute; 0 = off."
+    )
+    quota_tokens_per_day: int | None = _quota_field(
+        "Tokens per UTC day for each user without a [quota_users] entry"
+    )
+    quota_tokens_per_month: int | None = _quota_field(
+        "Tokens per UTC calendar month for each user without a [quota_users] entry"
+    )
+    quota_requests_per_day: int | None = _quota_field(
+        "Requests per UTC day for each user without a [quota_users] entry"
+    )
+    quota_users: dict[str, QuotaEntry] = Field(
+        default_factory=dict,
+        description="Quotas of named users ([quota_users.<user id>] tables), in place of the "
+        "quota_* defaults.",
+    )
+    usage: bool = Field(
+        True, description="Add up requests and tokens per key, user and model per day (usage.db)."
     )
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=0, description="Largest request body (413 above); 0 = no limit."
@@ -389,6 +429,10 @@ class Settings(BaseSettings):
     @property
     def backup_key_path(self) -> Path:
         return (self.backup_key_file or self.home / "backup.key").expanduser()
+
+    @property
+    def usage_db(self) -> Path:
+        return self.home / "usage.db"
 
     @property
     def keys_db(self) -> Path:

@@ -27,6 +27,7 @@ from llmhost.api.security import (
     AuthMiddleware,
     BodyLimitMiddleware,
     RateLimitMiddleware,
+    UsageMiddleware,
 )
 from llmhost.api.serving import Drain, OpenAIServing
 from llmhost.audit.store import open_store
@@ -38,8 +39,10 @@ from llmhost.engines.pool import Pool
 from llmhost.errors import ConfigError
 from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import authenticator_from_settings
+from llmhost.security.quota import Quota, QuotaPolicy, Quotas
 from llmhost.security.ratelimit import RateLimiter
 from llmhost.security.redact import Redactor
+from llmhost.security.usage import UsageRecorder, open_usage_store
 
 log = logging.getLogger("llmhost.api")
 
@@ -151,6 +154,13 @@ def create_app(
     state.metrics_here = metrics is not None and not settings.metrics_port
     state.authenticator = authenticator_from_settings(settings) if settings.auth else None
     state.limiter = _rate_limiter(settings, pool)
+    state.quota_policy = _quota_policy(settings)
+    state.quotas = _quotas(settings, pool, state.quota_policy)
+    state.usage = (
+        UsageRecorder(open_usage_store(settings.audit_url, settings.usage_db))
+        if settings.usage
+        else None
+    )
     _follow_pool(app, pool, settings.tool_parser)
     install_error_handlers(app)
     app.include_router(router)
@@ -207,6 +217,32 @@ def _rate_limiter(settings: Settings, pool: Pool) -> RateLimiter | None:
     )
 
 
+def _quota_policy(settings: Settings) -> QuotaPolicy:
+    default = Quota(
+        settings.quota_tokens_per_day,
+        settings.quota_tokens_per_month,
+        settings.quota_requests_per_day,
+    )
+    users = {
+        user: Quota(q.tokens_per_day, q.tokens_per_month, q.requests_per_day)
+        for user, q in settings.quota_users.items()
+    }
+    return QuotaPolicy(default, users)
+
+
+def _quotas(settings: Settings, pool: Pool, policy: QuotaPolicy) -> Quotas | None:
+    """The quota counters, or None when no quota can apply: none in the settings, none for a
+    model, and no keys (which may carry quotas of their own)."""
+    if not (
+        settings.auth
+        or policy.user_default.is_set
+        or policy.users
+        or any(spec.quota != (None, None, None) for spec in pool.specs)
+    ):
+        return None
+    return Quotas(settings.redis_url)
+
+
 def _follow_pool(app: FastAPI, pool: Pool, tool_parser: str | None) -> None:
     """Keeps `app.state.servings` (and the default model's serving and engine) in step with
     the models the pool loads and unloads."""
@@ -251,6 +287,8 @@ def _lifespan(
         state.drain.loop = asyncio.get_running_loop()
         if audit is not None:
             audit.start()
+        if state.usage is not None:
+            state.usage.start()
         metrics_server = None
         if metrics is not None and settings.metrics_port:
             metrics_server = serve_metrics(metrics, settings.host, settings.metrics_port)
@@ -279,6 +317,10 @@ def _lifespan(
                 await state.in_flight.finish()
                 await audit.close()
                 audit.store.close()
+            if state.usage is not None:
+                # after the requests in flight are ended, so their usage is in the last write
+                await state.usage.close()
+                await asyncio.to_thread(state.usage.store.close)
             authenticator = state.authenticator
             if authenticator is not None and authenticator.keys is not None:
                 authenticator.keys.close()
@@ -288,14 +330,17 @@ def _lifespan(
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    """The edge of the app, innermost first: leases, rate limits, authentication, the body
-    limit, audit, metrics, the request id and its record, CORS outermost."""
+    """The edge of the app, innermost first: leases, quotas and usage, rate limits,
+    authentication, the body limit, audit, metrics, the request id and its record, CORS
+    outermost."""
     state = app.state
     pool, metrics = state.pool, state.metrics
     public = PUBLIC_PATHS
     if metrics is not None and not settings.metrics_auth:
         public = public | {METRICS_PATH}
     app.add_middleware(LeaseMiddleware, pool=pool)
+    if state.quotas is not None or state.usage is not None:
+        app.add_middleware(UsageMiddleware, quotas=state.quotas, usage=state.usage)
     if state.limiter is not None:
         app.add_middleware(
             RateLimitMiddleware, limiter=state.limiter, public=public, metrics=metrics

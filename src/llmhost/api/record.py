@@ -4,7 +4,7 @@ request at the edge of the app and kept in the ASGI scope's state under one key.
 Who writes what: the request-id middleware makes it (`request_id`); authentication sets
 `principal`; a route's lease on a model goes in `leases`; the serving layer fills in what it
 learns (model, prompt, stream, usage, length of the text, an error sent in-band). The audit,
-rate-limit, metrics and lease middlewares read it when the response is over."""
+rate-limit, quota, metrics and lease middlewares read it when the response is over."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from starlette.types import Scope
 
 from llmhost.security.auth import Principal
+from llmhost.security.quota import Admission
 from llmhost.types import Usage
 
 RECORD_KEY = "llmhost.request"
@@ -35,6 +36,11 @@ class RequestRecord:
     chars: int = 0  # characters of text generated
     # The status of an error sent in-band, after a 200 status line had gone out
     error_status: int | None = None
+    # The model a generation was admitted to (routes.serving_for) and when, for usage
+    # accounting, and the quotas its tokens are charged to when it ends
+    served_model: str = ""
+    served_at: float = 0.0
+    quota: Admission | None = None
 
     def tokens(self) -> Usage:
         """The tokens the request used: the final usage, else what was produced so far (a

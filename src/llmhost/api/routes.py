@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import time
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +24,7 @@ from llmhost.api.protocol import (
 from llmhost.api.protocol_responses import ResponseObject, ResponsesRequest
 from llmhost.api.record import RequestRecord, request_record
 from llmhost.api.rerank import RerankRequest, create_rerank
+from llmhost.api.security import admit_quota
 from llmhost.api.serving import OpenAIServing
 from llmhost.api.serving_responses import create_response
 from llmhost.errors import (
@@ -35,6 +37,7 @@ from llmhost.errors import (
     RateLimited,
 )
 from llmhost.observability.metrics import CONTENT_TYPE
+from llmhost.security.usage import GroupBy, day_range, to_csv, to_json, utc_day
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": why}
@@ -45,7 +48,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "No such model or resource"),
         (413, "Request body over the server's limit"),
         (414, "URL over 8 KiB"),
-        (429, "A rate limit was reached (Retry-After)"),
+        (429, "A rate limit or quota was reached (Retry-After)"),
         (503, "The model is loading, overloaded or the server is shutting down"),
     )
 }
@@ -111,8 +114,17 @@ async def serving_for(
                 f"rate limit reached ({decision.reason}); retry later",
                 retry_after=max(1.0, decision.reset_after),
             )
-    await pool.acquire(model_id, keep_alive)
-    request_record(request.scope).leases.append(model_id)
+    rec = request_record(request.scope)
+    await admit_quota(state, rec, model_id, entry.spec.quota)
+    try:
+        await pool.acquire(model_id, keep_alive)
+    except BaseException:  # never ran (load failed, bad keep_alive, client gone): not counted
+        if rec.quota is not None and state.quotas is not None:
+            await state.quotas.refund(rec.quota)
+            rec.quota = None
+        raise
+    rec.leases.append(model_id)
+    rec.served_model, rec.served_at = model_id, time.time()
     serving: OpenAIServing = state.servings[model_id]
     return serving
 
@@ -374,3 +386,33 @@ async def admin_audit(
         limit=limit,
     )
     return {"object": "list", "data": [vars(r) for r in found]}
+
+
+@router.get(
+    "/v1/admin/usage",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    response_model=None,
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+)
+async def admin_usage(
+    request: Request,
+    since: str | None = Query(None, max_length=10, description="First UTC day, YYYY-MM-DD."),
+    until: str | None = Query(None, max_length=10, description="Last UTC day (included)."),
+    group_by: GroupBy = Query("day", description="key, user, model or day."),
+    format: Literal["json", "csv"] = Query("json"),
+    limit: int = Query(10_000, ge=1, le=100_000, description="Most rows."),
+) -> Response:
+    """Requests and tokens per key, user, model or UTC day over at most 366 days (by default
+    the last 30); admins only. Requests refused by a limit or quota are not counted."""
+    usage = request.app.state.usage
+    if usage is None:
+        raise NotFound("usage accounting is off on this server (usage = false)")
+    first, last = day_range(since, until, utc_day(usage.clock()))
+    rows = await usage.query(first, last, group_by, limit)
+    # Up to 100,000 rows: rendered in a thread, not on the event loop.
+    if format == "csv":
+        text = await asyncio.to_thread(to_csv, rows, group_by)
+        return Response(text, media_type="text/csv; charset=utf-8")
+    text = await asyncio.to_thread(to_json, rows, group_by, first, last)
+    return Response(text, media_type="application/json")

@@ -1,17 +1,20 @@
 """The edge of the app: request size limits (before a body is read whole), authentication
 (every route but the public ones needs a Bearer API key or JWT; the Principal lands in the
 request's `RequestRecord` for the handlers, limits and audit), a per-client-IP limit on failed
-authentication that refuses before any credential is checked, and rate limits."""
+authentication that refuses before any credential is checked, rate limits, and quotas with
+the usage accounting beside them."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmhost.api.bodies import read_body_within
-from llmhost.api.record import request_record
+from llmhost.api.record import RequestRecord, request_record
 from llmhost.errors import (
     LlmhostError,
     RateLimited,
@@ -19,7 +22,9 @@ from llmhost.errors import (
 )
 from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import ANONYMOUS, Authenticator, Principal
+from llmhost.security.quota import Quota, QuotaExceeded, QuotaPolicy, Quotas
 from llmhost.security.ratelimit import RateLimiter
+from llmhost.security.usage import UsageRecorder
 
 log = logging.getLogger("llmhost.auth")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
@@ -194,3 +199,67 @@ class RateLimitMiddleware:
             used = rec.tokens().total_tokens
             if used:
                 await self.limiter.charge_tokens(principal, used)
+
+
+async def admit_quota(
+    state: State,
+    rec: RequestRecord,
+    model_id: str,
+    model_quota: tuple[int | None, int | None, int | None],
+) -> None:
+    """Count a generation request against the quotas of its key, user and model, or refuse
+    it (429, code quota_exceeded, naming the quota and when it resets)."""
+    quotas: Quotas | None = state.quotas
+    if quotas is None:
+        return
+    policy: QuotaPolicy = state.quota_policy
+    principal = rec.principal if rec.principal is not None else ANONYMOUS
+    for_model = Quota(*model_quota) if model_quota != (None, None, None) else Quota()
+    targets = policy.targets(
+        principal.key_id, principal.quota, principal.user_id, model_id, for_model
+    )
+    if not targets:
+        return
+    result = await quotas.admit(targets)
+    if isinstance(result, QuotaExceeded):
+        metrics: Metrics | None = state.metrics
+        if metrics is not None:
+            metrics.rate_limited.labels("quota").inc()
+        raise RateLimited(
+            result.message, retry_after=math.ceil(result.retry_after), code="quota_exceeded"
+        )
+    rec.quota = result
+
+
+class UsageMiddleware:
+    """When a generation request ends (last byte, error or client gone), charges the tokens
+    it used to its quotas and adds it to the usage accounts, as the tokens/minute limit is
+    charged: from the request record's usage."""
+
+    def __init__(self, app: ASGIApp, quotas: Quotas | None, usage: UsageRecorder | None):
+        self.app = app
+        self.quotas = quotas
+        self.usage = usage
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rec = request_record(scope)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if rec.served_model:
+                used = rec.tokens()
+                if self.usage is not None:
+                    principal = rec.principal if rec.principal is not None else ANONYMOUS
+                    self.usage.add(
+                        principal.key_id,
+                        principal.user_id,
+                        rec.served_model,
+                        used.prompt_tokens,
+                        used.completion_tokens,
+                        at=rec.served_at,
+                    )
+                if rec.quota is not None and self.quotas is not None:
+                    await self.quotas.charge(rec.quota, used.total_tokens)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmhost.cli.options import AsJson, duration_flag
-from llmhost.config import load_settings
+from llmhost.config import QUOTA_NOTE, load_settings
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 
@@ -38,8 +38,19 @@ def create(
     models: str | None = typer.Option(
         None, help="Comma-separated model ids the key may use [all the server serves]."
     ),
+    tokens_per_day: int | None = typer.Option(
+        None, min=0, help=f"Tokens per UTC day for this key ({QUOTA_NOTE})."
+    ),
+    tokens_per_month: int | None = typer.Option(
+        None, min=0, help=f"Tokens per UTC calendar month for this key ({QUOTA_NOTE})."
+    ),
+    requests_per_day: int | None = typer.Option(
+        None, min=0, help=f"Requests per UTC day for this key ({QUOTA_NOTE})."
+    ),
 ) -> None:
     """Create a key. It is printed once: only its hash is stored."""
+    from llmhost.security.quota import Quota
+
     lifetime = duration_flag(expires, "--expires") if expires else None
     with _store() as keys:
         text, info = keys.create(
@@ -49,6 +60,7 @@ def create(
             rpm=rpm,
             tpm=tpm,
             models=models.split(",") if models is not None else None,
+            quota=Quota(tokens_per_day, tokens_per_month, requests_per_day),
         )
     typer.echo(text)
     Console(stderr=True, highlight=False).print(
@@ -63,7 +75,7 @@ def list_keys(as_json: AsJson = False) -> None:
     with _store() as keys:
         found = keys.list()
     if as_json:
-        out = [{**vars(k), "state": k.state()} for k in found]
+        out = [{**vars(k), "quota": vars(k.quota), "state": k.state()} for k in found]
         typer.echo(json.dumps(out, indent=2))
         return
     table = Table("ID", "USER", "ROLE", "STATE", "CREATED", "EXPIRES", "RPM", "TPM", "MODELS")

@@ -26,6 +26,7 @@ from llmhost.cli import (
     router,
     running,
     serve,
+    usage,
 )
 from llmhost.errors import LlmhostError
 
@@ -50,6 +51,7 @@ app.command()(crypto.encrypt)
 app.command()(crypto.decrypt)
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(keys.keys_app, name="keys")
+app.command()(usage.usage)
 app.add_typer(cert.cert_app, name="cert")
 app.add_typer(monitoring.monitoring_app, name="monitoring")
 app.command()(plan.plan)

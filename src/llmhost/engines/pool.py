@@ -50,6 +50,9 @@ class ModelSpec:
     keep_alive: float | None = None  # seconds idle before it unloads; None: it stays
     pinned: bool = False  # loaded at start and never unloaded to make room
     rpm: int = 0  # requests per minute to this model, all principals together; 0: no limit
+    # Quotas of this model, all principals together: tokens/day, tokens/month, requests/day
+    # (None: no quota of that kind; 0: nothing allowed)
+    quota: tuple[int | None, int | None, int | None] = (None, None, None)
 
 
 @dataclass(eq=False)

@@ -161,6 +161,11 @@ def build_pool(settings: Settings, models: Served) -> Pool:
                 keep_alive=keep if entry.keep_alive is not None else default_keep,
                 pinned=entry.pinned,
                 rpm=entry.rate_limit_rpm,
+                quota=(
+                    entry.quota_tokens_per_day,
+                    entry.quota_tokens_per_month,
+                    entry.quota_requests_per_day,
+                ),
             )
         )
     budget = settings.memory_budget_mb << 20 if settings.memory_budget_mb else default_budget()

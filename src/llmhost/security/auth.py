@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from llmhost.errors import AuthenticationError, ConfigError, NotFound
 from llmhost.files import private_sqlite
+from llmhost.security.quota import NO_QUOTA, Quota
 
 if TYPE_CHECKING:
     from llmhost.config import Settings
@@ -40,6 +41,7 @@ class Principal:
     via: str = "none"  # api_key, jwt or none
     key_id: str | None = None
     models: tuple[str, ...] | None = None  # the models it may use; None: all
+    quota: Quota = NO_QUOTA  # the key's own quotas (tokens/day, tokens/month, requests/day)
 
     @property
     def is_admin(self) -> bool:
@@ -66,6 +68,7 @@ class KeyInfo:
     rpm: int | None
     tpm: int | None
     models: tuple[str, ...] | None = None  # the models the key may use; None: all
+    quota: Quota = NO_QUOTA
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -91,11 +94,14 @@ CREATE TABLE IF NOT EXISTS api_keys (
 );
 """
 _KEY_COLS = "key_id, user_id, role, created, expires, revoked, rpm, tpm, models"
+# Quota columns, added in place to a keys.db from before quotas (NULL: no quota)
+_QUOTA_COLS = ("tokens_per_day", "tokens_per_month", "requests_per_day")
+_KEY_COLS += ", " + ", ".join(_QUOTA_COLS)
 MAX_KEY_MODELS = 256
 
 
 def _info(row: Sequence[Any]) -> KeyInfo:
-    key_id, user_id, role, created, expires, revoked, rpm, tpm, models = row
+    key_id, user_id, role, created, expires, revoked, rpm, tpm, models = row[:9]
     return KeyInfo(
         key_id,
         user_id,
@@ -106,6 +112,7 @@ def _info(row: Sequence[Any]) -> KeyInfo:
         rpm,
         tpm,
         models=None if models is None else tuple(json.loads(models)),
+        quota=Quota(*row[9:12]),
     )
 
 
@@ -133,6 +140,9 @@ class KeyStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
         if "models" not in columns:  # a keys.db from before per-key models
             self._db.execute("ALTER TABLE api_keys ADD COLUMN models TEXT")
+        for column in _QUOTA_COLS:
+            if column not in columns:  # a keys.db from before quotas
+                self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER")
         # Rows by key id, valid while the database is unchanged: `PRAGMA data_version` moves
         # whenever another connection (`llmhost keys revoke` in another process) commits.
         self._rows: dict[str, tuple[Any, ...] | None] = {}
@@ -151,9 +161,10 @@ class KeyStore:
         rpm: int | None = None,
         tpm: int | None = None,
         models: list[str] | tuple[str, ...] | None = None,
+        quota: Quota = NO_QUOTA,
     ) -> tuple[str, KeyInfo]:
         """A new key; the returned text is the only copy of its secret. With `models`, it
-        may use only those models."""
+        may use only those models; `quota` is its own budget per day and month."""
         # isprintable() is false for controls, separators other than " " and lone surrogates
         if not user_id or len(user_id) > 128 or not user_id.isprintable() or " " in user_id:
             raise ConfigError("a user id is 1-128 printable characters without spaces")
@@ -164,13 +175,16 @@ class KeyStore:
         now = time.time()
         expires = now + expires_in if expires_in else None
         stored = None if allowed is None else json.dumps(list(allowed))
+        budgets = (quota.tokens_per_day, quota.tokens_per_month, quota.requests_per_day)
         with self._lock:
             self._db.execute(
-                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
-                (key_id, _digest(secret), user_id, role, now, expires, rpm, tpm, stored),
+                "INSERT INTO api_keys (key_id, secret_sha256, user_id, role, created, expires, "
+                f"revoked, rpm, tpm, models, {', '.join(_QUOTA_COLS)}) "
+                "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+                (key_id, _digest(secret), user_id, role, now, expires, rpm, tpm, stored, *budgets),
             )
             self._rows.pop(key_id, None)
-        info = KeyInfo(key_id, user_id, role, now, expires, None, rpm, tpm, allowed)
+        info = KeyInfo(key_id, user_id, role, now, expires, None, rpm, tpm, allowed, quota)
         return f"{KEY_PREFIX}{key_id}_{secret}", info
 
     def list(self) -> list[KeyInfo]:
@@ -222,7 +236,7 @@ class KeyStore:
         if state != "active":
             raise AuthenticationError(f"API key {key_id} is {state}")
         return Principal(
-            info.user_id, info.role, info.rpm, info.tpm, "api_key", key_id, info.models
+            info.user_id, info.role, info.rpm, info.tpm, "api_key", key_id, info.models, info.quota
         )
 
 

@@ -1,0 +1,104 @@
+"""The usage accounts: sums per UTC day written in batches to an owner-only SQLite file and
+added to (not replaced) on the next batch, grouped four ways, a query's day range checked and
+bounded, and CSV a spreadsheet will not run as formulas."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+import stat
+from datetime import datetime, timezone
+
+import pytest
+
+from llmhost.errors import InvalidRequest
+from llmhost.security.usage import UsageRecorder, UsageRow, UsageStore, day_range, to_csv
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+
+async def test_sums_per_day_written_in_batches(tmp_path):
+    now = [ts("2026-11-27 23:59:59")]
+    recorder = UsageRecorder(UsageStore(tmp_path / "usage.db"), clock=lambda: now[0])
+    recorder.add("k1", "alice", "m1", 3, 4)
+    recorder.add("k1", "alice", "m1", 2, 2)
+    recorder.add(None, "bob", "m2", 1, 0)
+    await recorder.flush()
+    assert recorder.pending == {}
+    now[0] = ts("2026-11-28 00:00:00")
+    recorder.add("k1", "alice", "m1", 10, 10)
+    recorder.add("k2", "alice", "m2", 5, -3)  # never a negative count
+    await recorder.close()
+    assert stat.S_IMODE((tmp_path / "usage.db").stat().st_mode) == 0o600
+
+    store = UsageStore(tmp_path / "usage.db")  # as written, after the recorder closed
+    by_day = store.query("2026-11-01", "2026-11-30", "day", 100)
+    assert by_day == [UsageRow("2026-11-27", 3, 6, 6), UsageRow("2026-11-28", 2, 15, 10)]
+    assert store.query("2026-11-01", "2026-11-27", "day", 100) == by_day[:1]
+    by_user = store.query("2026-11-27", "2026-11-28", "user", 100)
+    assert by_user == [UsageRow("alice", 4, 20, 16), UsageRow("bob", 1, 1, 0)]
+    by_key = store.query("2026-11-27", "2026-11-28", "key", 100)
+    assert [(r.group, r.requests) for r in by_key] == [("", 1), ("k1", 3), ("k2", 1)]
+    by_model = store.query("2026-11-28", "2026-11-28", "model", 1)
+    assert by_model == [UsageRow("m1", 1, 10, 10)] and by_model[0].total_tokens == 20
+    store.close()
+
+
+async def test_a_query_includes_what_is_not_written_yet(tmp_path):
+    recorder = UsageRecorder(UsageStore(tmp_path / "usage.db"), clock=lambda: ts("2026-01-05"))
+    recorder.add("k", "u", "m", 1, 1)
+    rows = await recorder.query("2026-01-01", "2026-01-31", "day")
+    assert rows == [UsageRow("2026-01-05", 1, 1, 1)]
+    await recorder.close()
+
+
+def test_day_range_defaults_and_bounds():
+    assert day_range(None, None, "2026-11-27") == ("2026-10-29", "2026-11-27")
+    assert day_range("2026-01-01", "2026-12-31", "2026-11-27") == ("2026-01-01", "2026-12-31")
+    assert day_range("2024-01-01", "2024-12-31", "x") == ("2024-01-01", "2024-12-31")  # 366
+    with pytest.raises(InvalidRequest, match="367 days; usage is read at most 366"):
+        day_range("2025-01-01", "2026-01-02", "2026-11-27")
+    with pytest.raises(InvalidRequest, match="at most 366 days"):
+        day_range("2016-01-01", "2026-01-01", "2026-11-27")
+    with pytest.raises(InvalidRequest, match="since is after until"):
+        day_range("2026-02-01", "2026-01-01", "2026-11-27")
+    for bad in ("2026-13-01", "2026-1-1", "yesterday", "2026-01-01T00", ""):
+        with pytest.raises(InvalidRequest, match="since is a UTC day"):
+            day_range(bad, None, "2026-11-27")
+
+
+def test_csv_parses_and_defuses_formulas():
+    rows = [UsageRow("=cmd|'/c calc'!A1", 1, 2, 3), UsageRow("alice,bob", 4, 5, 6)]
+    parsed = list(csv.reader(io.StringIO(to_csv(rows, "user"))))
+    assert parsed[0] == ["user", "requests", "prompt_tokens", "completion_tokens", "total_tokens"]
+    assert parsed[1] == ["'=cmd|'/c calc'!A1", "1", "2", "3", "5"]
+    assert parsed[2] == ["alice,bob", "4", "5", "6", "11"]
+
+
+async def test_a_failed_write_keeps_the_sums_for_the_next(tmp_path):
+    store = UsageStore(tmp_path / "usage.db")
+    recorder = UsageRecorder(store, clock=lambda: ts("2026-01-05"))
+    recorder.add("k", "u", "m", 1, 2)
+    real_add = store.add
+
+    def broken(batch):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store.add = broken  # type: ignore[method-assign]
+    await recorder.flush()
+    recorder.add("k", "u", "m", 1, 2)
+    assert recorder.pending == {("2026-01-05", "k", "u", "m"): (2, 2, 4)}
+    store.add = real_add  # type: ignore[method-assign]
+    await recorder.close()
+    assert store.query("2026-01-01", "2026-01-31", "day", 10) == [UsageRow("2026-01-05", 2, 2, 4)]
+
+
+async def test_a_request_counts_on_the_day_it_started(tmp_path):
+    recorder = UsageRecorder(UsageStore(tmp_path / "usage.db"), clock=lambda: ts("2026-01-06"))
+    recorder.add("k", "u", "m", 1, 2, at=ts("2026-01-05 23:59:59"))
+    rows = await recorder.query("2026-01-01", "2026-01-31", "day")
+    assert rows == [UsageRow("2026-01-05", 1, 1, 2)]
+    await recorder.close()
