@@ -7,6 +7,7 @@ the browser reports no Content-Security-Policy violation on the way."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
 
@@ -102,6 +103,18 @@ def drive(page, expect, url: str, admin: str, model: str) -> None:
     expect(page.locator("table.audit tbody tr")).to_contain_text("/v1/chat/completions")
     page.click("text=Check the chain now")
     expect(page.locator("#chain-state")).to_contain_text("Intact")
+
+    # and counted in the usage, per user, with a CSV of the same
+    page.click("nav >> text=Usage")
+    page.select_option("select[name=group_by]", "user")
+    page.click("form.search button[type=submit]")
+    bob = page.locator("table.usage tbody tr", has_text="bob")
+    expect(bob).to_have_count(1)
+    expect(bob.locator("td").nth(1)).to_have_text("1")
+    with page.expect_download() as download:
+        page.click("#csv")
+    csv_text = Path(download.value.path()).read_text()
+    assert csv_text.splitlines()[0].startswith("user,requests") and "\nbob,1," in csv_text
 
     # the playground streams an answer and measures it
     page.click("nav >> text=Playground")

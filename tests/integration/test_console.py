@@ -384,3 +384,44 @@ async def test_login_failures_count_towards_the_clients_limit(tmp_path):
         # the API counts the same failures: a Bearer request from this client is refused too
         r = await con.client.get("/v1/models", headers={"Authorization": f"Bearer {con.admin}"})
         assert r.status_code == 429
+
+
+async def test_usage_page_and_csv_per_user_model_and_day(con):
+    h = {"Authorization": f"Bearer {con.user}"}
+    for model in ("fake-model", "fake-model", EVIL):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        r = await con.client.post("/v1/chat/completions", json=body, headers=h)
+        assert r.status_code == 200, r.text
+    assert (await con.client.get("/console/usage")).status_code == 303  # login first
+    await con.login(con.admin)
+    page = await con.client.get("/console/usage", params={"group_by": "user"})
+    assert page.status_code == 200
+    row = re.search(r"<tr><td>bob</td><td>(\d+)</td>", page.text)
+    assert row is not None and int(row.group(1)) == 3, page.text
+    page = await con.client.get("/console/usage", params={"group_by": "model"})
+    assert EVIL not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    csv_link = re.search(r'id="csv" href="([^"]+)"', page.text).group(1).replace("&amp;", "&")
+    export = await con.client.get(csv_link)
+    assert export.status_code == 200 and export.headers["content-type"].startswith("text/csv")
+    assert "attachment" in export.headers["content-disposition"]
+    lines = export.text.strip().splitlines()
+    assert lines[0] == "model,requests,prompt_tokens,completion_tokens,total_tokens"
+    counts = {line.split(",")[0]: int(line.split(",")[1]) for line in lines[1:]}
+    assert counts == {"fake-model": 2, EVIL: 1}
+    day = await con.client.get("/console/usage")  # per day by default
+    assert re.search(r"<tr><td>\d{4}-\d\d-\d\d</td><td>3</td>", day.text), day.text
+
+
+async def test_usage_page_refuses_bad_ranges_and_groupings_with_a_message(con):
+    await con.login(con.admin)
+    for params, said in (
+        ({"since": "2016-01-01", "until": "2026-01-01"}, "at most 366 days"),
+        ({"since": "yesterday"}, "YYYY-MM-DD"),
+        ({"since": "2026-02-01", "until": "2026-01-01"}, "after until"),
+        ({"group_by": "<b>team</b>"}, "group by one of"),
+    ):
+        page = await con.client.get("/console/usage", params=params)
+        assert page.status_code == 200 and said in page.text, (params, page.text[-800:])
+        assert "<b>team</b>" not in page.text
+        export = await con.client.get("/console/usage.csv", params=params)
+        assert export.status_code == 400 and said in export.text
