@@ -45,7 +45,7 @@ def test_rotate_prints_the_new_key_once_and_list_shows_the_grace(home):
     r = keys("rotate", info.key_id, "--grace", "0")
     assert r.exit_code == 0, r.output
     assert "old secret stopped working now" in r.stderr
-    assert "rotation before" in r.stderr  # the first secret, still in its grace, ended too
+    assert "earlier rotation" in r.stderr  # the first secret, still in its grace, ended too
     newest = r.stdout.strip()
     for gone in (old, new):
         with pytest.raises(AuthenticationError):

@@ -127,5 +127,5 @@ def rotate(
     )
     if done.cut_short:
         err.print(
-            "The secret replaced by the rotation before, still in its grace, stopped working now."
+            "The secret an earlier rotation replaced was still in its grace: it stops now too."
         )
