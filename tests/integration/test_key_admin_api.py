@@ -167,3 +167,12 @@ async def test_key_changes_are_in_the_audit_log(served):
             break
         await asyncio.sleep(0.02)
     assert found == sorted(want)
+
+
+async def test_a_method_the_keys_path_lacks_gets_405_naming_both_it_has(served):
+    c, _, admin, _ = served
+    for method in ("DELETE", "PUT", "OPTIONS"):
+        r = await c.request(method, "/v1/admin/keys", headers=admin)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, POST", method
+    r = await c.get("/v1/admin/keys/abc/rotate", headers=admin)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"

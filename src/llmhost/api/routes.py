@@ -499,8 +499,16 @@ async def admin_create_key(request: Request, body: KeyCreate) -> dict[str, Any]:
     return {**_key_card(info), "key": text}
 
 
+_KEY_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse, "description": "The key is revoked (or expired)"}
+}
+
+
 @router.post(
-    "/v1/admin/keys/{key_id}/revoke", tags=["admin"], dependencies=[Depends(require_admin)]
+    "/v1/admin/keys/{key_id}/revoke",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=_KEY_CONFLICT,
 )
 async def admin_revoke_key(request: Request, key_id: KeyId) -> dict[str, Any]:
     """Revoke a key: its secrets stop working at once; 404 for an unknown id, 409 when it
@@ -512,7 +520,10 @@ async def admin_revoke_key(request: Request, key_id: KeyId) -> dict[str, Any]:
 
 
 @router.post(
-    "/v1/admin/keys/{key_id}/rotate", tags=["admin"], dependencies=[Depends(require_admin)]
+    "/v1/admin/keys/{key_id}/rotate",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=_KEY_CONFLICT,
 )
 async def admin_rotate_key(request: Request, key_id: KeyId, body: KeyRotate) -> dict[str, Any]:
     """A new secret for the key (`key`, its only copy); the old one works until
