@@ -425,3 +425,94 @@ async def test_usage_page_refuses_bad_ranges_and_groupings_with_a_message(con):
         assert "<b>team</b>" not in page.text
         export = await con.client.get("/console/usage.csv", params=params)
         assert export.status_code == 400 and said in export.text
+
+
+async def test_keys_page_creates_rotates_and_revokes(con):
+    await con.login(con.admin)
+    page = await con.client.get("/console/keys")
+    assert page.status_code == 200 and "bob" in page.text and "root" in page.text
+    token = CSRF.search(page.text).group(1)
+    form = {
+        "csrf": token,
+        "user": "carol",
+        "role": "user",
+        "expires": "30d",
+        "rpm": "60",
+        "models": "fake-model",
+        "tokens_per_day": "1000",
+        "requests_per_day": "0",
+    }
+    r = await con.client.post("/console/keys", data=form)
+    assert r.status_code == 303
+    page = await con.client.get("/console/keys")
+    secret = re.search(r'id="new-secret">([^<]+)<', page.text).group(1)
+    assert "not shown again" in page.text and "carol" in page.text
+    again = await con.client.get("/console/keys")
+    assert secret not in again.text  # shown once
+    key_id = secret.split("_")[1]
+    row = re.search(rf'<tr id="key-{key_id}">(.*?)</tr>', again.text, re.S).group(1)
+    assert "fake-model" in row and "1000" in row and "60" in row
+    h = {"Authorization": f"Bearer {secret}"}
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    r = await con.client.post("/v1/chat/completions", json=body, headers=h)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"  # 0/day
+
+    # rotate with a grace: both secrets authenticate
+    r = await con.client.post(f"/console/keys/{key_id}/rotate", data={"csrf": token, "grace": "1h"})
+    assert r.status_code == 303
+    page = await con.client.get("/console/keys")
+    new = re.search(r'id="new-secret">([^<]+)<', page.text).group(1)
+    assert new != secret and "old one works until" in page.text
+    for s in (secret, new):
+        r = await con.client.get("/v1/models", headers={"Authorization": f"Bearer {s}"})
+        assert r.status_code == 200, r.text
+    # revoke ends both
+    r = await con.client.post(f"/console/keys/{key_id}/revoke", data={"csrf": token})
+    assert r.status_code == 303
+    for s in (secret, new):
+        r = await con.client.get("/v1/models", headers={"Authorization": f"Bearer {s}"})
+        assert r.status_code == 401
+    page = await con.client.get("/console/keys")
+    assert "revoked" in page.text
+    # every change is an audit record of the admin who made it
+    store = con.app.state.audit.store
+    want = {"/v1/admin/keys", f"/v1/admin/keys/{key_id}/rotate", f"/v1/admin/keys/{key_id}/revoke"}
+    for _ in range(200):
+        if want <= {r.route for r in store.search(user="root")}:
+            break
+        await asyncio.sleep(0.02)
+    assert want <= {r.route for r in store.search(user="root")}
+
+
+async def test_keys_page_refuses_bad_forms_and_missing_tokens(con):
+    await con.login(con.admin)
+    token = await con.csrf("/console/keys")
+    for form, said in (
+        ({"user": "has space"}, "printable"),
+        ({"user": "x", "role": "root"}, "role is user or admin"),
+        ({"user": "x", "rpm": "-1"}, "rpm is a whole number"),
+        ({"user": "x", "tokens_per_day": "1e9"}, "tokens per day is a whole number"),
+        ({"user": "x", "expires": "soon"}, "expires is a duration"),
+        ({"user": "x", "expires": "500000d"}, "at most"),
+    ):
+        r = await con.client.post("/console/keys", data={"csrf": token, **form})
+        assert r.status_code == 303
+        page = await con.client.get("/console/keys")
+        assert said in page.text and "No key made" in page.text, (form, page.text[-600:])
+        assert EVIL not in page.text
+    r = await con.client.post("/console/keys", data={"csrf": token, "user": EVIL})
+    page = (await con.client.get("/console/keys")).text
+    assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # as text
+    r = await con.client.post("/console/keys", data={"user": "nocsrf"})
+    assert r.status_code == 403
+    r = await con.client.post("/console/keys/nope/revoke", data={"csrf": token})
+    assert r.status_code == 303
+    assert "no API key" in (await con.client.get("/console/keys")).text
+    r = await con.client.post(f"/console/keys/x/{'delete'}", data={"csrf": token})
+    assert r.status_code == 404
+    r = await con.client.post("/console/keys/x/rotate", data={"csrf": token, "grace": "400d"})
+    assert "at most 30 days" in (await con.client.get("/console/keys")).text
+    # a user key never reaches the page
+    con.client.cookies.clear()
+    assert (await con.login(con.user)).status_code == 403
+    assert (await con.client.get("/console/keys")).status_code == 303

@@ -1,6 +1,7 @@
 """The console's pages: login and logout, the overview (models, load/unload, live charts), the
-audit log, usage and the playground. Every page but the login needs a session; every POST carries
-the session's CSRF token (the login form a token of its own, in a short-lived cookie)."""
+audit log, usage and the playground (keys are in keys.py). Every page but the login needs a
+session; every POST carries the session's CSRF token (the login form a token of its own, in a
+short-lived cookie)."""
 
 from __future__ import annotations
 
@@ -403,5 +404,8 @@ def install_pages(app: FastAPI) -> None:
     app.add_api_route(root + "/usage.csv", usage_export, methods=get)
     app.add_api_route(root + "/playground", playground, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/playground/chat", playground_chat, methods=post)
+    from llmhost.api.console.keys import install_keys  # it builds on this module
+
+    install_keys(app)
     app.add_exception_handler(NeedLogin, need_login)
     app.add_exception_handler(Refused, refused)
