@@ -7,6 +7,8 @@ the browser reports no Content-Security-Policy violation on the way."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -103,6 +105,34 @@ def drive(page, expect, url: str, admin: str, model: str) -> None:
     page.click("text=Check the chain now")
     expect(page.locator("#chain-state")).to_contain_text("Intact")
 
+    # and counted in the usage, per user, with a CSV of the same
+    page.click("nav >> text=Usage")
+    page.select_option("select[name=group_by]", "user")
+    page.click("form.search button[type=submit]")
+    bob = page.locator("table.usage tbody tr", has_text="bob")
+    expect(bob).to_have_count(1)
+    expect(bob.locator("td").nth(1)).to_have_text("1")
+    with page.expect_download() as download:
+        page.click("#csv")
+    csv_text = Path(download.value.path()).read_text()
+    assert csv_text.splitlines()[0].startswith("user,requests") and "\nbob,1," in csv_text
+
+    # a key is made (its secret shown once, and working), then revoked
+    page.click("nav >> text=Keys")
+    page.fill("#create-key input[name=user]", "dave")
+    page.fill("#create-key input[name=tokens_per_day]", "5000")
+    page.click("#create-key button[type=submit]")
+    secret = page.locator("#new-secret").inner_text()
+    auth = {"Authorization": f"Bearer {secret}"}
+    assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
+    dave = page.locator("table.keys tbody tr", has_text="dave")
+    expect(dave.locator(".state")).to_have_text("active")
+    dave.get_by_role("button", name="Revoke").click()
+    expect(page.locator("table.keys tbody tr", has_text="dave").locator(".state")).to_have_text(
+        "revoked"
+    )
+    assert httpx.get(url + "/v1/models", headers=auth).status_code == 401
+
     # the playground streams an answer and measures it
     page.click("nav >> text=Playground")
     page.select_option("#model", model)
@@ -116,8 +146,11 @@ def drive(page, expect, url: str, admin: str, model: str) -> None:
     assert int(page.locator("#tokens").inner_text()) > 0
 
     # the playground's request is audited under the admin's name
-    page.goto(url + "/console/audit?user=root")
+    # (the key made and revoked above are records of root's too, with no model)
+    page.goto(url + "/console/audit?user=root&model=" + quote(model))
     expect(page.locator("table.audit tbody tr")).to_have_count(1)
+    page.goto(url + "/console/audit?user=root")
+    expect(page.locator("table.audit tbody tr")).to_have_count(3)
 
     # logging out ends the session
     page.click("form.logout button")

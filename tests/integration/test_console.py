@@ -384,3 +384,135 @@ async def test_login_failures_count_towards_the_clients_limit(tmp_path):
         # the API counts the same failures: a Bearer request from this client is refused too
         r = await con.client.get("/v1/models", headers={"Authorization": f"Bearer {con.admin}"})
         assert r.status_code == 429
+
+
+async def test_usage_page_and_csv_per_user_model_and_day(con):
+    h = {"Authorization": f"Bearer {con.user}"}
+    for model in ("fake-model", "fake-model", EVIL):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        r = await con.client.post("/v1/chat/completions", json=body, headers=h)
+        assert r.status_code == 200, r.text
+    assert (await con.client.get("/console/usage")).status_code == 303  # login first
+    await con.login(con.admin)
+    page = await con.client.get("/console/usage", params={"group_by": "user"})
+    assert page.status_code == 200
+    row = re.search(r"<tr><td>bob</td><td>(\d+)</td>", page.text)
+    assert row is not None and int(row.group(1)) == 3, page.text
+    page = await con.client.get("/console/usage", params={"group_by": "model"})
+    assert EVIL not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    csv_link = re.search(r'id="csv" href="([^"]+)"', page.text).group(1).replace("&amp;", "&")
+    export = await con.client.get(csv_link)
+    assert export.status_code == 200 and export.headers["content-type"].startswith("text/csv")
+    assert "attachment" in export.headers["content-disposition"]
+    lines = export.text.strip().splitlines()
+    assert lines[0] == "model,requests,prompt_tokens,completion_tokens,total_tokens"
+    counts = {line.split(",")[0]: int(line.split(",")[1]) for line in lines[1:]}
+    assert counts == {"fake-model": 2, EVIL: 1}
+    day = await con.client.get("/console/usage")  # per day by default
+    assert re.search(r"<tr><td>\d{4}-\d\d-\d\d</td><td>3</td>", day.text), day.text
+
+
+async def test_usage_page_refuses_bad_ranges_and_groupings_with_a_message(con):
+    await con.login(con.admin)
+    for params, said in (
+        ({"since": "2016-01-01", "until": "2026-01-01"}, "at most 366 days"),
+        ({"since": "yesterday"}, "YYYY-MM-DD"),
+        ({"since": "2026-02-01", "until": "2026-01-01"}, "after until"),
+        ({"group_by": "<b>team</b>"}, "group by one of"),
+    ):
+        page = await con.client.get("/console/usage", params=params)
+        assert page.status_code == 200 and said in page.text, (params, page.text[-800:])
+        assert "<b>team</b>" not in page.text
+        export = await con.client.get("/console/usage.csv", params=params)
+        assert export.status_code == 400 and said in export.text
+
+
+async def test_keys_page_creates_rotates_and_revokes(con):
+    await con.login(con.admin)
+    page = await con.client.get("/console/keys")
+    assert page.status_code == 200 and "bob" in page.text and "root" in page.text
+    token = CSRF.search(page.text).group(1)
+    form = {
+        "csrf": token,
+        "user": "carol",
+        "role": "user",
+        "expires": "30d",
+        "rpm": "60",
+        "models": "fake-model",
+        "tokens_per_day": "1000",
+        "requests_per_day": "0",
+    }
+    r = await con.client.post("/console/keys", data=form)
+    assert r.status_code == 303
+    page = await con.client.get("/console/keys")
+    secret = re.search(r'id="new-secret">([^<]+)<', page.text).group(1)
+    assert "not shown again" in page.text and "carol" in page.text
+    again = await con.client.get("/console/keys")
+    assert secret not in again.text  # shown once
+    key_id = secret.split("_")[1]
+    row = re.search(rf'<tr id="key-{key_id}">(.*?)</tr>', again.text, re.S).group(1)
+    assert "fake-model" in row and "1000" in row and "60" in row
+    h = {"Authorization": f"Bearer {secret}"}
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    r = await con.client.post("/v1/chat/completions", json=body, headers=h)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"  # 0/day
+
+    # rotate with a grace: both secrets authenticate
+    r = await con.client.post(f"/console/keys/{key_id}/rotate", data={"csrf": token, "grace": "1h"})
+    assert r.status_code == 303
+    page = await con.client.get("/console/keys")
+    new = re.search(r'id="new-secret">([^<]+)<', page.text).group(1)
+    assert new != secret and "old one works until" in page.text
+    for s in (secret, new):
+        r = await con.client.get("/v1/models", headers={"Authorization": f"Bearer {s}"})
+        assert r.status_code == 200, r.text
+    # revoke ends both
+    r = await con.client.post(f"/console/keys/{key_id}/revoke", data={"csrf": token})
+    assert r.status_code == 303
+    for s in (secret, new):
+        r = await con.client.get("/v1/models", headers={"Authorization": f"Bearer {s}"})
+        assert r.status_code == 401
+    page = await con.client.get("/console/keys")
+    assert "revoked" in page.text
+    # every change is an audit record of the admin who made it
+    store = con.app.state.audit.store
+    want = {"/v1/admin/keys", f"/v1/admin/keys/{key_id}/rotate", f"/v1/admin/keys/{key_id}/revoke"}
+    for _ in range(200):
+        if want <= {r.route for r in store.search(user="root")}:
+            break
+        await asyncio.sleep(0.02)
+    assert want <= {r.route for r in store.search(user="root")}
+
+
+async def test_keys_page_refuses_bad_forms_and_missing_tokens(con):
+    await con.login(con.admin)
+    token = await con.csrf("/console/keys")
+    for form, said in (
+        ({"user": "has space"}, "printable"),
+        ({"user": "x", "role": "root"}, "role is user or admin"),
+        ({"user": "x", "rpm": "-1"}, "rpm is a whole number"),
+        ({"user": "x", "tokens_per_day": "1e9"}, "tokens per day is a whole number"),
+        ({"user": "x", "expires": "soon"}, "expires is a duration"),
+        ({"user": "x", "expires": "500000d"}, "at most"),
+    ):
+        r = await con.client.post("/console/keys", data={"csrf": token, **form})
+        assert r.status_code == 303
+        page = await con.client.get("/console/keys")
+        assert said in page.text and "No key made" in page.text, (form, page.text[-600:])
+        assert EVIL not in page.text
+    r = await con.client.post("/console/keys", data={"csrf": token, "user": EVIL})
+    page = (await con.client.get("/console/keys")).text
+    assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # as text
+    r = await con.client.post("/console/keys", data={"user": "nocsrf"})
+    assert r.status_code == 403
+    r = await con.client.post("/console/keys/nope/revoke", data={"csrf": token})
+    assert r.status_code == 303
+    assert "no API key" in (await con.client.get("/console/keys")).text
+    r = await con.client.post(f"/console/keys/x/{'delete'}", data={"csrf": token})
+    assert r.status_code == 404
+    r = await con.client.post("/console/keys/x/rotate", data={"csrf": token, "grace": "400d"})
+    assert "at most 30 days" in (await con.client.get("/console/keys")).text
+    # a user key never reaches the page
+    con.client.cookies.clear()
+    assert (await con.login(con.user)).status_code == 403
+    assert (await con.client.get("/console/keys")).status_code == 303

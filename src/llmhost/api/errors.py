@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from llmhost.errors import LlmhostError
 
@@ -75,6 +76,17 @@ def unexpected_error_handler(
     return unexpected
 
 
+def _allowed(request: Request) -> str:
+    """Every method the API documents for the request's path: Starlette's 405 names only the
+    methods of the first route that matched the path, and a path may have a route per method
+    (GET and POST /v1/admin/keys). Empty for a path the schema leaves out."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(request.url.path):
+            methods |= {m.upper() for m in operations}
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LlmhostError, llmhost_error_response)  # type: ignore[arg-type]
 
@@ -86,11 +98,14 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed(request) or headers.get("Allow", "")
         return JSONResponse(
             error_body(str(exc.detail), _HTTP_TYPES.get(exc.status_code, "invalid_request_error")),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
 
     app.add_exception_handler(Exception, unexpected_error_handler(log, "server"))

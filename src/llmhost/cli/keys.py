@@ -1,10 +1,11 @@
-"""`llmhost keys create|list|revoke`: API keys, stored hashed in `$LLMHOST_HOME/keys.db`."""
+"""`llmhost keys create|list|revoke|rotate`: API keys, stored hashed in `$LLMHOST_HOME/keys.db`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -13,7 +14,10 @@ from rich.table import Table
 from llmhost.cli.options import AsJson, duration_flag
 from llmhost.config import QUOTA_NOTE, load_settings
 
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from llmhost.security.auth import KeyInfo
+
+keys_app = typer.Typer(help="Create, list, revoke and rotate API keys.", no_args_is_help=True)
 
 
 def _store():
@@ -69,6 +73,13 @@ def create(
     )
 
 
+def _state(k: KeyInfo) -> str:
+    state = k.state()
+    if state == "active" and k.in_grace():
+        return f"active; old secret until {_when(k.old_secret_until)}"
+    return state
+
+
 @keys_app.command("list")
 def list_keys(as_json: AsJson = False) -> None:
     """Keys with their owner, role, limits and state (never the secret)."""
@@ -84,7 +95,7 @@ def list_keys(as_json: AsJson = False) -> None:
             k.key_id,
             k.user_id,
             k.role,
-            k.state(),
+            _state(k),
             _when(k.created),
             _when(k.expires),
             str(k.rpm or ""),
@@ -100,3 +111,33 @@ def revoke(key_id: str = typer.Argument(..., help="The key's id (see `llmhost ke
     with _store() as keys:
         info = keys.revoke(key_id)
     typer.echo(f"revoked {info.key_id} ({info.user_id})")
+
+
+@keys_app.command()
+def rotate(
+    key_id: str = typer.Argument(..., help="The key's id (see `llmhost keys list`)."),
+    grace: str = typer.Option(
+        ..., help="How long the old secret keeps working, e.g. 24h; 0 ends it now."
+    ),
+) -> None:
+    """Give a key a new secret, printed once; the old one works for the grace period.
+    The key keeps its id, user, role, limits, models and expiry."""
+    seconds = 0.0 if grace.strip() == "0" else duration_flag(grace, "--grace")
+    with _store() as keys:
+        done = keys.rotate(key_id, seconds)
+    typer.echo(done.key)
+    info = done.info
+    ends = (
+        f"works until {_when(info.old_secret_until)}"
+        if info.old_secret_until is not None
+        else "stopped working now"
+    )
+    err = Console(stderr=True, highlight=False)
+    err.print(
+        f"key {info.key_id} for {info.user_id} rotated: its old secret {ends}. "
+        "Store the new one now: it cannot be shown again."
+    )
+    if done.cut_short:
+        err.print(
+            "The secret an earlier rotation replaced was still in its grace: it stops now too."
+        )

@@ -2,10 +2,12 @@
 Principal (user id, role, limits) or an AuthenticationError with a clear reason.
 
 API keys look like `llmh_<id>_<secret>`; only the sha256 of the secret is stored (in
-`keys.db`), and the key is shown once, at creation. A key's secret has 256 bits of entropy, so
-a plain hash suffices: there is nothing to brute-force. JWTs are checked by PyJWT with the
-algorithm pinned by configuration (never taken from the token's header), signature, `exp`
-(required), `nbf`, `iat`, `aud` and `iss`, with a small leeway for clock skew."""
+`keys.db`), and the key is shown once, at creation or rotation. Rotating a key gives it a new
+secret and keeps the one it replaces valid for a grace period, so clients can move over. A
+key's secret has 256 bits of entropy, so a plain hash suffices: there is nothing to
+brute-force. JWTs are checked by PyJWT with the algorithm pinned by configuration (never taken
+from the token's header), signature, `exp` (required), `nbf`, `iat`, `aud` and `iss`, with a
+small leeway for clock skew."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -69,6 +71,13 @@ class KeyInfo:
     tpm: int | None
     models: tuple[str, ...] | None = None  # the models the key may use; None: all
     quota: Quota = NO_QUOTA
+    rotated: float | None = None  # when its secret was last replaced
+    old_secret_until: float | None = None  # when the secret replaced last stops working
+
+    def in_grace(self, now: float | None = None) -> bool:
+        """Whether the secret replaced by the last rotation still works."""
+        now = time.time() if now is None else now
+        return self.old_secret_until is not None and self.old_secret_until > now
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -97,11 +106,16 @@ _KEY_COLS = "key_id, user_id, role, created, expires, revoked, rpm, tpm, models"
 # Quota columns, added in place to a keys.db from before quotas (NULL: no quota)
 _QUOTA_COLS = ("tokens_per_day", "tokens_per_month", "requests_per_day")
 _KEY_COLS += ", " + ", ".join(_QUOTA_COLS)
+# Added in place to a keys.db from before rotation: the replaced secret's digest and its end.
+_ROTATION_COLUMNS = {"old_sha256": "TEXT", "old_until": "REAL", "rotated": "REAL"}
+_KEY_COLS += ", rotated, old_until"
 MAX_KEY_MODELS = 256
+MAX_GRACE_SECONDS = 30 * 86400.0
 
 
 def _info(row: Sequence[Any]) -> KeyInfo:
     key_id, user_id, role, created, expires, revoked, rpm, tpm, models = row[:9]
+    rotated, until = row[12:14]
     return KeyInfo(
         key_id,
         user_id,
@@ -113,6 +127,8 @@ def _info(row: Sequence[Any]) -> KeyInfo:
         tpm,
         models=None if models is None else tuple(json.loads(models)),
         quota=Quota(*row[9:12]),
+        rotated=rotated,
+        old_secret_until=until,
     )
 
 
@@ -129,9 +145,17 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Rotation:
+    key: str  # the key with its new secret: the only copy
+    info: KeyInfo
+    cut_short: bool  # a secret still in the grace of an earlier rotation stopped working
+
+
 class KeyStore:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time):
         self.path = Path(path)
+        self._clock = clock
         private_sqlite(self.path)  # SQLite gives -wal and -shm the database file's mode
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -143,6 +167,9 @@ class KeyStore:
         for column in _QUOTA_COLS:
             if column not in columns:  # a keys.db from before quotas
                 self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER")
+        for name, kind in _ROTATION_COLUMNS.items():  # a keys.db from before rotation
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {name} {kind}")
         # Rows by key id, valid while the database is unchanged: `PRAGMA data_version` moves
         # whenever another connection (`llmhost keys revoke` in another process) commits.
         self._rows: dict[str, tuple[Any, ...] | None] = {}
@@ -172,7 +199,7 @@ class KeyStore:
             raise ConfigError("role is user or admin")
         allowed = check_models(models)
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        now = time.time()
+        now = self._clock()
         expires = now + expires_in if expires_in else None
         stored = None if allowed is None else json.dumps(list(allowed))
         budgets = (quota.tokens_per_day, quota.tokens_per_month, quota.requests_per_day)
@@ -193,10 +220,12 @@ class KeyStore:
         return [_info(row) for row in rows]
 
     def revoke(self, key_id: str) -> KeyInfo:
+        """Revoke a key: its secret, and one still in a rotation's grace, stop working."""
         with self._lock:
             n = self._db.execute(
-                "UPDATE api_keys SET revoked = ? WHERE key_id = ? AND revoked IS NULL",
-                (time.time(), key_id),
+                "UPDATE api_keys SET revoked = ?, old_sha256 = NULL, old_until = NULL "
+                "WHERE key_id = ? AND revoked IS NULL",
+                (self._clock(), key_id),
             ).rowcount
             self._rows.pop(key_id, None)
             row = self._db.execute(
@@ -207,6 +236,46 @@ class KeyStore:
         if n == 0:
             raise ConfigError(f"API key {key_id} was already revoked")
         return _info(row)
+
+    def rotate(self, key_id: str, grace_seconds: float) -> Rotation:
+        """A new secret for the key (same user, role, limits, models and expiry); the one it
+        replaces keeps working for `grace_seconds` (0: it stops now). Only the newest replaced
+        secret has a grace: one still in the grace of an earlier rotation stops at once."""
+        if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:  # also refuses NaN
+            raise ConfigError(f"the grace is 0 to {MAX_GRACE_SECONDS / 86400:g} days")
+        secret = secrets.token_urlsafe(32)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # read and write as one, against other processes
+            try:
+                rotation = self._rotate(key_id, secret, grace_seconds)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._rows.pop(key_id, None)
+        return rotation
+
+    def _rotate(self, key_id: str, secret: str, grace_seconds: float) -> Rotation:
+        row = self._db.execute(
+            f"SELECT {_KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no API key {key_id!r} (see `llmhost keys list`)")
+        now = self._clock()
+        before = _info(row)
+        state = before.state(now)
+        if state != "active":
+            raise ConfigError(f"API key {key_id} is {state}: create a new one instead")
+        until = now + grace_seconds if grace_seconds > 0 else None
+        # SQLite evaluates every SET against the row as it was: the old digest moves over.
+        self._db.execute(
+            "UPDATE api_keys SET old_sha256 = CASE WHEN ? IS NULL THEN NULL ELSE secret_sha256 "
+            "END, old_until = ?, secret_sha256 = ?, rotated = ? WHERE key_id = ?",
+            (until, until, _digest(secret), now, key_id),
+        )
+        info = replace(before, rotated=now, old_secret_until=until)
+        return Rotation(f"{KEY_PREFIX}{key_id}_{secret}", info, before.in_grace(now))
 
     def authenticate(self, token: str) -> Principal:
         body = token[len(KEY_PREFIX) :]
@@ -222,19 +291,28 @@ class KeyStore:
                 row = self._rows[key_id]
             else:
                 row = self._db.execute(
-                    f"SELECT secret_sha256, {_KEY_COLS} FROM api_keys WHERE key_id = ?",
+                    f"SELECT secret_sha256, old_sha256, {_KEY_COLS} FROM api_keys WHERE key_id = ?",
                     (key_id,),
                 ).fetchone()
                 if len(self._rows) < 10_000:  # unknown ids from a scanner must not grow it
                     self._rows[key_id] = row
-        # Compare a digest even for unknown ids, so timing does not reveal which ids exist.
-        stored = row[0] if row else "0" * 64
-        if not hmac.compare_digest(stored, _digest(secret)) or row is None:
+        # Compare digests even for unknown ids and keys never rotated, so timing reveals
+        # neither which ids exist nor which have a replaced secret.
+        digest = _digest(secret)
+        current = hmac.compare_digest(row[0] if row else "0" * 64, digest)
+        replaced = hmac.compare_digest((row[1] if row else None) or "0" * 64, digest)
+        if row is None or not (current or (replaced and row[1] is not None)):
             raise AuthenticationError("invalid API key")
-        info = _info(row[1:])
-        state = info.state()
+        info = _info(row[2:])
+        now = self._clock()  # checked on every call: a cached row does not stop the clock
+        state = info.state(now)
         if state != "active":
             raise AuthenticationError(f"API key {key_id} is {state}")
+        if not current and not info.in_grace(now):
+            raise AuthenticationError(
+                f"this secret of API key {key_id} was replaced when the key was rotated "
+                "and its grace period is over; use the new one"
+            )
         return Principal(
             info.user_id, info.role, info.rpm, info.tpm, "api_key", key_id, info.models, info.quota
         )

@@ -1,6 +1,7 @@
 """The console's pages: login and logout, the overview (models, load/unload, live charts), the
-audit log and the playground. Every page but the login needs a session; every POST carries
-the session's CSRF token (the login form a token of its own, in a short-lived cookie)."""
+audit log, usage and the playground (keys are in keys.py). Every page but the login needs a
+session; every POST carries the session's CSRF token (the login form a token of its own, in a
+short-lived cookie)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ from llmhost.api.console.sessions import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
     Session,
+)
+from llmhost.api.console.usage import (
+    CSV_ROWS,
+    GROUPS,
+    PAGE_ROWS,
+    UsageQuery,
+    today,
+    usage_csv,
+    usage_table,
 )
 from llmhost.errors import LlmhostError
 from llmhost.security.auth import ANONYMOUS, Principal
@@ -297,6 +307,44 @@ async def verify(request: Request) -> Response:
     return see_other("/audit")
 
 
+async def usage(request: Request) -> Response:
+    session = session_of(request)
+    recorder = console_of(request).api.state.usage
+    context: dict[str, Any] = {"usage_on": recorder is not None, "groups": GROUPS}
+    if recorder is not None:
+        query = UsageQuery.from_params(request.query_params, today(recorder))
+        table = await usage_table(recorder, query) if query.error is None else None
+        context.update(
+            since=query.since,
+            until=query.until,
+            group_by=query.group_by,
+            error=query.error,
+            rows=table.rows if table else [],
+            total=table.total if table else None,
+            truncated=bool(table and table.truncated),
+            limit=PAGE_ROWS,
+            csv_limit=CSV_ROWS,
+        )
+    return render(request, "usage.html", session=session, page="usage", **context)
+
+
+async def usage_export(request: Request) -> Response:
+    session_of(request)
+    recorder = console_of(request).api.state.usage
+    if recorder is None:
+        raise Refused(404, "usage accounting is off on this server (usage = false)")
+    query = UsageQuery.from_params(request.query_params, today(recorder))
+    if query.error is not None:
+        raise Refused(400, query.error)
+    text = await usage_csv(recorder, query)
+    name = f"llmhost-usage-{query.group_by}-{query.since}-{query.until}.csv"
+    return Response(
+        text,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
 async def playground(request: Request) -> Response:
     session = session_of(request)
     models = [m for m in console_of(request).api.state.pool.status() if m["kind"] == "chat"]
@@ -352,7 +400,12 @@ def install_pages(app: FastAPI) -> None:
     app.add_api_route(root + "/models/{model_id:path}/{action:str}", model_action, methods=post)
     app.add_api_route(root + "/audit", audit, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/audit/verify", verify, methods=post)
+    app.add_api_route(root + "/usage", usage, methods=get, response_class=HTMLResponse)
+    app.add_api_route(root + "/usage.csv", usage_export, methods=get)
     app.add_api_route(root + "/playground", playground, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/playground/chat", playground_chat, methods=post)
+    from llmhost.api.console.keys import install_keys  # it builds on this module
+
+    install_keys(app)
     app.add_exception_handler(NeedLogin, need_login)
     app.add_exception_handler(Refused, refused)

@@ -26,6 +26,7 @@ class Session:
     expires: float
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     flash: str | None = None  # one message shown on the next page (a refused unload, say)
+    secret: str | None = None  # a new key's secret: shown once, on the next keys page
 
     def csrf_ok(self, token: str | None) -> bool:
         return token is not None and hmac.compare_digest(token.encode(), self.csrf.encode())
