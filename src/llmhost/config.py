@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import psutil
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -366,6 +366,58 @@ class Settings(BaseSettings):
         description="How long a /console login lasts (seconds, or 30m, 8h, 1d); logout ends it "
         "sooner.",
     )
+    oidc_issuer: str | None = Field(
+        None,
+        max_length=2048,
+        description="Single sign-on for /console: the OpenID Connect issuer URL (its "
+        "/.well-known/openid-configuration is read); unset: API-key login only.",
+    )
+    oidc_client_id: str | None = Field(None, max_length=512, description="SSO client id.")
+    oidc_client_secret: str | None = Field(
+        None, max_length=4096, description="SSO client secret; unset: a public client (PKCE)."
+    )
+    oidc_scopes: str = Field(
+        "openid email profile", max_length=1024, description="Scopes the console asks for."
+    )
+    oidc_role_claim: str = Field(
+        "groups",
+        min_length=1,
+        max_length=256,
+        description="The id token claim holding the user's roles or groups; a dotted path "
+        "reaches into objects (realm_access.roles).",
+    )
+    # NoDecode: the env var is a comma-separated list, as cors_origins.
+    oidc_admin_values: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Values of the role claim that make a console admin; everyone else is "
+        "refused (the console is for admins).",
+    )
+    oidc_user_claim: str = Field(
+        "email",
+        min_length=1,
+        max_length=256,
+        description="The claim naming the user in the audit log (sub when it is missing).",
+    )
+
+    @field_validator("oidc_admin_values", mode="before")
+    @classmethod
+    def _split_admin_values(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _check_issuer(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("https://", "http://")):
+            raise ValueError("the OIDC issuer is an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _check_oidc(self) -> Settings:
+        if self.oidc_issuer is not None and not (self.oidc_client_id and self.oidc_admin_values):
+            raise ValueError("oidc_issuer needs oidc_client_id and oidc_admin_values too")
+        return self
 
     @field_validator("console_session_lifetime", mode="before")
     @classmethod
