@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llmhost.api.console.charts import Sampler
 from llmhost.api.console.pages import install_pages
 from llmhost.api.console.sessions import COOKIE_PATH, Sessions
+from llmhost.api.console.sso import Oidc
 from llmhost.api.security import BodyLimitMiddleware
 from llmhost.audit.records import ChainReport
 
@@ -60,6 +61,7 @@ class Console:
     secure_cookies: bool
     verify: VerifyState = field(default_factory=VerifyState)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # loads started from a page
+    oidc: Oidc | None = None  # single sign-on, when configured
 
 
 def utc(t: float | None) -> str:
@@ -90,6 +92,7 @@ def build_console(api: FastAPI) -> FastAPI:
         sampler=Sampler(state.metrics) if state.metrics is not None else None,
         templates=templates(),
         secure_cookies=settings.ssl_certfile is not None,
+        oidc=Oidc(settings) if settings.oidc_issuer is not None else None,
     )
     install_pages(console)
     console.mount(STATIC_PATH, StaticFiles(directory=HERE / "static"), name="static")

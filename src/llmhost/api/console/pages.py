@@ -102,9 +102,17 @@ def see_other(path: str) -> RedirectResponse:
 
 def login_form(request: Request, error: str | None = None, status: int = 200) -> HTMLResponse:
     token = secrets.token_urlsafe(32)
-    auth_on = console_of(request).api.state.authenticator is not None
+    console = console_of(request)
+    auth_on = console.api.state.authenticator is not None
     response = render(
-        request, "login.html", status, csrf=token, error=error, auth_on=auth_on, session=None
+        request,
+        "login.html",
+        status,
+        csrf=token,
+        error=error,
+        auth_on=auth_on,
+        sso_on=console.oidc is not None,
+        session=None,
     )
     response.set_cookie(
         LOGIN_COOKIE,
@@ -172,11 +180,15 @@ async def login(request: Request) -> Response:
             message="This key is valid but not an admin key: the console is for admins.",
             session=None,
         )
+    return start_session(request, principal, see_other(""))
+
+
+def start_session(request: Request, principal: Principal, response: Response) -> Response:
+    """`response`, setting the cookie of a new session for `principal` (API key or SSO)."""
     console = console_of(request)
     console.sessions.end(request.cookies.get(SESSION_COOKIE))  # a new login, a new id
     sid, _session = console.sessions.start(principal)
-    log.info("console login: %s", principal.user_id)
-    response = see_other("")
+    log.info("console login: %s (%s)", principal.user_id, principal.via)
     response.set_cookie(
         SESSION_COOKIE,
         sid,
@@ -404,8 +416,10 @@ def install_pages(app: FastAPI) -> None:
     app.add_api_route(root + "/usage.csv", usage_export, methods=get)
     app.add_api_route(root + "/playground", playground, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/playground/chat", playground_chat, methods=post)
-    from llmhost.api.console.keys import install_keys  # it builds on this module
+    from llmhost.api.console.keys import install_keys  # they build on this module
+    from llmhost.api.console.sso import install_sso
 
     install_keys(app)
+    install_sso(app)
     app.add_exception_handler(NeedLogin, need_login)
     app.add_exception_handler(Refused, refused)
