@@ -98,11 +98,11 @@ def provider_dir() -> Path:
 
 
 class Provider:
-    """oidc-provider on a free loopback port, accepting `redirect_uris`."""
+    """oidc-provider on a loopback port (a free one by default), accepting `redirect_uris`."""
 
-    def __init__(self, redirect_uris: list[str]):
+    def __init__(self, redirect_uris: list[str], port: int | None = None):
         self.folder = provider_dir()
-        self.port = free_port()
+        self.port = port or free_port()
         self.issuer = f"http://127.0.0.1:{self.port}"
         self.log = self.folder / f"provider-{self.port}.log"
         args = [json.dumps(redirect_uris), json.dumps(ACCOUNTS)]
