@@ -198,3 +198,11 @@ async def test_a_provider_that_is_down(tmp_path, browser):
             "/v1/models", headers={"Authorization": f"Bearer {con.admin}"}
         )
         assert models.status_code == 200
+
+
+async def test_no_sso_unless_configured(tmp_path):
+    async with console_app(tmp_path) as con:
+        page = await con.client.get("/console/login")
+        assert page.status_code == 200 and "sso/start" not in page.text
+        assert (await con.client.get("/console/sso/start")).status_code == 404
+        assert (await con.client.get("/console/sso/callback?state=x&code=y")).status_code == 404

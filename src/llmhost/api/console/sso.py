@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode
 
 import httpx
 import jwt
@@ -175,7 +175,8 @@ class Oidc:
         listed = doc.get("id_token_signing_alg_values_supported") or ["RS256"]
         return [a for a in listed if isinstance(a, str) and a in ASYMMETRIC]
 
-    async def authorize_url(self, client: httpx.AsyncClient, redirect_uri: str) -> str:
+    async def authorize_url(self, client: httpx.AsyncClient, redirect_uri: str) -> tuple[str, str]:
+        """Where to send the browser, and the state of the login it starts."""
         doc = await self.discovery(client)
         state, pending = self.pending.start(redirect_uri)
         query = {
@@ -189,7 +190,7 @@ class Oidc:
             "code_challenge_method": "S256",
         }
         endpoint: str = doc["authorization_endpoint"]
-        return endpoint + ("&" if "?" in endpoint else "?") + urlencode(query)
+        return endpoint + ("&" if "?" in endpoint else "?") + urlencode(query), state
 
     async def _key(self, client: httpx.AsyncClient, doc: dict[str, Any], kid: str | None) -> Any:
         """The signing key `kid` names; the keys are read again once if it is unknown."""
@@ -328,10 +329,9 @@ async def sso_start(request: Request) -> Response:
     oidc = oidc_of(request)
     try:
         async with http_client() as client:
-            url = await oidc.authorize_url(client, redirect_uri(request))
+            url, state = await oidc.authorize_url(client, redirect_uri(request))
     except SsoError as exc:
         return sso_refused(request, exc)
-    state = parse_qs(urlsplit(url).query)["state"][0]
     response = RedirectResponse(url, status_code=303)
     # Lax, not strict: the provider's redirect back is a cross-site navigation.
     response.set_cookie(
