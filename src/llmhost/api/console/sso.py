@@ -166,7 +166,7 @@ class Oidc:
         if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in needed):
             raise SsoError(502, "The sign-in provider's discovery document is incomplete.")
         if doc["issuer"] != self.issuer:
-            raise SsoError(502, "The sign-in provider names another issuer than the configured.")
+            raise SsoError(502, "The provider names an issuer other than the one configured.")
         self._discovery, self._discovered_at = doc, self._clock()
         self._keys = None
         return doc
