@@ -403,6 +403,11 @@ class Settings(BaseSettings):
     @classmethod
     def _split_admin_values(cls, v: Any) -> Any:
         if isinstance(v, str):
+            if v.strip().startswith("["):  # a JSON list, as pydantic-settings takes lists
+                try:
+                    return json.loads(v)
+                except ValueError as exc:
+                    raise ValueError(f"not a JSON list of values: {exc}") from None
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 

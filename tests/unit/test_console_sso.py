@@ -206,3 +206,23 @@ async def test_claims_checked(idp, overrides, nonce, error):
 async def test_clock_skew_of_a_minute_is_allowed(idp):
     late = idp.token(exp=int(time.time()) - 30)
     assert (await check(idp, make_oidc(), late))["sub"] == "u1"
+
+
+def test_settings(monkeypatch):
+    monkeypatch.setenv("LLMHOST_OIDC_ISSUER", ISSUER)
+    monkeypatch.setenv("LLMHOST_OIDC_CLIENT_ID", "console")
+    monkeypatch.setenv("LLMHOST_OIDC_ADMIN_VALUES", "llm-admin, ops")
+    s = Settings()
+    assert s.oidc_admin_values == ["llm-admin", "ops"]
+    assert (s.oidc_scopes, s.oidc_role_claim, s.oidc_user_claim) == (
+        "openid email profile",
+        "groups",
+        "email",
+    )
+    monkeypatch.setenv("LLMHOST_OIDC_ADMIN_VALUES", '["a,b", "c"]')
+    assert Settings().oidc_admin_values == ["a,b", "c"]
+    monkeypatch.setenv("LLMHOST_OIDC_ADMIN_VALUES", "")
+    with pytest.raises(ValueError, match="oidc_admin_values"):
+        Settings()
+    with pytest.raises(ValueError, match="http"):
+        Settings(oidc_issuer="idp.example", oidc_admin_values=["a"])
