@@ -1,7 +1,8 @@
 """A real OpenID Connect provider on loopback for the console's SSO tests: npm's certified
-`oidc-provider` under node, installed once into a cache folder outside the repository, with
-one confidential client (PKCE required), two accounts (alice in the admin group, bob not) and
-its built-in login and consent pages; and a helper that walks those pages as a browser would."""
+`oidc-provider` under node, installed once into a cache folder outside the repository, with a
+confidential client and a public one (PKCE required of both), two accounts (alice in the admin
+group, bob not) and its built-in login and consent pages; and a helper that walks those pages
+as a browser would."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tests.conftest import IN_CI
 VERSION = "9"
 CLIENT_ID = "llmhost-console"
 CLIENT_SECRET = "a-test-secret-of-some-length-0123456789"
+PUBLIC_CLIENT_ID = CLIENT_ID + "-public"
 ADMIN_GROUP = "llm-admins"
 ACCOUNTS = {
     "alice": {"email": "alice@example.com", "groups": [ADMIN_GROUP, "staff"]},
@@ -45,6 +47,12 @@ const provider = new Provider(`http://127.0.0.1:${port}`, {
     grant_types: ['authorization_code'],
     response_types: ['code'],
     token_endpoint_auth_method: 'client_secret_basic',
+  }, {
+    client_id: `${clientId}-public`,  // a public client: PKCE alone
+    redirect_uris: redirects,
+    grant_types: ['authorization_code'],
+    response_types: ['code'],
+    token_endpoint_auth_method: 'none',
   }],
   pkce: { required: () => true },
   claims: { openid: ['sub'], email: ['email', 'email_verified'], profile: ['name', 'groups'] },

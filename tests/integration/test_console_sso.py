@@ -15,7 +15,15 @@ import pytest
 from llmhost.api.console.sessions import SESSION_COOKIE
 from llmhost.api.console.sso import SSO_COOKIE, challenge
 from tests.integration.test_console import Console, console_app
-from tests.oidc import ADMIN_GROUP, CLIENT_ID, CLIENT_SECRET, Provider, free_port, sign_in
+from tests.oidc import (
+    ADMIN_GROUP,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    PUBLIC_CLIENT_ID,
+    Provider,
+    free_port,
+    sign_in,
+)
 
 REDIRECT = "http://t/console/sso/callback"
 
@@ -59,7 +67,6 @@ async def start(con: Console) -> tuple[str, str]:
     query = parse_qs(urlsplit(url).query)
     assert query["response_type"] == ["code"]
     assert query["code_challenge_method"] == ["S256"]
-    assert query["client_id"] == [CLIENT_ID]
     assert query["redirect_uri"] == [REDIRECT]
     return url, query["state"][0]
 
@@ -75,6 +82,7 @@ async def test_admin_signs_in_and_sees_the_console(con, browser):
     page = await con.client.get("/console/login")
     assert 'href="/console/sso/start"' in page.text and "Log in with SSO" in page.text
     url, state = await start(con)
+    assert parse_qs(urlsplit(url).query)["client_id"] == [CLIENT_ID]
     back = await sign_in(browser, url, "alice")
     r = await con.client.get(back)
     assert r.status_code == 200, r.text
@@ -96,6 +104,18 @@ async def test_admin_signs_in_and_sees_the_console(con, browser):
     again = await con.client.get(back)
     assert again.status_code == 400
     assert "already used" in again.text
+
+
+async def test_a_public_client_signs_in_with_pkce_alone(tmp_path, provider, browser):
+    settings = {**sso_settings(provider.issuer), "oidc_client_id": PUBLIC_CLIENT_ID}
+    del settings["oidc_client_secret"]
+    async with console_app(tmp_path, oidc_user_claim="sub", **settings) as con:
+        r = await con.client.get("/console/sso/start")
+        assert parse_qs(urlsplit(r.headers["location"]).query)["client_id"] == [PUBLIC_CLIENT_ID]
+        r = await sso_login(con, browser, "alice")
+        assert r.status_code == 200, r.text
+        (session,) = con.app.state.console_app.state.console.sessions._live.values()
+        assert session.principal.user_id == "alice"  # the sub, as configured
 
 
 async def test_a_user_outside_the_admin_group_is_refused(con, browser):
