@@ -152,6 +152,33 @@ def forged(idp: Idp) -> str:
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "unknown"})
 
 
+async def test_an_unknown_kid_on_the_first_read_is_not_read_twice(idp):
+    with pytest.raises(SsoError, match="does not list"):
+        await check(idp, make_oidc(), forged(idp))
+    assert idp.jwks_reads == 1
+
+
+async def test_a_key_of_another_type_is_refused(idp):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": "console", "sub": "u1", "iat": now, "exp": now + 60}
+    token = jwt.encode(
+        {**claims, "nonce": "n1"},
+        ec.generate_private_key(ec.SECP256R1()),
+        algorithm="ES256",
+        headers={"kid": "old"},  # the provider's RSA key
+    )
+    oidc = make_oidc()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(idp.handler)) as client:
+        doc = {
+            **(await oidc.discovery(client)),
+            "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+        }
+        with pytest.raises(SsoError, match="not valid"):
+            await oidc.verify(client, doc, token, "n1")
+
+
 async def test_a_token_signed_by_another_key_under_a_known_kid_is_refused(idp):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = int(time.time())

@@ -194,19 +194,25 @@ class Oidc:
 
     async def _key(self, client: httpx.AsyncClient, doc: dict[str, Any], kid: str | None) -> Any:
         """The signing key `kid` names; the keys are read again once if it is unknown."""
-        for fresh in (False, True):
-            if self._keys is None or fresh:
+        read = False
+        while True:
+            if self._keys is None:
                 jwks = await self._get_json(client, doc["jwks_uri"], "key set")
+                read = True
+                if not isinstance(jwks, dict):
+                    raise SsoError(502, "The provider's key set is not a JWKS.")
                 try:
                     self._keys = jwt.PyJWKSet.from_dict(jwks)
                 except (jwt.PyJWKSetError, jwt.InvalidKeyError, TypeError) as exc:
                     raise SsoError(502, f"The provider's key set is unusable: {exc}") from None
             keys = [k for k in self._keys.keys if kid is None or k.key_id == kid]
-            if len(keys) == 1 or (keys and kid is not None):
-                return keys[0].key
-            if kid is None and keys:
+            if kid is None and len(keys) > 1:
                 raise SsoError(400, "The id token names no key and the provider has several.")
-        raise SsoError(400, "The id token is signed with a key the provider does not list.")
+            if keys:
+                return keys[0].key
+            if read:
+                raise SsoError(400, "The id token is signed with a key the provider does not list.")
+            self._keys = None  # rolled keys: read them again, once
 
     async def finish(
         self, client: httpx.AsyncClient, code: str, pending: Pending
@@ -271,7 +277,7 @@ class Oidc:
                 leeway=LEEWAY_S,
                 options={"require": ["exp", "iat", "iss", "aud", "sub"]},
             )
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # a key of another type: TypeError
             raise SsoError(400, f"The id token is not valid: {exc}") from None
         several = isinstance(claims.get("aud"), list) and len(claims["aud"]) > 1
         if several and claims.get("azp") != self.client_id:
