@@ -173,6 +173,8 @@ class Oidc:
 
     def algorithms(self, doc: dict[str, Any]) -> list[str]:
         listed = doc.get("id_token_signing_alg_values_supported") or ["RS256"]
+        if not isinstance(listed, list):
+            return []
         return [a for a in listed if isinstance(a, str) and a in ASYMMETRIC]
 
     async def authorize_url(self, client: httpx.AsyncClient, redirect_uri: str) -> tuple[str, str]:
@@ -229,7 +231,7 @@ class Oidc:
         auth: httpx.BasicAuth | None = None
         if self.secret is not None:
             methods = doc.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
-            if "client_secret_basic" in methods:
+            if not isinstance(methods, list) or "client_secret_basic" in methods:
                 auth = httpx.BasicAuth(self.client_id, self.secret)
             else:
                 form["client_secret"] = self.secret
