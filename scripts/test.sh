@@ -10,7 +10,9 @@ LLMHOST_EXTRAS=dev,transformers ./scripts/install.sh
 # run (curl and bc time it), redis-server for rate limits shared between instances, wrk for the
 # gateway benchmark's smoke run, postgresql for the shared audit log, prometheus (with promtool)
 # for the alert rules and a real scrape, chromium (headless) for a page on another origin
-# calling the server through CORS (the tests start their own throwaway servers on loopback).
+# calling the server through CORS and for the console, node and npm for a real OpenID Connect
+# provider (npm's oidc-provider, installed into ~/.cache on first use) for the console's SSO
+# (the tests start their own throwaway servers on loopback).
 # Installed when missing and we may (root); otherwise the tests that need them skip, except
 # under CI=true, where they fail.
 need=()
@@ -23,6 +25,8 @@ command -v wrk >/dev/null || need+=(wrk)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "[test] installing ${need[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
