@@ -453,3 +453,39 @@ async def test_api_writes_one_record_per_generation(tmp_path):
     assert found[1].response_length == len("Hello!") and found[1].completion_tokens == 3
     assert found[2].status >= 400
     assert store.verify().ok
+
+
+def test_search_filters_use_an_index_newest_first_and_an_older_log_gains_them(tmp_path):
+    path = tmp_path / "audit.db"
+    s = SqliteAuditStore(path)
+    s.append([rec(i, user=f"u{i % 3}", status=500 if i % 7 == 0 else 200) for i in range(40)])
+    s.close()
+    # the log as an older llmhost left it: without the filters' indexes
+    db = sqlite3.connect(path)
+    for name in ("audit_user_seq", "audit_model_seq", "audit_status_seq"):
+        db.execute(f"DROP INDEX {name}")
+    db.commit()
+    db.close()
+    s = SqliteAuditStore(path)  # opening it adds them in place
+    try:
+        assert s.verify().ok and s.verify().checked == 40
+        db = sqlite3.connect(path)
+        for where, arg in (("user_id", "u1"), ("model", "m"), ("status", 500)):
+            plan = " ".join(
+                row[3]
+                for row in db.execute(
+                    f"EXPLAIN QUERY PLAN SELECT * FROM audit WHERE {where} = ? "
+                    "ORDER BY seq DESC LIMIT 51 OFFSET 50",
+                    (arg,),
+                )
+            )
+            assert f"USING INDEX audit_{where.split('_')[0]}_seq" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan  # newest first straight from the index
+        db.close()
+        page = s.search(user="u1", status=500, limit=2, offset=1, newest_first=True)
+        want = [i + 1 for i in reversed(range(40)) if i % 3 == 1 and i % 7 == 0]
+        assert [r.seq for r in page] == want[1:3]
+        s.append([rec(40, user="u1")])  # and it goes on writing the chain
+        assert s.verify().ok and s.verify().checked == 41
+    finally:
+        s.close()

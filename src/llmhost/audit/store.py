@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_user_ts ON audit (user_id, ts);
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE INDEX IF NOT EXISTS audit_user_seq ON audit (user_id, seq);
+CREATE INDEX IF NOT EXISTS audit_model_seq ON audit (model, seq);
+CREATE INDEX IF NOT EXISTS audit_status_seq ON audit (status, seq);
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
