@@ -187,6 +187,7 @@ def login(client: httpx.Client, admin: str) -> None:
 def pages(records: int) -> dict[str, str]:
     day = time.strftime("%Y-%m-%dT00:00", time.gmtime(time.time() - 45 * DAY))
     next_day = time.strftime("%Y-%m-%dT00:00", time.gmtime(time.time() - 44 * DAY))
+    month = time.strftime("%Y-%m-%dT00:00", time.gmtime(time.time() - 60 * DAY))
     since = utc_day(time.time() - (DAYS - 1) * DAY)
     until = utc_day(time.time())
     usage = f"/console/usage?since={since}&until={until}&group_by="
@@ -206,6 +207,8 @@ def pages(records: int) -> dict[str, str]:
         "audit_status_rare": "/console/audit?status=503",
         "audit_user_model": f"/console/audit?user=user07&model={RARE_MODEL}",
         "audit_day": f"/console/audit?since={day}&until={next_day}",
+        "audit_30_days": f"/console/audit?since={month}&until={day}",
+        "audit_30_days_model": f"/console/audit?since={month}&until={day}&model=demo",
         f"audit_page_{deep}": f"/console/audit?page={deep}",
         "playground": "/console/playground",
     }

@@ -29,6 +29,8 @@ PAGES = {
     "audit_status_rare",
     "audit_user_model",
     "audit_day",
+    "audit_30_days",
+    "audit_30_days_model",
     "audit_page_20",
     "playground",
 }
