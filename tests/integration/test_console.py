@@ -516,3 +516,35 @@ async def test_keys_page_refuses_bad_forms_and_missing_tokens(con):
     con.client.cookies.clear()
     assert (await con.login(con.user)).status_code == 403
     assert (await con.client.get("/console/keys")).status_code == 303
+
+
+async def test_keys_page_shows_a_page_at_a_time_and_finds_a_user_or_id(tmp_path):
+    async with console_app(tmp_path) as con:
+        keys = con.app.state.authenticator.keys
+        made = [keys.create(f"u{i:03d}", "user")[1] for i in range(230)]
+        await con.login(con.admin)
+
+        def ids(text: str) -> list[str]:
+            return re.findall(r'<tr id="key-([0-9a-f]+)">', text)
+
+        first = await con.client.get("/console/keys")
+        newest = [k.key_id for k in sorted(made, key=lambda k: k.created, reverse=True)]
+        assert ids(first.text) == newest[:100]  # newest first, 100 to a page
+        assert 'rel="next" href="/console/keys?page=2"' in first.text
+        assert 'rel="prev"' not in first.text
+        third = await con.client.get("/console/keys", params={"page": "3"})
+        assert len(ids(third.text)) == 32  # 230 made, and root's and bob's
+        assert 'rel="next"' not in third.text and 'href="/console/keys?page=2"' in third.text
+        seen = ids(first.text) + ids((await con.client.get("/console/keys?page=2")).text)
+        assert len(set(seen + ids(third.text))) == 232
+
+        by_user = await con.client.get("/console/keys", params={"q": "u017"})
+        assert ids(by_user.text) == [made[17].key_id]
+        by_id = await con.client.get("/console/keys", params={"q": made[5].key_id[:8]})
+        assert made[5].key_id in ids(by_id.text)
+        assert all(k.startswith(made[5].key_id[:8]) for k in ids(by_id.text))
+        none = await con.client.get("/console/keys", params={"q": "<nobody>"})
+        assert ids(none.text) == [] and "No key of that user or id." in none.text
+        assert "&lt;nobody&gt;" in none.text
+        odd = await con.client.get("/console/keys", params={"page": "x9"})
+        assert ids(odd.text) == newest[:100]

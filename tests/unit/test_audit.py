@@ -453,3 +453,45 @@ async def test_api_writes_one_record_per_generation(tmp_path):
     assert found[1].response_length == len("Hello!") and found[1].completion_tokens == 3
     assert found[2].status >= 400
     assert store.verify().ok
+
+
+def test_search_filters_use_an_index_newest_first_and_an_older_log_gains_them(tmp_path):
+    path = tmp_path / "audit.db"
+    s = SqliteAuditStore(path)
+    recs = [rec(i, user=f"u{i % 3}", status=500 if i % 7 == 0 else 200) for i in range(40)]
+    recs[20].ts = recs[25].ts  # records of the same second: newest first by sequence
+    s.append(recs)
+    s.close()
+    # the log as an older llmhost left it: without the model and status indexes
+    db = sqlite3.connect(path)
+    for name in ("audit_model_ts", "audit_status_ts"):
+        db.execute(f"DROP INDEX {name}")
+    db.commit()
+    db.close()
+    s = SqliteAuditStore(path)  # opening it adds them in place
+    try:
+        assert s.verify().ok and s.verify().checked == 40
+        db = sqlite3.connect(path)
+        t0 = 1_700_000_000
+        for filters, index in (
+            ({}, "audit_ts"),
+            ({"user": "u1"}, "audit_user_ts"),
+            ({"model": "m"}, "audit_model_ts"),
+            ({"status": 500}, "audit_status_ts"),
+            ({"since": t0, "until": t0 + 30}, "audit_ts"),
+            ({"model": "m", "since": t0, "until": t0 + 30}, "audit_model_ts"),
+        ):
+            sql, args = s.search_sql(**filters, limit=51, offset=50, newest_first=True)
+            plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, args))
+            assert f"INDEX {index}" in plan, (filters, plan)
+            assert "TEMP B-TREE" not in plan, (filters, plan)  # read in order, never sorted
+        db.close()
+        page = s.search(user="u1", status=500, limit=2, offset=1, newest_first=True)
+        want = [i + 1 for i in reversed(range(40)) if i % 3 == 1 and i % 7 == 0]
+        assert [r.seq for r in page] == want[1:3]
+        newest = [r.seq for r in s.search(since=t0 + 20, until=t0 + 27, newest_first=True)]
+        assert newest == [27, 26, 21, 25, 24, 23, 22]  # by time, then sequence
+        s.append([rec(40, user="u1")])  # and it goes on writing the chain
+        assert s.verify().ok and s.verify().checked == 41
+    finally:
+        s.close()

@@ -68,6 +68,8 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_user_ts ON audit (user_id, ts);
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE INDEX IF NOT EXISTS audit_model_ts ON audit (model, ts);
+CREATE INDEX IF NOT EXISTS audit_status_ts ON audit (status, ts);
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -227,7 +229,7 @@ class SqlAuditStore:
         for row in rows:
             yield StoredRecord(**dict(zip(COLUMNS, row, strict=True)))
 
-    def search(
+    def search_sql(
         self,
         *,
         user: str | None = None,
@@ -238,11 +240,10 @@ class SqlAuditStore:
         limit: int | None = None,
         offset: int = 0,
         newest_first: bool = False,
-    ) -> list[StoredRecord]:
-        """The records matching every filter given, oldest first (newest first if asked),
-        at most `limit` of them after skipping `offset` (a page of a long result; `offset`
-        applies with a `limit` only)."""
-        where, args = [], []
+    ) -> tuple[str, list[object]]:
+        """The query `search` runs, and its arguments."""
+        where: list[str] = []
+        args: list[object] = []
         for col, op, val in (
             ("user_id", "=", user),
             ("ts", ">=", since),
@@ -256,11 +257,41 @@ class SqlAuditStore:
         sql = f"SELECT {','.join(COLUMNS)} FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
+        # Newest first is by time (then sequence): each filter's index ends in ts (user_id,
+        # model, status, or ts alone), so a page of any filter, a time range of any width
+        # included, is read in order from an index, never sorted from all its matches.
+        sql += " ORDER BY ts DESC, seq DESC" if newest_first else " ORDER BY seq"
         if limit:
             sql += f" LIMIT {int(limit)}"
             if offset:
                 sql += f" OFFSET {int(offset)}"
+        return sql, args
+
+    def search(
+        self,
+        *,
+        user: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        model: str | None = None,
+        status: int | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
+    ) -> list[StoredRecord]:
+        """The records matching every filter given, oldest first (by sequence number), or
+        newest first if asked (by time, then sequence number), at most `limit` of them after
+        skipping `offset` (a page of a long result; `offset` applies with a `limit` only)."""
+        sql, args = self.search_sql(
+            user=user,
+            since=since,
+            until=until,
+            model=model,
+            status=status,
+            limit=limit,
+            offset=offset,
+            newest_first=newest_first,
+        )
         return list(self._rows(sql, args))
 
     def count(self) -> int:

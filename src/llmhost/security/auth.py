@@ -101,6 +101,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     tpm INTEGER,
     models TEXT
 );
+CREATE INDEX IF NOT EXISTS api_keys_created ON api_keys (created);
+CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys (user_id, created);
 """
 _KEY_COLS = "key_id, user_id, role, created, expires, revoked, rpm, tpm, models"
 # Quota columns, added in place to a keys.db from before quotas (NULL: no quota)
@@ -213,6 +215,20 @@ class KeyStore:
             self._rows.pop(key_id, None)
         info = KeyInfo(key_id, user_id, role, now, expires, None, rpm, tpm, allowed, quota)
         return f"{KEY_PREFIX}{key_id}_{secret}", info
+
+    def page(self, search: str = "", *, limit: int, offset: int = 0) -> list[KeyInfo]:
+        """Keys newest first, `limit` of them after `offset`; with `search`, those of that
+        user or with that key id (or id prefix)."""
+        sql = f"SELECT {_KEY_COLS} FROM api_keys"
+        args: tuple[Any, ...] = ()
+        if search:
+            # the id prefix as a range, so the primary key's index serves it
+            sql += " WHERE user_id = ? OR (key_id >= ? AND key_id < ?)"
+            args = (search, search, search + "\U0010ffff")
+        sql += " ORDER BY created DESC, key_id LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, int(limit), int(offset))).fetchall()
+        return [_info(row) for row in rows]
 
     def list(self) -> list[KeyInfo]:
         with self._lock:

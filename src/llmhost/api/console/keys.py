@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any, cast
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
@@ -29,6 +30,8 @@ from llmhost.security.quota import MAX_QUOTA, Quota
 
 MAX_LIFETIME_S = 100 * 365 * 86400.0
 MAX_RATE = 10**12
+PAGE_SIZE = 100  # keys a page shows; a server may hold tens of thousands
+MAX_PAGE = 1000
 
 
 def key_store(request: Request) -> KeyStore:
@@ -102,16 +105,27 @@ def audit_change(request: Request, session: Session, route: str, t0: float) -> N
     )
 
 
+def _page_url(search: str, page: int) -> str:
+    return "?" + urlencode({**({"q": search} if search else {}), "page": page})
+
+
 async def keys_page(request: Request) -> Response:
+    """A page of keys, newest first, optionally those of one user or key id (prefix)."""
     session = session_of(request)
     store = key_store(request)
-    found = await asyncio.to_thread(store.list)
+    search = request.query_params.get("q", "").strip()[:128]
+    page_text = request.query_params.get("page", "")[:4]
+    page = min(max(int(page_text), 1), MAX_PAGE) if page_text.isdigit() else 1
+    found = await asyncio.to_thread(
+        store.page, search, limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE
+    )
     flash, session.flash = session.flash, None
     secret, session.secret = session.secret, None
     now = time.time()
     rows: list[dict[str, Any]] = [
-        {"info": k, "state": k.state(now), "in_grace": k.in_grace(now)} for k in found
+        {"info": k, "state": k.state(now), "in_grace": k.in_grace(now)} for k in found[:PAGE_SIZE]
     ]
+    more = len(found) > PAGE_SIZE and page < MAX_PAGE
     return render(
         request,
         "keys.html",
@@ -120,6 +134,10 @@ async def keys_page(request: Request) -> Response:
         flash=flash,
         secret=secret,
         keys=rows,
+        search=search,
+        page_number=page,
+        prev_url=_page_url(search, page - 1) if page > 1 else None,
+        next_url=_page_url(search, page + 1) if more else None,
         max_grace_days=int(MAX_GRACE_SECONDS // 86400),
     )
 
