@@ -32,7 +32,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypedDict, TypeVar
+
+from typing_extensions import Unpack
 
 from llmhost.audit import chain
 from llmhost.audit.integrity import Checkpoint, HeadFile, key_id, same, sign
@@ -100,6 +102,19 @@ _UPSERT = (
     "INSERT INTO audit_meta (key, value) VALUES (?, ?) "
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
+
+
+class SearchFilters(TypedDict, total=False):
+    """What `search` (and `search_sql`) filter and page by; every one optional."""
+
+    user: str | None
+    since: float | None
+    until: float | None
+    model: str | None
+    status: int | None
+    limit: int | None
+    offset: int
+    newest_first: bool
 
 
 class SqlAuditStore:
@@ -267,32 +282,11 @@ class SqlAuditStore:
                 sql += f" OFFSET {int(offset)}"
         return sql, args
 
-    def search(
-        self,
-        *,
-        user: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        model: str | None = None,
-        status: int | None = None,
-        limit: int | None = None,
-        offset: int = 0,
-        newest_first: bool = False,
-    ) -> list[StoredRecord]:
+    def search(self, **filters: Unpack[SearchFilters]) -> list[StoredRecord]:
         """The records matching every filter given, oldest first (by sequence number), or
         newest first if asked (by time, then sequence number), at most `limit` of them after
         skipping `offset` (a page of a long result; `offset` applies with a `limit` only)."""
-        sql, args = self.search_sql(
-            user=user,
-            since=since,
-            until=until,
-            model=model,
-            status=status,
-            limit=limit,
-            offset=offset,
-            newest_first=newest_first,
-        )
-        return list(self._rows(sql, args))
+        return list(self._rows(*self.search_sql(**filters)))
 
     def count(self) -> int:
         with self._lock:

@@ -9,10 +9,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-from llmhost.audit.records import ChainReport, StoredRecord
+from llmhost.audit.records import StoredRecord
+from llmhost.audit.store import SqlAuditStore
 from llmhost.security.redact import Redactor
 
 if TYPE_CHECKING:
@@ -22,23 +23,6 @@ PAGE_SIZE = 50
 MAX_PAGE = 200  # past 10,000 rows, narrow the search instead
 PROMPT_CHARS = 400  # of a prompt shown in a row
 TIME_FORMAT = "%Y-%m-%dT%H:%M"  # an <input type="datetime-local">, read as UTC
-
-
-class SearchableStore(Protocol):
-    def search(
-        self,
-        *,
-        user: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        model: str | None = None,
-        status: int | None = None,
-        limit: int | None = None,
-        offset: int = 0,
-        newest_first: bool = False,
-    ) -> list[StoredRecord]: ...
-
-    def verify(self) -> ChainReport: ...
 
 
 def _utc(text: str) -> float:
@@ -134,7 +118,7 @@ def _row(rec: StoredRecord, redactor: Redactor) -> Row:
     )
 
 
-def _search(store: SearchableStore, query: AuditQuery) -> AuditPage:
+def _search(store: SqlAuditStore, query: AuditQuery) -> AuditPage:
     found = store.search(
         user=query.user or None,
         model=query.model or None,
@@ -158,13 +142,13 @@ def _search(store: SearchableStore, query: AuditQuery) -> AuditPage:
     )
 
 
-async def audit_page(store: SearchableStore, query: AuditQuery) -> AuditPage:
+async def audit_page(store: SqlAuditStore, query: AuditQuery) -> AuditPage:
     """A page of the search, off the event loop (the query and the redaction)."""
     return await asyncio.to_thread(_search, store, query)
 
 
 async def verify_chain(
-    store: SearchableStore, state: VerifyState, clock: Callable[[], float]
+    store: SqlAuditStore, state: VerifyState, clock: Callable[[], float]
 ) -> None:
     """Checks the chain in a thread unless a check is already running (a second press of
     the button waits for the one running instead of starting another)."""
