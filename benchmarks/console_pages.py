@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
-from servers import CACHE, free_port
+from servers import CACHE, free_port, start, stop
 
 from llmhost.audit.store import AuditRecord, SqliteAuditStore
 from llmhost.security.auth import KeyStore, _digest
@@ -158,19 +158,8 @@ def serve(home: Path, port: int) -> subprocess.Popen[bytes]:
     model = str(ensure_demo_model(home / "models"))  # --demo would turn authentication off
     cmd = [sys.executable, "-m", "llmhost", "serve", model, "--port", str(port)]
     cmd += ["--host", "127.0.0.1", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the demo server did not become ready")
+    return start(cmd, url + "/ready", CACHE / "console-logs" / "llmhost.log", env)
 
 
 def login(client: httpx.Client, admin: str) -> None:
@@ -249,8 +238,7 @@ def main() -> None:
             login(client, admin)
             figures = {name: measure(client, path, n) for name, path in pages(records).items()}
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop([proc])
     out = {
         "records": records,
         "keys": keys,
