@@ -4,7 +4,7 @@ first. Shared by the server's edge middleware and the router."""
 
 from __future__ import annotations
 
-from starlette.types import Receive
+from starlette.types import Message, Receive
 
 from llmhost.errors import InvalidRequest, PayloadTooLarge
 
@@ -46,3 +46,18 @@ async def read_body_within(
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives `body` as the whole request once (it was read already), then
+    what `receive` gives: the client's disconnect, so an app behind it can stop early."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

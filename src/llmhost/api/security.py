@@ -13,7 +13,7 @@ import math
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmhost.api.bodies import read_body_within
+from llmhost.api.bodies import read_body_within, replaying
 from llmhost.api.record import RequestRecord, request_record
 from llmhost.errors import (
     LlmhostError,
@@ -82,16 +82,7 @@ class BodyLimitMiddleware:
             return
         if body is None:  # the client went away
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 class AuthMiddleware:

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from llmhost.api.bodies import replaying
 from llmhost.api.security import TRUSTED_PRINCIPAL
 from llmhost.security.auth import Principal
 
@@ -56,15 +57,8 @@ class ProxiedResponse(Response):
             ],
             TRUSTED_PRINCIPAL: self.principal,
         }
-        sent = False
-
-        async def inner_receive() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            # the page gone: the outer receive says so, and the API cancels the generation
-            return await receive()
+        # after the body: the page gone, the outer receive says so and the API cancels
+        inner_receive = replaying(body, receive)
 
         async def inner_send(message: Message) -> None:
             if message["type"] == "http.response.start":
