@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmhost import __version__
+from llmhost.api.admin_keys import router as admin_keys_router
 from llmhost.api.audit import AuditMiddleware, InFlight, PromptPolicy
 from llmhost.api.console.app import ConsoleMiddleware, build_console
 from llmhost.api.cors import CorsMiddleware
@@ -164,6 +165,7 @@ def create_app(
     _follow_pool(app, pool, settings.tool_parser)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_keys_router)
     _add_middleware(app, settings)
     # Outermost of all: /console has its own sessions and headers, apart from the API's edge.
     state.console_app = build_console(app)
