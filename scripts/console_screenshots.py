@@ -27,6 +27,7 @@ from llmhost.store.demo import ensure_demo_model
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "console"
 PAGES = ("overview", "usage", "keys", "audit", "playground")
+ROUTER_TOKEN = "router-token-for-screenshots"
 
 
 def free_port() -> int:
@@ -36,9 +37,14 @@ def free_port() -> int:
 
 
 def serve(home: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LLMHOST_HOME": str(home)}
     model = str(ensure_demo_model(home / "models"))  # --demo would turn authentication off
-    cmd = [sys.executable, "-m", "llmhost", "serve", model, "--port", str(port)]
+    return start(home, ["serve", model, "--port", str(port)], port)
+
+
+def start(home: Path, args: list[str], port: int) -> subprocess.Popen[bytes]:
+    """`llmhost ARGS` with its home in `home`, once its /ready answers 200."""
+    env = {**os.environ, "LLMHOST_HOME": str(home), "LLMHOST_ROUTER_TOKEN": ROUTER_TOKEN}
+    cmd = [sys.executable, "-m", "llmhost", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -49,7 +55,7 @@ def serve(home: Path, port: int) -> subprocess.Popen[bytes]:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the demo server did not become ready")
+    raise SystemExit(f"llmhost {args[0]} did not become ready")
 
 
 def traffic(url: str, user: str) -> None:
@@ -87,6 +93,53 @@ def shoot(url: str, admin: str, chromium: str) -> None:
         browser.close()
 
 
+def shoot_fleet(home: Path, blue: str, user: str, chromium: str) -> None:
+    """The router's console over the demo server (blue) and a second replica (green, on the
+    test engine) after some traffic through the router."""
+    (home / "green").mkdir()
+    green_port, port = free_port(), free_port()
+    green = start(
+        home / "green", ["serve", "--engine", "fake", "--port", str(green_port)], green_port
+    )
+    url = f"http://127.0.0.1:{port}"
+    router = start(
+        home,
+        [
+            "router",
+            "-u",
+            f"blue={blue}",
+            "-u",
+            f"green=http://127.0.0.1:{green_port}",
+            "--port",
+            str(port),
+        ],
+        port,
+    )
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for _ in range(3):
+                for i in range(8):
+                    body = {"prompt": f"take {i}", "max_tokens": 8}
+                    c.post(
+                        "/v1/completions", json=body, headers={"Authorization": f"Bearer {user}"}
+                    )
+                time.sleep(5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.goto(url + "/console/login")
+            page.fill("input[name=key]", ROUTER_TOKEN)
+            page.click("button[type=submit]")
+            page.wait_for_url(url + "/console")
+            page.screenshot(path=str(OUT / "fleet.png"), full_page=True)
+            print(OUT / "fleet.png")
+            browser.close()
+    finally:
+        for proc in (router, green):
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
 def main() -> int:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -104,6 +157,7 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}"
             traffic(url, user)
             shoot(url, admin, chromium)
+            shoot_fleet(home, url, user, chromium)
         finally:
             proc.terminate()
             proc.wait(timeout=60)

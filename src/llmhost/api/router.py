@@ -13,8 +13,10 @@ different models on different machines behind one URL.
 Streaming responses pass through chunk by chunk. `/router/status` reports every upstream (its
 URL without credentials: no user or password, no query value); `PUT /router/weights` shifts
 traffic, as blue-green deployments do. With an admin token configured both need it; without
-one, weights cannot be changed and the status is public. Request bodies are read up to a limit
-(413 past it), and every failure answers an OpenAI-style JSON error."""
+one, weights cannot be changed and the status is public. `/console` shows the fleet in a
+browser (upstreams, their models, live charts, weights) to whoever logs in with the token.
+Request bodies are read up to a limit (413 past it), and every failure answers an
+OpenAI-style JSON error."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -97,6 +99,7 @@ class Upstream:
     outstanding: int = 0
     requests: int = 0
     errors: int = 0
+    seconds: float = 0.0  # summed over every request, for the mean of an interval
     consecutive_failures: int = 0
     recent: deque[tuple[float, bool, float]] = field(
         default_factory=lambda: deque(maxlen=WINDOW)
@@ -125,6 +128,7 @@ class Upstream:
     def record(self, ok: bool, seconds: float) -> None:
         self.requests += 1
         self.errors += 0 if ok else 1
+        self.seconds += seconds
         self.recent.append((time.monotonic(), ok, seconds))
 
     def window(self, seconds: float) -> tuple[int, float, float]:
@@ -175,6 +179,17 @@ class Pool:
         self.fail_after = fail_after
         self.check_timeout = check_timeout
         self._rr = itertools.count()
+
+    def set_weights(self, wanted: dict[str, Any]) -> None:
+        """Sets the weights of the upstreams `wanted` names, all or none: InvalidRequest for
+        a weight that is not a number from 0 to 1000, NotFound for an unknown name."""
+        for name, w in wanted.items():
+            if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1000:
+                raise InvalidRequest(f"weight of {name!r} must be a number 0..1000")
+            self.get(name)
+        for name, w in wanted.items():
+            self.get(name).weight = float(w)
+        log.info("weights now %s", {u.name: u.weight for u in self.upstreams})
 
     def get(self, name: str) -> Upstream:
         for u in self.upstreams:
@@ -297,6 +312,7 @@ class RouterApp:
         self.timeout = timeout
         self.max_body = max_body
         self.client: httpx.AsyncClient  # made when the app starts (its lifespan)
+        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []  # jobs while up
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -305,13 +321,16 @@ class RouterApp:
         client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=5.0), limits=limits)
         self.client = client
         await asyncio.gather(*(pool.check(client, u) for u in pool.upstreams))
-        checker = asyncio.create_task(pool.run_checks(client))
+        tasks = [asyncio.create_task(pool.run_checks(client))]
+        tasks += [asyncio.create_task(job()) for job in self.background]
         try:
             yield
         finally:
-            checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await checker
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await client.aclose()
 
     async def proxy(self, request: Request) -> Response:
@@ -410,13 +429,7 @@ class RouterApp:
             raise InvalidRequest('body must be JSON: {"name": weight, ...}') from exc
         if not isinstance(wanted, dict) or not wanted:
             raise InvalidRequest("body must be an object of upstream name -> weight")
-        for name, w in wanted.items():
-            if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w <= 1000:
-                raise InvalidRequest(f"weight of {name!r} must be a number 0..1000")
-            pool.get(name)
-        for name, w in wanted.items():
-            pool.get(name).weight = float(w)
-        log.info("weights now %s", {u.name: u.weight for u in pool.upstreams})
+        pool.set_weights(wanted)
         return JSONResponse({"upstreams": [u.status() for u in pool.upstreams]})
 
     async def models(self, request: Request) -> Response:
@@ -473,14 +486,17 @@ def create_router_app(
     retries: int = 2,
     timeout: float = 600.0,
     max_body: int = MAX_BODY,
+    console: bool = True,
+    secure_cookies: bool = False,
 ) -> Starlette:
     """The router as an ASGI app. `retries`: other upstreams tried when one fails before its
-    response starts; `max_body`: the largest request body passed on (413 past it)."""
+    response starts; `max_body`: the largest request body passed on (413 past it);
+    `console`: the fleet's page at /console, for whoever holds the admin token."""
     r = RouterApp(
         pool, admin_token=admin_token, retries=retries, timeout=timeout, max_body=max_body
     )
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/router/status", r.status, methods=["GET"]),
             Route("/router/weights", r.weights, methods=["PUT"]),
@@ -495,6 +511,13 @@ def create_router_app(
             Exception: unexpected_error_handler(log, "router"),
         },
     )
+    if console:
+        from llmhost.api.console.app import ConsoleMiddleware  # the console builds on this
+        from llmhost.api.console.fleet import build_fleet_console
+
+        fleet = build_fleet_console(r, secure_cookies=secure_cookies)
+        app.add_middleware(ConsoleMiddleware, console=fleet)
+    return app
 
 
 def parse_upstream(text: str, index: int) -> Upstream:

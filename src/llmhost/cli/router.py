@@ -27,6 +27,11 @@ def router(
     max_body_mb: int = typer.Option(
         32, min=1, max=4096, help="Largest request body passed on, MiB (413 past it)."
     ),
+    console: bool = typer.Option(
+        True,
+        "--console/--no-console",
+        help="The fleet's page at /console, for whoever logs in with the admin token.",
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Spread requests over upstreams (fewest outstanding first), take out those failing
@@ -44,10 +49,14 @@ def router(
             raise ConfigError(f"cannot read {admin_token_file}: {exc.strerror}") from exc
     setup_logging(log_level, "text")
     pool = Pool([parse_upstream(u, i) for i, u in enumerate(upstream)], check_every=check_every)
-    app = create_router_app(pool, admin_token=token, retries=retries, max_body=max_body_mb << 20)
+    app = create_router_app(
+        pool, admin_token=token, retries=retries, max_body=max_body_mb << 20, console=console
+    )
     Console(stderr=True).print(
         f"router at http://{host}:{port} -> "
         + ", ".join(f"{u.name}={u.shown}" for u in pool.upstreams),
         highlight=False,
     )
+    if console and token is not None:
+        Console(stderr=True).print(f"console at http://{host}:{port}/console", highlight=False)
     uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=30)

@@ -51,14 +51,21 @@ class VerifyState:
 
 
 @dataclass
-class Console:
-    """What the console's pages share: the API app they act on, sessions, charts, templates."""
+class ConsoleBase:
+    """What every console's pages share (a server's, or a router's for its fleet): sessions,
+    templates and whether cookies are Secure."""
 
-    api: FastAPI
     sessions: Sessions
-    sampler: Sampler | None  # None: metrics are off
     templates: Environment
     secure_cookies: bool
+
+
+@dataclass
+class Console(ConsoleBase):
+    """A server's console: the API app its pages act on, and its charts."""
+
+    api: FastAPI
+    sampler: Sampler | None  # None: metrics are off
     verify: VerifyState = field(default_factory=VerifyState)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # loads started from a page
     oidc: Oidc | None = None  # single sign-on, when configured

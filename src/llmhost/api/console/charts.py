@@ -9,9 +9,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from llmhost.observability.metrics import Metrics
 
+T = TypeVar("T")  # the counters at one moment
+S = TypeVar("S")  # the rates over an interval
 SAMPLE_EVERY_S = 5.0
 KEEP = 120  # samples: ten minutes at one per 5 s
 WIDTH, HEIGHT, PAD = 320, 90, 4
@@ -76,8 +79,38 @@ def rates(before: Totals, after: Totals) -> Sample:
     )
 
 
-class Sampler:
-    """Samples `metrics` every `every` seconds into a ring buffer of `KEEP` samples."""
+class RateSampler(Generic[T, S]):
+    """Reads counters every `every` seconds (`read`) and keeps the rates between two readings
+    (`rates`), the last `KEEP` of them."""
+
+    def __init__(
+        self,
+        read: Callable[[float], T],
+        rates: Callable[[T, T], S],
+        every: float = SAMPLE_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.read = read
+        self.rates = rates
+        self.every = every
+        self.clock = clock
+        self.samples: deque[S] = deque(maxlen=KEEP)
+        self._last: T | None = None
+
+    def tick(self) -> None:
+        now = self.read(self.clock())
+        if self._last is not None:
+            self.samples.append(self.rates(self._last, now))
+        self._last = now
+
+    async def run(self) -> None:
+        while True:
+            self.tick()
+            await asyncio.sleep(self.every)
+
+
+class Sampler(RateSampler[Totals, Sample]):
+    """Samples a server's `metrics`."""
 
     def __init__(
         self,
@@ -85,22 +118,8 @@ class Sampler:
         every: float = SAMPLE_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(lambda now: read_totals(metrics, now), rates, every, clock)
         self.metrics = metrics
-        self.every = every
-        self.clock = clock
-        self.samples: deque[Sample] = deque(maxlen=KEEP)
-        self._last: Totals | None = None
-
-    def tick(self) -> None:
-        now = read_totals(self.metrics, self.clock())
-        if self._last is not None:
-            self.samples.append(rates(self._last, now))
-        self._last = now
-
-    async def run(self) -> None:
-        while True:
-            self.tick()
-            await asyncio.sleep(self.every)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from llmhost.errors import LlmhostError
 from llmhost.security.auth import ANONYMOUS, Principal
 
 if TYPE_CHECKING:  # app.py imports this module
-    from llmhost.api.console.app import Console
+    from llmhost.api.console.app import Console, ConsoleBase
 
 log = logging.getLogger("llmhost.console")
 MAX_FORM_BYTES = 8192  # a console form is a few short fields
@@ -63,14 +63,19 @@ def console_of(request: Request) -> Console:
     return cast("Console", request.app.state.console)
 
 
+def base_of(request: Request) -> ConsoleBase:
+    """What any console has (a server's or a router's): sessions, templates, cookie policy."""
+    return cast("ConsoleBase", request.app.state.console)
+
+
 def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
-    env = console_of(request).templates
+    env = base_of(request).templates
     html = env.get_template(template).render(root=COOKIE_PATH, **context)
     return HTMLResponse(html, status_code=status)
 
 
 def session_of(request: Request) -> Session:
-    session = console_of(request).sessions.get(request.cookies.get(SESSION_COOKIE))
+    session = base_of(request).sessions.get(request.cookies.get(SESSION_COOKIE))
     if session is None:
         raise NeedLogin()
     return session
@@ -101,9 +106,27 @@ def see_other(path: str) -> RedirectResponse:
 
 
 def login_form(request: Request, error: str | None = None, status: int = 200) -> HTMLResponse:
-    token = secrets.token_urlsafe(32)
     console = console_of(request)
-    auth_on = console.api.state.authenticator is not None
+    return login_form_for(
+        request,
+        error,
+        status,
+        auth_on=console.api.state.authenticator is not None,
+        sso_on=console.oidc is not None,
+    )
+
+
+def login_form_for(
+    request: Request,
+    error: str | None,
+    status: int,
+    *,
+    auth_on: bool,
+    sso_on: bool = False,
+    key_label: str = "Admin API key",
+) -> HTMLResponse:
+    """The login page, with a fresh token for its form in a short-lived cookie."""
+    token = secrets.token_urlsafe(32)
     response = render(
         request,
         "login.html",
@@ -111,7 +134,8 @@ def login_form(request: Request, error: str | None = None, status: int = 200) ->
         csrf=token,
         error=error,
         auth_on=auth_on,
-        sso_on=console.oidc is not None,
+        sso_on=sso_on,
+        key_label=key_label,
         session=None,
     )
     response.set_cookie(
@@ -121,9 +145,16 @@ def login_form(request: Request, error: str | None = None, status: int = 200) ->
         path=COOKIE_PATH,
         httponly=True,
         samesite="strict",
-        secure=console_of(request).secure_cookies,
+        secure=base_of(request).secure_cookies,
     )
     return response
+
+
+def login_token_ok(request: Request, form: dict[str, str]) -> bool:
+    """Whether the login form came from the page we served (its token matches its cookie)."""
+    expected = request.cookies.get(LOGIN_COOKIE)
+    token = form.get("csrf")
+    return bool(expected and token and secrets.compare_digest(expected, token))
 
 
 async def login_page(request: Request) -> Response:
@@ -157,9 +188,7 @@ async def authenticate(request: Request, key: str) -> Principal:
 
 async def login(request: Request) -> Response:
     form = await read_form(request)
-    expected = request.cookies.get(LOGIN_COOKIE)
-    token = form.get("csrf")
-    if not expected or not token or not secrets.compare_digest(expected, token):
+    if not login_token_ok(request, form):
         return login_form(request, "The login form expired: try again.", 403)
     key = form.get("key", "").strip()
     auth_on = console_of(request).api.state.authenticator is not None
@@ -185,7 +214,7 @@ async def login(request: Request) -> Response:
 
 def start_session(request: Request, principal: Principal, response: Response) -> Response:
     """`response`, setting the cookie of a new session for `principal` (API key or SSO)."""
-    console = console_of(request)
+    console = base_of(request)
     console.sessions.end(request.cookies.get(SESSION_COOKIE))  # a new login, a new id
     sid, _session = console.sessions.start(principal)
     log.info("console login: %s (%s)", principal.user_id, principal.via)
@@ -205,7 +234,7 @@ def start_session(request: Request, principal: Principal, response: Response) ->
 async def logout(request: Request) -> Response:
     session = session_of(request)
     await checked_form(request, session)
-    console_of(request).sessions.end(request.cookies.get(SESSION_COOKIE))
+    base_of(request).sessions.end(request.cookies.get(SESSION_COOKIE))
     response = see_other("/login")
     response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
     return response

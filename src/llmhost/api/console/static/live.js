@@ -10,6 +10,9 @@
 
   async function refresh() {
     if (busy || document.hidden) return;
+    // not while the user is typing into a form of the live part (a weight, say)
+    const typing = document.activeElement;
+    if (typing && typing.tagName === "INPUT" && live.contains(typing)) return;
     busy = true;
     try {
       const r = await fetch(src, {credentials: "same-origin", cache: "no-store"});
