@@ -9,6 +9,7 @@ hash chain stays valid (`llmhost audit verify` passes on it); the keys are writt
 transaction into the key store's own table.
 
     PYTHONPATH=src .venv/bin/python benchmarks/console_pages.py            # the full run
+    PYTHONPATH=src .venv/bin/python benchmarks/console_pages.py --active-keys 10000  # all used
     PYTHONPATH=src .venv/bin/python benchmarks/console_pages.py --smoke    # 20,000 records
 
 Prints one JSON line last: p50/p95 ms per page and whether each is under 200 ms p95.
@@ -45,10 +46,11 @@ RARE_MODEL = "phi-2"  # one record in 2,000: a filter that matches little
 # status, weight (per 2,000): mostly answered, some refused, a few failed, rarely 503
 STATUSES = [(200, 1799), (429, 100), (400, 60), (500, 20), (401, 20), (503, 1)]
 KEYS_IN_USE = 4  # per user: most of the 10,000 keys are idle, as on a real server
+ACTIVE = KEYS_IN_USE * len(USERS)  # keys that make requests, by default
 BATCH = 50_000
 
 
-def build_home(home: Path, records: int, keys: int) -> str:
+def build_home(home: Path, records: int, keys: int, active: int) -> str:
     """Writes the home's keys, audit log and usage sums; returns the admin key."""
     home.mkdir(parents=True, exist_ok=True)
     rng = random.Random(18)
@@ -60,7 +62,7 @@ def build_home(home: Path, records: int, keys: int) -> str:
     key_ids = []
     for i in range(keys - 1):
         key_id = secrets.token_hex(6)
-        if i < KEYS_IN_USE * len(USERS):
+        if i < active:
             key_ids.append((key_id, USERS[i % len(USERS)]))
         rows.append(
             (
@@ -133,8 +135,9 @@ def build_home(home: Path, records: int, keys: int) -> str:
     return admin
 
 
-def home_for(records: int, keys: int) -> tuple[Path, str]:
-    home = CACHE / f"console-v2-{records}-{keys}"
+def home_for(records: int, keys: int, active: int) -> tuple[Path, str]:
+    suffix = "" if active == ACTIVE else f"-{active}-active"
+    home = CACHE / f"console-v2-{records}-{keys}{suffix}"
     done = home / "bench-admin.key"
     if not done.exists():
         if home.exists():  # a build that did not finish
@@ -143,7 +146,7 @@ def home_for(records: int, keys: int) -> tuple[Path, str]:
                     f.unlink()
         print(f"[bench] building {home} ({records} records, {keys} keys)", file=sys.stderr)
         t = time.perf_counter()
-        build_home(home, records, keys)
+        build_home(home, records, keys, active)
         print(f"[bench] built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return home, done.read_text().strip()
 
@@ -226,11 +229,18 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=None)
     ap.add_argument("--keys", type=int, default=None)
     ap.add_argument("-n", type=int, default=None, help="requests per page")
+    ap.add_argument(
+        "--active-keys",
+        type=int,
+        default=ACTIVE,
+        help=f"keys the requests come from ({ACTIVE}; all of them: as many as --keys)",
+    )
     args = ap.parse_args()
     records = args.records or (20_000 if args.smoke else 1_000_000)
     keys = args.keys or (200 if args.smoke else 10_000)
     n = args.n or (10 if args.smoke else 40)
-    home, admin = home_for(records, keys)
+    active = min(args.active_keys, keys - 1)
+    home, admin = home_for(records, keys, active)
     port = free_port()
     proc = serve(home, port)
     try:
@@ -242,6 +252,7 @@ def main() -> None:
     out = {
         "records": records,
         "keys": keys,
+        "active_keys": active,
         "requests_per_page": n,
         "pages": figures,
         "all_under_200ms_p95": all(f["under_200ms_p95"] for f in figures.values()),

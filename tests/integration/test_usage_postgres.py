@@ -45,6 +45,12 @@ async def test_two_instances_add_to_one_account(pg_url, tmp_path):  # noqa: F811
     await b.close()
     rows = await asyncio.to_thread(a.store.query, "2026-03-01", "2026-03-31", "user", 10)
     assert rows == [UsageRow("alice", 1200, 2400, 3600)]
+    b.add("k2", "bob", "m", 1, 1)
+    b.add("k3", "carol", "m", 1000, 0)
+    await b.flush()
+    top = await asyncio.to_thread(a.store.report, "2026-03-01", "2026-03-31", "key", 2)
+    assert [r.group for r in top.rows] == ["k1", "k3"]  # the largest token users first
+    assert top.total == UsageRow("all", 1202, 3401, 3601) and top.groups == 3
     a.store.close()
     b.store.close()
 

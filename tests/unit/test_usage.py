@@ -41,9 +41,18 @@ async def test_sums_per_day_written_in_batches(tmp_path):
     by_user = store.query("2026-11-27", "2026-11-28", "user", 100)
     assert by_user == [UsageRow("alice", 4, 20, 16), UsageRow("bob", 1, 1, 0)]
     by_key = store.query("2026-11-27", "2026-11-28", "key", 100)
-    assert [(r.group, r.requests) for r in by_key] == [("", 1), ("k1", 3), ("k2", 1)]
+    # the largest token users first (31, 5 and 1 tokens)
+    assert [(r.group, r.requests) for r in by_key] == [("k1", 3), ("k2", 1), ("", 1)]
     by_model = store.query("2026-11-28", "2026-11-28", "model", 1)
     assert by_model == [UsageRow("m1", 1, 10, 10)] and by_model[0].total_tokens == 20
+    # a report cut at its limit still totals every group
+    top = store.report("2026-11-27", "2026-11-28", "key", 1)
+    assert top.rows == [UsageRow("k1", 3, 15, 16)]
+    assert top.total == UsageRow("all", 5, 21, 16) and top.groups == 3 and top.truncated
+    whole = store.report("2026-11-27", "2026-11-28", "user", 10)
+    assert whole.total == UsageRow("all", 5, 21, 16) and not whole.truncated
+    empty = store.report("2020-01-01", "2020-01-31", "model", 10)
+    assert empty.rows == [] and empty.total.requests == 0 and empty.groups == 0
     store.close()
 
 

@@ -3,19 +3,20 @@ per API key, per user and per model (all principals together). A day's counters 
 00:00 UTC, a month's on the 1st. A request is counted (requests/day) before it runs and
 refused once a token budget is used up; its tokens are charged from its usage when it ends.
 
-Counters are plain integers in the `limits` library's storage, the rate limits' own: in memory
-by default, or in Redis so that every instance pointed at it shares one budget. Each counter's
-key names its window (`2026-11-27`, `2026-11`), so a new window starts from zero exactly; the
-expiry only clears old windows away."""
+Counters are plain integers: in this process's memory by default, or in Redis (through the
+`limits` library's connection, the rate limits' own) so that every instance pointed at it
+shares one budget; there a request's check and count are one Lua script, one round trip and
+atomic across instances.
+Each counter's key names its window (`2026-11-27`, `2026-11`), so a new window starts from
+zero exactly; the expiry (a day after the window ends) only clears old windows away."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from limits.aio.storage import Storage
 from limits.storage import storage_from_string
@@ -152,8 +153,109 @@ class Admission:
 
 
 def _key(unit: Unit, window: Window, scope: Scope, name: str) -> str:
-    # The name goes last: it is the only free-form part, so no two counters share a key.
-    return f"quota:{unit}:{window.label(unit)}:{scope}:{name}"
+    # The name goes last: it is the only free-form part, so no two counters share a key. The
+    # braces are a Redis Cluster hash tag: every quota counter on one node, so that one
+    # script may read and count those of a request together.
+    return f"{{quota}}:{unit}:{window.label(unit)}:{scope}:{name}"
+
+
+# Redis: the check and the count of a request in one script, so one round trip and atomic
+# (no other instance's request between this one's check and its count).
+# KEYS: the token counters to check, then the request counters to check and count.
+# ARGV[1]: how many token counters; ARGV[1 + i]: KEYS[i]'s limit; last: when the request
+# counters expire (Unix seconds). Returns 0, or the index of the counter that refuses.
+_ADMIT = """
+local tokens = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(ARGV[1 + i]) then return i end
+end
+for i = tokens + 1, #KEYS do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIREAT', KEYS[i], ARGV[#KEYS + 2])
+end
+return 0
+"""
+# KEYS: counters; ARGV[1]: the amount to add to each (negative: a refund); ARGV[1 + i]: when
+# KEYS[i] expires (Unix seconds).
+_ADD = """
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[1])
+  redis.call('EXPIREAT', KEYS[i], ARGV[1 + i])
+end
+return 0
+"""
+
+Counter = tuple[str, int]  # a counter's key, and its limit or when it expires (Unix seconds)
+
+
+class Counters:
+    """Integer counters in this process's memory. Every method runs without yielding to the
+    event loop, so a request's check and count are atomic among this server's requests."""
+
+    SWEEP_EVERY_S = 60
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._values: dict[str, int] = {}
+        self._expire_at: dict[str, int] = {}
+        self._next_sweep = 0.0
+
+    def _sweep(self) -> None:
+        """Forgets expired counters, at most once a minute (old windows' counters only)."""
+        now = self.clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.SWEEP_EVERY_S
+        for key in [k for k, at in self._expire_at.items() if at <= now]:
+            del self._values[key], self._expire_at[key]
+
+    async def admit(self, tokens: list[Counter], requests: list[Counter], expire_at: int) -> int:
+        """0 when no counter of `tokens` or `requests` has reached its limit, the requests
+        counted then; else the index (from 1, tokens first) of the first that has."""
+        self._sweep()
+        for i, (key, limit) in enumerate([*tokens, *requests], 1):
+            if self._values.get(key, 0) >= limit:
+                return i
+        self._add([key for key, _ in requests], 1, expire_at)
+        return 0
+
+    def _add(self, keys: list[str], amount: int, expire_at: int) -> None:
+        for key in keys:
+            self._values[key] = self._values.get(key, 0) + amount
+            self._expire_at[key] = max(expire_at, self._expire_at.get(key, 0))
+
+    async def add(self, counters: list[Counter], amount: int) -> None:
+        for key, expire_at in counters:
+            self._add([key], amount, expire_at)
+
+    async def get(self, key: str) -> int:
+        self._sweep()
+        return self._values.get(key, 0)
+
+
+class RedisCounters:
+    """The counters in Redis, shared by every instance using it (through the `limits`
+    library's connection, the rate limits' own): each step one script, one round trip."""
+
+    def __init__(self, storage: Any):
+        bridge = storage.bridge
+        self.storage = storage  # keeps the connection
+        self._prefixed: Callable[[str], str] = bridge.prefixed_key
+        self._admit = bridge.get_connection().register_script(_ADMIT)
+        self._add = bridge.get_connection().register_script(_ADD)
+
+    async def admit(self, tokens: list[Counter], requests: list[Counter], expire_at: int) -> int:
+        keys = [self._prefixed(k) for k, _ in (*tokens, *requests)]
+        args = [len(tokens), *(limit for _, limit in (*tokens, *requests)), expire_at]
+        return int(await self._admit.execute(keys, args))
+
+    async def add(self, counters: list[Counter], amount: int) -> None:
+        if counters:
+            keys = [self._prefixed(k) for k, _ in counters]
+            await self._add.execute(keys, [amount, *(at for _, at in counters)])
+
+    async def get(self, key: str) -> int:
+        return int(await self.storage.get(key))
 
 
 class Quotas:
@@ -166,20 +268,19 @@ class Quotas:
         namespace: str = "llmhost",
         clock: Callable[[], float] = time.time,
     ):
+        self.counters: Counters | RedisCounters = Counters(clock)
         if redis_url:
             uri = redis_url if redis_url.startswith("async+") else "async+" + redis_url
             store = storage_from_string(uri, key_prefix=namespace)
-        else:
-            store = storage_from_string("async+memory://")
-        if not isinstance(store, Storage):
-            raise ConfigError(f"{redis_url} is not an asynchronous limits storage")
-        self.storage: Storage = store
+            if not isinstance(store, Storage) or not hasattr(store, "bridge"):
+                raise ConfigError(f"{redis_url} is not a Redis URL")
+            self.counters = RedisCounters(store)
         self.remote = bool(redis_url)
         self.clock = clock
         self.refused = 0
 
-    def _expiry(self, window: Window, unit: Unit, now: float) -> int:
-        return int(window.end(unit) - now) + _GRACE
+    def _expire_at(self, window: Window, unit: Unit) -> int:
+        return int(window.end(unit)) + _GRACE
 
     def _refusal(
         self, scope: Scope, name: str, unit: Unit, limit: int, window: Window, now: float
@@ -188,34 +289,30 @@ class Quotas:
         end = window.end(unit)
         return QuotaExceeded(scope, name, unit, limit, end, max(1.0, end - now))
 
-    async def _each(self, calls: list[Awaitable[int]]) -> list[int]:
-        # Redis: every command of a step in flight at once, one round trip rather than one
-        # each; in memory, one after another (tasks would cost more than the calls).
-        if self.remote:
-            return list(await asyncio.gather(*calls))
-        return [await call for call in calls]
-
     async def admit(self, targets: Sequence[Target]) -> Admission | QuotaExceeded:
         """Count one request against every requests/day quota of `targets` and check their
-        token quotas; on a refusal nothing stays counted."""
+        token quotas, atomically: refused, nothing is counted."""
         now = self.clock()
         window = Window.at(now)
         todo = tuple(t for t in targets if t[2].is_set)
-        tokens = [(s, n, u, lim) for s, n, q in todo for u, lim in q.token_limits()]
-        used = await self._each([self.storage.get(_key(u, window, s, n)) for s, n, u, _ in tokens])
-        for (scope, name, unit, limit), spent in zip(tokens, used, strict=True):
-            if spent >= limit:  # 0 refuses at once
-                return self._refusal(scope, name, unit, limit, window, now)
-        counted = [(s, n, q.requests_per_day) for s, n, q in todo if q.requests_per_day is not None]
-        expiry = self._expiry(window, "requests/day", now)
-        keys = [_key("requests/day", window, s, n) for s, n, _ in counted]
-        after = await self._each([self.storage.incr(key, expiry) for key in keys])
-        for (scope, name, most), count in zip(counted, after, strict=True):
-            if most is not None and count > most:
-                # This request never runs, so it uses no one's budget (Redis storage has no
-                # decr: a negative increment does the same on both).
-                await self._each([self.storage.incr(key, expiry, -1) for key in keys])
-                return self._refusal(scope, name, "requests/day", most, window, now)
+        checks: list[tuple[Scope, str, Unit, int]] = [
+            (s, n, u, lim) for s, n, q in todo for u, lim in q.token_limits()
+        ]
+        tokens = len(checks)
+        checks += [
+            (s, n, "requests/day", q.requests_per_day)
+            for s, n, q in todo
+            if q.requests_per_day is not None
+        ]
+        if not checks:
+            return Admission(window, todo)
+        counters = [(_key(u, window, s, n), lim) for s, n, u, lim in checks]
+        refused = await self.counters.admit(
+            counters[:tokens], counters[tokens:], self._expire_at(window, "requests/day")
+        )
+        if refused:
+            scope, name, unit, limit = checks[refused - 1]
+            return self._refusal(scope, name, unit, limit, window, now)
         return Admission(window, todo)
 
     async def charge(self, admission: Admission, tokens: int) -> None:
@@ -223,32 +320,30 @@ class Quotas:
         stream that ends after midnight still pays into the day it started)."""
         if tokens <= 0 or not admission.targets:
             return
-        window, now = admission.window, self.clock()
-        await self._each(
+        window = admission.window
+        await self.counters.add(
             [
-                self.storage.incr(
-                    _key(unit, window, scope, name),
-                    max(1, self._expiry(window, unit, now)),
-                    tokens,
-                )
+                (_key(unit, window, scope, name), self._expire_at(window, unit))
                 for scope, name, quota in admission.targets
                 for unit, _limit in quota.token_limits()
-            ]
+            ],
+            tokens,
         )
 
     async def refund(self, admission: Admission) -> None:
         """Take back the request an admission counted, for a request that never ran (its
         model could not be leased)."""
-        window, now = admission.window, self.clock()
-        expiry = self._expiry(window, "requests/day", now)
-        await self._each(
+        window = admission.window
+        expire_at = self._expire_at(window, "requests/day")
+        await self.counters.add(
             [
-                self.storage.incr(_key("requests/day", window, scope, name), expiry, -1)
+                (_key("requests/day", window, scope, name), expire_at)
                 for scope, name, quota in admission.targets
                 if quota.requests_per_day is not None
-            ]
+            ],
+            -1,
         )
 
     async def used(self, scope: Scope, name: str, unit: Unit) -> int:
         """What `name` has used of its current `unit` window."""
-        return int(await self.storage.get(_key(unit, Window.at(self.clock()), scope, name)))
+        return await self.counters.get(_key(unit, Window.at(self.clock()), scope, name))

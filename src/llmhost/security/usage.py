@@ -74,6 +74,20 @@ class UsageRow:
         }
 
 
+@dataclass(frozen=True)
+class UsageReport:
+    """A usage query's rows (at most its limit), with the totals and the number of groups
+    over all of them."""
+
+    rows: list[UsageRow]
+    total: UsageRow
+    groups: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.groups > len(self.rows)
+
+
 def utc_day(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d")
 
@@ -140,18 +154,36 @@ class UsageStore:
                 raise
             cur.execute("COMMIT")
 
-    def query(self, since: str, until: str, group_by: GroupBy, limit: int) -> list[UsageRow]:
+    def report(self, since: str, until: str, group_by: GroupBy, limit: int) -> UsageReport:
+        """The sums per group from `since` to `until`, at most `limit` groups: per day in
+        date order, per key, user or model the largest token users first. The totals and the
+        number of groups cover every group, also those past `limit` (one pass: the window
+        sums run over the grouped rows before the limit)."""
         column = _COLUMNS[group_by]  # from a fixed table, never from the request
+        order = (
+            "day"
+            if group_by == "day"
+            else f"SUM(prompt_tokens) + SUM(completion_tokens) DESC, {column}"
+        )
         sql = (
-            f"SELECT {column}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) "
+            f"SELECT {column}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), "
+            "COUNT(*) OVER (), SUM(SUM(requests)) OVER (), SUM(SUM(prompt_tokens)) OVER (), "
+            "SUM(SUM(completion_tokens)) OVER () "
             f"FROM usage_daily WHERE day >= ? AND day <= ? GROUP BY {column} "
-            f"ORDER BY {column} LIMIT ?"
+            f"ORDER BY {order} LIMIT ?"
         )
         with self._lock:
             cur = self._db.cursor()
             cur.execute(self._sql(sql), (since, until, limit))
             found = cur.fetchall()
-        return [UsageRow(str(g), int(r), int(p), int(c)) for g, r, p, c in found]
+        rows = [UsageRow(str(g), int(r), int(p), int(c)) for g, r, p, c, *_ in found]
+        if not found:
+            return UsageReport(rows, UsageRow("all", 0, 0, 0), 0)
+        groups, r, p, c = found[0][4:]
+        return UsageReport(rows, UsageRow("all", int(r), int(p), int(c)), int(groups))
+
+    def query(self, since: str, until: str, group_by: GroupBy, limit: int) -> list[UsageRow]:
+        return self.report(since, until, group_by, limit).rows
 
 
 class PostgresUsageStore(UsageStore):
@@ -257,8 +289,14 @@ class UsageRecorder:
         self, since: str, until: str, group_by: GroupBy, limit: int = 10_000
     ) -> list[UsageRow]:
         """The sums from `since` to `until` (UTC days, both included), what is pending too."""
+        return (await self.report(since, until, group_by, limit)).rows
+
+    async def report(
+        self, since: str, until: str, group_by: GroupBy, limit: int = 10_000
+    ) -> UsageReport:
+        """As `query`, with the totals and the number of groups over every group."""
         await self.flush()
-        return await asyncio.to_thread(self.store.query, since, until, group_by, limit)
+        return await asyncio.to_thread(self.store.report, since, until, group_by, limit)
 
 
 def to_json(rows: list[UsageRow], group_by: GroupBy, since: str, until: str) -> str:

@@ -362,6 +362,7 @@ async def usage(request: Request) -> Response:
             error=query.error,
             rows=table.rows if table else [],
             total=table.total if table else None,
+            group_count=table.groups if table else 0,
             truncated=bool(table and table.truncated),
             limit=PAGE_ROWS,
             csv_limit=CSV_ROWS,

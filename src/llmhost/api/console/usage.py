@@ -10,7 +10,7 @@ from typing import get_args
 from starlette.datastructures import QueryParams
 
 from llmhost.errors import InvalidRequest
-from llmhost.security.usage import GroupBy, UsageRecorder, UsageRow, day_range, to_csv, utc_day
+from llmhost.security.usage import GroupBy, UsageRecorder, UsageReport, day_range, to_csv, utc_day
 
 GROUPS: tuple[GroupBy, ...] = get_args(GroupBy)
 PAGE_ROWS = 1000  # rows shown on the page
@@ -44,24 +44,9 @@ class UsageQuery:
         return cls(first, last, group_by)
 
 
-@dataclass(frozen=True)
-class UsageTable:
-    rows: list[UsageRow]
-    total: UsageRow
-    truncated: bool
-
-
-async def usage_table(usage: UsageRecorder, q: UsageQuery) -> UsageTable:
-    rows = await usage.query(q.since, q.until, q.group_by, PAGE_ROWS + 1)
-    truncated = len(rows) > PAGE_ROWS
-    rows = rows[:PAGE_ROWS]
-    total = UsageRow(
-        "all",
-        sum(r.requests for r in rows),
-        sum(r.prompt_tokens for r in rows),
-        sum(r.completion_tokens for r in rows),
-    )
-    return UsageTable(rows, total, truncated)
+async def usage_table(usage: UsageRecorder, q: UsageQuery) -> UsageReport:
+    """The page's rows (the first `PAGE_ROWS`), with the totals over every row."""
+    return await usage.report(q.since, q.until, q.group_by, PAGE_ROWS)
 
 
 async def usage_csv(usage: UsageRecorder, q: UsageQuery) -> str:
