@@ -6,7 +6,7 @@
 - through a real `llmhost serve` (fake engine, auth on, the way benchmarks/gateway_overhead.py
   measures the gateway): latency at a fixed offered rate for a key with quotas on it and its
   user against a key with none, on the same server, alternating in rounds; the added p50 is
-  the difference.
+  the difference; again with quotas and rate limits shared through that Redis (`_redis`).
 
     .venv/bin/python benchmarks/quota_overhead.py [--rate 400] [--seconds 5] [--smoke]
 """
@@ -74,6 +74,35 @@ def redis_server(root: Path) -> tuple[subprocess.Popen | None, str | None]:
     return None, None
 
 
+def through_server(
+    home: Path, env: dict[str, str], capped: str, free: str, args: argparse.Namespace, tag: str
+) -> dict:
+    """Latency through a real server for the key with quotas and the one without, in
+    alternating rounds at the same offered rate."""
+    server = Server(home, env=env)
+    h_capped = {"Authorization": f"Bearer {capped}"}
+    h_free = {"Authorization": f"Bearer {free}"}
+    asyncio.run(open_loop(server.url, h_free, 200, 1))  # warm up
+    lat_q: list[float] = []
+    lat_f: list[float] = []
+    for _ in range(args.rounds):
+        for lat, h in ((lat_f, h_free), (lat_q, h_capped)):
+            r = asyncio.run(open_loop(server.url, h, args.rate, args.seconds))
+            if set(r["codes"]) != {200}:
+                raise RuntimeError(f"unexpected statuses {r['codes']}")
+            lat += r["lat"]
+    server.stop()
+    return {
+        f"server_latency{tag}_ms": {
+            "quotas_p50": round(pct(lat_q, 50), 3),
+            "quotas_p99": round(pct(lat_q, 99), 3),
+            "none_p50": round(pct(lat_f, 50), 3),
+            "none_p99": round(pct(lat_f, 99), 3),
+        },
+        f"added{tag}_ms_p50": round(pct(lat_q, 50) - pct(lat_f, 50), 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", type=float, default=400)
@@ -107,26 +136,14 @@ def main() -> None:
             *("--requests-per-day", str(BIG)),
         )
         free = cli(home, "keys", "create", "--user", "free")
-        server = Server(home, env={"LLMHOST_RATE_LIMIT_RPS": "0", "LLMHOST_AUDIT": "false"})
-        h_capped = {"Authorization": f"Bearer {capped}"}
-        h_free = {"Authorization": f"Bearer {free}"}
-        asyncio.run(open_loop(server.url, h_free, 200, 1))  # warm up
-        lat_q: list[float] = []
-        lat_f: list[float] = []
-        for _ in range(args.rounds):
-            for lat, h in ((lat_f, h_free), (lat_q, h_capped)):
-                r = asyncio.run(open_loop(server.url, h, args.rate, args.seconds))
-                if set(r["codes"]) != {200}:
-                    raise RuntimeError(f"unexpected statuses {r['codes']}")
-                lat += r["lat"]
-        server.stop()
-        out["server_latency_ms"] = {
-            "quotas_p50": round(pct(lat_q, 50), 3),
-            "quotas_p99": round(pct(lat_q, 99), 3),
-            "none_p50": round(pct(lat_f, 50), 3),
-            "none_p99": round(pct(lat_f, 99), 3),
-        }
-        out["added_ms_p50"] = round(pct(lat_q, 50) - pct(lat_f, 50), 3)
+        env = {"LLMHOST_RATE_LIMIT_RPS": "0", "LLMHOST_AUDIT": "false"}
+        out.update(through_server(home, env, capped, free, args, ""))
+        if url is not None:  # quotas (and rate limits) shared through Redis
+            out.update(
+                through_server(
+                    home, {**env, "LLMHOST_REDIS_URL": url}, capped, free, args, "_redis"
+                )
+            )
     finally:
         if redis is not None:
             redis.terminate()

@@ -23,7 +23,7 @@ from llmhost.engines.fake import FakeEngine
 from llmhost.engines.pool import ModelSpec, Pool
 from llmhost.errors import ConfigError
 from llmhost.security.auth import KeyStore
-from llmhost.security.quota import Quota
+from llmhost.security.quota import Admission, Quota, QuotaExceeded, Quotas
 from llmhost.security.usage import UsageRow, UsageStore
 from tests.integration.test_hardening import LiveServer
 from tests.integration.test_ratelimit import redis_url  # noqa: F401 (a fixture)
@@ -248,9 +248,39 @@ async def test_instances_share_quotas_through_redis(tmp_path, redis_url):  # noq
             for c in (ca, cb, ca, cb):
                 codes.append((await c.post("/v1/completions", json=COMPLETION)).status_code)
             key_id = key.split("_")[1]
+            await a.state.quotas.drain()  # charges to Redis run beside the requests
+            await b.state.quotas.drain()
             tokens = await b.state.quotas.used("key", key_id, "tokens/day")
     assert codes == [200, 200, 200, 429]
     assert tokens == 3 * 7  # each charged by the instance that served it
+
+
+async def test_redis_admissions_are_exact_across_instances_under_contention(redis_url):  # noqa: F811
+    """Two instances admit 400 concurrent requests against one budget of 137 a day: exactly
+    137 pass (check and count are one script), and a refused one counts nothing."""
+    ns = f"exact-{time.time_ns()}"
+    a, b = Quotas(redis_url, namespace=ns), Quotas(redis_url, namespace=ns)
+    quota = Quota(requests_per_day=137, tokens_per_day=10**9)
+    targets = [("key", "k", quota), ("user", "u", Quota(requests_per_day=10**6))]
+    got = await asyncio.gather(*(q.admit(targets) for q in [a, b] * 200))
+    admitted = [r for r in got if isinstance(r, Admission)]
+    assert len(admitted) == 137
+    assert {r.unit for r in got if isinstance(r, QuotaExceeded)} == {"requests/day"}
+    assert await a.used("key", "k", "requests/day") == 137
+    assert await b.used("user", "u", "requests/day") == 137  # the refused counted nowhere
+    for r in admitted[:10]:
+        await a.charge_soon(r, 5)
+    await a.refund(admitted[0])
+    await a.drain()
+    assert await b.used("key", "k", "tokens/day") == 50
+    assert await b.used("key", "k", "requests/day") == 136
+    tight = [("model", "m", Quota(tokens_per_day=49))]
+    first = await a.admit(tight)
+    assert isinstance(first, Admission)
+    await b.charge_soon(first, 49)
+    await b.drain()
+    refused = await b.admit(tight)
+    assert isinstance(refused, QuotaExceeded) and refused.unit == "tokens/day"
 
 
 async def test_usage_endpoint_csv_range_and_admins_only(tmp_path):

@@ -189,3 +189,22 @@ async def test_a_refund_takes_back_the_request_only():
     assert await q.used("key", "k", "requests/day") == 0
     assert await q.used("key", "k", "tokens/day") == 30
     assert isinstance(await q.admit(targets), Admission)
+
+
+async def test_memory_counters_forget_old_windows_and_stay_bounded():
+    clock = Clock("2026-11-27 10:00:00")
+    q = Quotas(clock=clock)
+    full = Quota(tokens_per_day=100, tokens_per_month=1000, requests_per_day=10)
+    for i in range(50):
+        admitted = await q.admit([("key", f"k{i}", full)])
+        assert isinstance(admitted, Admission)
+        await q.charge_soon(admitted, 3)
+    held = len(q.counters._values)
+    assert held == 150  # per key: requests/day, tokens/day, tokens/month
+    clock.set("2026-11-29 10:00:00")  # the 27th's counters are a day past their window
+    await q.admit([("key", "k0", full)])
+    assert len(q.counters._values) == 50 + 1  # the month's stay, and k0's requests today
+    assert await q.used("key", "k0", "tokens/month") == 3
+    clock.set("2027-01-03 00:00:00")
+    await q.admit([("key", "k0", full)])
+    assert len(q.counters._values) == 1

@@ -319,6 +319,8 @@ def _lifespan(
                 await state.in_flight.finish()
                 await audit.close()
                 audit.store.close()
+            if state.quotas is not None:
+                await state.quotas.drain()
             if state.usage is not None:
                 # after the requests in flight are ended, so their usage is in the last write
                 await state.usage.close()

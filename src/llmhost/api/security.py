@@ -253,4 +253,4 @@ class UsageMiddleware:
                         at=rec.served_at,
                     )
                 if rec.quota is not None and self.quotas is not None:
-                    await self.quotas.charge(rec.quota, used.total_tokens)
+                    await self.quotas.charge_soon(rec.quota, used.total_tokens)

@@ -12,6 +12,8 @@ zero exactly; the expiry (a day after the window ends) only clears old windows a
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from limits.storage import storage_from_string
 
 from llmhost.errors import ConfigError
 
+log = logging.getLogger("llmhost.quota")
 Scope = Literal["key", "user", "model"]
 Unit = Literal["tokens/day", "tokens/month", "requests/day"]
 MAX_QUOTA = 1 << 53  # a counter Redis and JSON both hold exactly
@@ -278,6 +281,7 @@ class Quotas:
         self.remote = bool(redis_url)
         self.clock = clock
         self.refused = 0
+        self._charging: set[asyncio.Task[None]] = set()
 
     def _expire_at(self, window: Window, unit: Unit) -> int:
         return int(window.end(unit)) + _GRACE
@@ -329,6 +333,27 @@ class Quotas:
             ],
             tokens,
         )
+
+    async def charge_soon(self, admission: Admission, tokens: int) -> None:
+        """`charge`, without keeping the request's connection waiting for Redis: there the
+        charge runs in a task of its own (`drain` waits for those on shutdown); in memory it
+        is done at once."""
+        if not self.remote:
+            await self.charge(admission, tokens)
+            return
+        task = asyncio.create_task(self.charge(admission, tokens))
+        self._charging.add(task)
+        task.add_done_callback(self._charged)
+
+    def _charged(self, task: asyncio.Task[None]) -> None:
+        self._charging.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a quota charge failed: %s", task.exception())
+
+    async def drain(self) -> None:
+        """Waits for the charges still running."""
+        if self._charging:
+            await asyncio.gather(*self._charging, return_exceptions=True)
 
     async def refund(self, admission: Admission) -> None:
         """Take back the request an admission counted, for a request that never ran (its
