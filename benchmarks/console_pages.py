@@ -136,8 +136,8 @@ def build_home(home: Path, records: int, keys: int, active: int) -> str:
 
 
 def home_for(records: int, keys: int, active: int) -> tuple[Path, str]:
-    suffix = "" if active == ACTIVE else f"-{active}-active"
-    home = CACHE / f"console-v2-{records}-{keys}{suffix}"
+    suffix = "" if active == min(ACTIVE, keys - 1) else f"-{active}-active"
+    home = CACHE / f"console-v3-{records}-{keys}{suffix}"
     done = home / "bench-admin.key"
     if not done.exists():
         if home.exists():  # a build that did not finish

@@ -60,7 +60,7 @@ def test_console_pages_benchmark_smoke(tmp_path):
         assert fig["under_200ms_p95"] == (fig["p95_ms"] < 200), name
     assert out["all_under_200ms_p95"] == all(f["under_200ms_p95"] for f in out["pages"].values())
     # the home was built once, with its admin key, and the log it wrote verifies
-    (home,) = tmp_path.glob("console-v2-20000-200")
+    (home,) = tmp_path.glob("console-v3-20000-200")
     verified = subprocess.run(
         [sys.executable, "-m", "llmhost", "audit", "verify"],
         env={**env, "LLMHOST_HOME": str(home)},

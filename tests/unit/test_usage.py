@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 import sqlite3
 import stat
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
 from llmhost.errors import InvalidRequest
-from llmhost.security.usage import UsageRecorder, UsageRow, UsageStore, day_range, to_csv
+from llmhost.security.usage import (
+    LEVELS,
+    MAX_DAYS,
+    UsageRecorder,
+    UsageRow,
+    UsageStore,
+    cover,
+    day_range,
+    to_csv,
+)
 
 
 def ts(text: str) -> float:
@@ -111,3 +121,68 @@ async def test_a_request_counts_on_the_day_it_started(tmp_path):
     rows = await recorder.query("2026-01-01", "2026-01-31", "day")
     assert rows == [UsageRow("2026-01-05", 1, 1, 2)]
     await recorder.close()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_blocks_tile_any_range_exactly(seed):
+    rng = random.Random(seed)
+    first = rng.randrange(19_000, 21_000)
+    last = first + rng.randrange(0, MAX_DAYS)
+    tiles = cover(first, last)
+    days = [d for level, start in tiles for d in range(start, start + (1 << level))]
+    assert days == list(range(first, last + 1))  # in order, no gap, no overlap
+    for level, start in tiles:
+        assert 0 <= level < LEVELS and start % (1 << level) == 0
+    per_level = [sum(1 for lv, _ in tiles if lv == level) for level in range(LEVELS)]
+    assert max(per_level) <= 2 + (last - first + 1) // (1 << (LEVELS - 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reports_from_rollups_match_the_daily_rows(tmp_path, seed):
+    """Random traffic written in random batches; every report (each grouping, random ranges,
+    a limit that cuts) equals the sums worked out from the raw rows."""
+    rng = random.Random(seed)
+    store = UsageStore(tmp_path / "usage.db")
+    raw: list[tuple[str, str, str, str, int, int, int]] = []
+    start = date(2026, 1, 1)
+    for _ in range(rng.randrange(3, 12)):
+        batch: dict = {}
+        for _ in range(rng.randrange(1, 200)):
+            row = (
+                (start + timedelta(days=rng.randrange(400))).isoformat(),
+                f"k{rng.randrange(30)}",
+                f"u{rng.randrange(8)}",
+                f"m{rng.randrange(3)}",
+            )
+            sums = (rng.randrange(1, 5), rng.randrange(0, 900), rng.randrange(0, 400))
+            old = batch.get(row, (0, 0, 0))
+            batch[row] = tuple(a + b for a, b in zip(old, sums, strict=True))
+            raw.append((*row, *sums))
+        store.add(batch)
+    column = {"day": 0, "key": 1, "user": 2, "model": 3}
+    for _ in range(25):
+        a = start + timedelta(days=rng.randrange(420))
+        b = a + timedelta(days=rng.randrange(MAX_DAYS))
+        since, until = a.isoformat(), b.isoformat()
+        for group_by in ("day", "key", "user", "model"):
+            want: dict[str, list[int]] = {}
+            for r in raw:
+                if since <= r[0] <= until:
+                    s = want.setdefault(r[column[group_by]], [0, 0, 0])
+                    for i in range(3):
+                        s[i] += r[4 + i]
+            limit = rng.choice([1, 5, 1000])
+            got = store.report(since, until, group_by, limit)
+            assert got.groups == len(want)
+            assert (got.total.requests, got.total.prompt_tokens, got.total.completion_tokens) == (
+                tuple(sum(v[i] for v in want.values()) for i in range(3))
+            )
+            rows = {r.group: [r.requests, r.prompt_tokens, r.completion_tokens] for r in got.rows}
+            assert len(got.rows) == min(limit, len(want))
+            assert all(want[g] == v for g, v in rows.items())
+            if group_by == "day":
+                assert [r.group for r in got.rows] == sorted(want)[:limit]
+            else:  # the largest token users, ties by name
+                order = sorted(want, key=lambda g: (-(want[g][1] + want[g][2]), g))
+                assert [r.group for r in got.rows] == order[:limit]
+    store.close()

@@ -2,7 +2,12 @@
 requests finish (never by reading the audit log back). The request path only adds to a dict
 in memory; a background task writes the sums to `$LLMHOST_HOME/usage.db` (SQLite, 0600) in a
 thread about once a second, one transaction per batch, and the last batch on shutdown. Where
-the audit log is in PostgreSQL, the sums are too, so several instances keep one account."""
+the audit log is in PostgreSQL, the sums are too, so several instances keep one account.
+
+A report reads rollups, not the daily rows: the sums per key, per user and per model over
+aligned blocks of 1, 2, 4, ... 256 days (a block of 2^L days starts on a day number divisible
+by 2^L), written with the daily rows. Any range of days is at most two blocks per level, so a
+report over a year reads at most 17 blocks per group, however busy the days were."""
 
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ GroupBy = Literal["key", "user", "model", "day"]
 MAX_DAYS = 366
 MAX_PENDING = 50_000  # distinct (day, key, user, model) rows held before an early write
 MAX_HELD = 4 * MAX_PENDING  # rows kept while the store cannot be written, memory bounded
-_COLUMNS: dict[str, str] = {"key": "key_id", "user": "user_id", "model": "model", "day": "day"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage_daily (
@@ -43,6 +47,67 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     PRIMARY KEY (day, key_id, user_id, model)
 )
 """
+_SCHEMA_BLOCKS = """
+CREATE TABLE IF NOT EXISTS usage_blocks (
+    dim TEXT NOT NULL,
+    level INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    grp TEXT NOT NULL,
+    requests BIGINT NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    PRIMARY KEY (dim, level, start, grp)
+)
+"""
+_ADD_BLOCK = (
+    "INSERT INTO usage_blocks VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (dim, level, start, grp) DO UPDATE SET "
+    "requests = usage_blocks.requests + excluded.requests, "
+    "prompt_tokens = usage_blocks.prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = usage_blocks.completion_tokens + excluded.completion_tokens"
+)
+LEVELS = 9  # blocks of 1 to 256 days: any range of up to 366 days is covered
+_EPOCH = date(1970, 1, 1)
+_DIMS: tuple[tuple[GroupBy, int], ...] = (("key", 1), ("user", 2), ("model", 3))
+Block = tuple[str, int, int, str]  # dim, level, start (day number), group
+
+
+def day_number(day: str) -> int:
+    return (date.fromisoformat(day) - _EPOCH).days
+
+
+def blocks(batch: dict[Row, tuple[int, int, int]]) -> dict[Block, tuple[int, int, int]]:
+    """The rollups a batch of daily sums adds to: per key, user and model at every level,
+    and per day (dim "day", level 0, the group empty)."""
+    out: dict[Block, tuple[int, int, int]] = {}
+
+    def add(block: Block, r: int, p: int, c: int) -> None:
+        r0, p0, c0 = out.get(block, (0, 0, 0))
+        out[block] = (r0 + r, p0 + p, c0 + c)
+
+    for row, (r, p, c) in batch.items():
+        n = day_number(row[0])
+        add(("day", 0, n, ""), r, p, c)
+        for dim, column in _DIMS:
+            for level in range(LEVELS):
+                add((dim, level, n >> level << level, row[column]), r, p, c)
+    return out
+
+
+def cover(first: int, last: int) -> list[tuple[int, int]]:
+    """The aligned blocks (level, start) that tile the days `first`..`last` exactly: the
+    largest that fits at each step, so at most two per level."""
+    out = []
+    n = first
+    while n <= last:
+        level = LEVELS - 1
+        while level and (n % (1 << level) or n + (1 << level) - 1 > last):
+            level -= 1
+        out.append((level, n))
+        n += 1 << level
+    return out
+
+
 _ADD = (
     "INSERT INTO usage_daily VALUES (?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (day, key_id, user_id, model) DO UPDATE SET "
@@ -133,6 +198,7 @@ class UsageStore:
         self._lock = threading.Lock()
         self._db = db
         db.execute(_SCHEMA)
+        db.execute(_SCHEMA_BLOCKS)
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", self.ph)
@@ -142,13 +208,18 @@ class UsageStore:
             self._db.close()
 
     def add(self, batch: dict[Row, tuple[int, int, int]]) -> None:
-        """Add a batch of sums, in one transaction; several instances may add at once."""
-        rows = [(*k, *v) for k, v in batch.items()]
+        """Add a batch of sums and their rollups, in one transaction; several instances may
+        add at once."""
+        # in a fixed order, so that two instances writing at once take their row locks in
+        # the same order (PostgreSQL) rather than deadlock
+        rows = sorted((*k, *v) for k, v in batch.items())
+        rolled = sorted((*k, *v) for k, v in blocks(batch).items())
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN")
             try:
                 cur.executemany(self._sql(_ADD), rows)
+                cur.executemany(self._sql(_ADD_BLOCK), rolled)
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
@@ -159,24 +230,41 @@ class UsageStore:
         date order, per key, user or model the largest token users first. The totals and the
         number of groups cover every group, also those past `limit` (one pass: the window
         sums run over the grouped rows before the limit)."""
-        column = _COLUMNS[group_by]  # from a fixed table, never from the request
-        order = (
-            "day"
-            if group_by == "day"
-            else f"SUM(prompt_tokens) + SUM(completion_tokens) DESC, {column}"
-        )
+        first, last = day_number(since), day_number(until)
+        args: list[object]
+        if group_by == "day":
+            source = (
+                "(SELECT start AS grp, requests, prompt_tokens, completion_tokens "
+                "FROM usage_blocks WHERE dim = 'day' AND level = 0 AND start >= ? AND start <= ?)"
+            )
+            args, order = [first, last], "grp"
+        else:
+            # one index search per block (an OR or IN over the blocks would scan the dim)
+            one = (
+                "SELECT grp, requests, prompt_tokens, completion_tokens FROM usage_blocks "
+                "WHERE dim = ? AND level = ? AND start = ?"
+            )
+            tiles = cover(first, last)
+            source = "(" + " UNION ALL ".join([one] * len(tiles)) + ")"
+            args = [x for level, start in tiles for x in (group_by, level, start)]
+            order = "SUM(prompt_tokens) + SUM(completion_tokens) DESC, grp"
         sql = (
-            f"SELECT {column}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), "
+            "SELECT grp, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), "
             "COUNT(*) OVER (), SUM(SUM(requests)) OVER (), SUM(SUM(prompt_tokens)) OVER (), "
-            "SUM(SUM(completion_tokens)) OVER () "
-            f"FROM usage_daily WHERE day >= ? AND day <= ? GROUP BY {column} "
-            f"ORDER BY {order} LIMIT ?"
+            f"SUM(SUM(completion_tokens)) OVER () FROM {source} AS b "
+            f"GROUP BY grp ORDER BY {order} LIMIT ?"
         )
         with self._lock:
             cur = self._db.cursor()
-            cur.execute(self._sql(sql), (since, until, limit))
+            cur.execute(self._sql(sql), (*args, limit))
             found = cur.fetchall()
-        rows = [UsageRow(str(g), int(r), int(p), int(c)) for g, r, p, c, *_ in found]
+
+        def name(g: object) -> str:
+            return (
+                (_EPOCH + timedelta(days=int(str(g)))).isoformat() if group_by == "day" else str(g)
+            )
+
+        rows = [UsageRow(name(g), int(r), int(p), int(c)) for g, r, p, c, *_ in found]
         if not found:
             return UsageReport(rows, UsageRow("all", 0, 0, 0), 0)
         groups, r, p, c = found[0][4:]
