@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -366,6 +367,13 @@ class Settings(BaseSettings):
         description="How long a /console login lasts (seconds, or 30m, 8h, 1d); logout ends it "
         "sooner.",
     )
+    console_public_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="The address browsers reach llmhost at, when a proxy in front ends TLS "
+        "(https://llm.example.com): the SSO redirect URI is built from it, and the console's "
+        "cookies are Secure when it is https. Unset: from each request's own scheme and Host.",
+    )
     oidc_issuer: str | None = Field(
         None,
         max_length=2048,
@@ -417,6 +425,21 @@ class Settings(BaseSettings):
         if v is not None and not v.startswith(("https://", "http://")):
             raise ValueError("the OIDC issuer is an http(s) URL")
         return v
+
+    @field_validator("console_public_url")
+    @classmethod
+    def _check_public_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("console_public_url is an http(s) URL: https://llm.example.com")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError(
+                "console_public_url is a scheme, host and port only (the console is at "
+                "/console under it): no path, query, fragment or credentials"
+            )
+        return f"{parts.scheme}://{parts.netloc}"
 
     @model_validator(mode="after")
     def _check_oidc(self) -> Settings:

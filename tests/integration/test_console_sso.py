@@ -226,3 +226,50 @@ async def test_no_sso_unless_configured(tmp_path):
         assert page.status_code == 200 and "sso/start" not in page.text
         assert (await con.client.get("/console/sso/start")).status_code == 404
         assert (await con.client.get("/console/sso/callback?state=x&code=y")).status_code == 404
+
+
+async def test_behind_a_proxy_that_ends_tls(tmp_path, provider):
+    """console_public_url: the redirect URI names it (not the plain-HTTP request's scheme and
+    Host), and the console's cookies are Secure."""
+    public = {"console_public_url": "https://llm.example.com:8443/"}
+    async with console_app(tmp_path, **sso_settings(provider.issuer), **public) as con:
+        r = await con.client.get("/console/sso/start")
+        assert r.status_code == 303, r.text
+        query = parse_qs(urlsplit(r.headers["location"]).query)
+        assert query["redirect_uri"] == ["https://llm.example.com:8443/console/sso/callback"]
+        sso = next(v for v in r.headers.get_list("set-cookie") if v.startswith(SSO_COOKIE))
+        assert "secure" in {part.strip().lower() for part in sso.split(";")}
+        page = await con.client.get("/console/login")
+        login = next(v for v in page.headers.get_list("set-cookie") if "login" in v)
+        assert "secure" in login.lower()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "llm.example.com",
+        "ftp://llm.example.com",
+        "https://",
+        "https://h/llm",
+        "https://h/?x=1",
+        "https://u:p@h",
+        "https://h/#f",
+    ],
+)
+def test_public_url_must_be_a_scheme_and_host(tmp_path, bad):
+    from llmhost.config import Settings
+
+    with pytest.raises(ValueError, match="console_public_url"):
+        Settings(home=tmp_path, console_public_url=bad)
+
+
+async def test_sign_ins_started_are_limited_per_address(con):
+    codes = [(await con.client.get("/console/sso/start")).status_code for _ in range(22)]
+    assert codes[:20] == [303] * 20
+    assert codes[20:] == [429, 429]
+    r = await con.client.get("/console/sso/start")
+    assert "wait a minute" in r.text
+    oidc = con.app.state.console_app.state.console.oidc
+    assert len(oidc.pending) == 20  # the refused ones hold no pending login
+    # the API key login is not affected
+    assert (await con.login(con.admin)).status_code == 303

@@ -69,6 +69,7 @@ class Console(ConsoleBase):
     verify: VerifyState = field(default_factory=VerifyState)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # loads started from a page
     oidc: Oidc | None = None  # single sign-on, when configured
+    public_url: str | None = None  # scheme://host[:port] browsers use, behind a TLS proxy
 
 
 def utc(t: float | None) -> str:
@@ -98,7 +99,9 @@ def build_console(api: FastAPI) -> FastAPI:
         sessions=Sessions(settings.console_session_lifetime),
         sampler=Sampler(state.metrics) if state.metrics is not None else None,
         templates=templates(),
-        secure_cookies=settings.ssl_certfile is not None,
+        secure_cookies=settings.ssl_certfile is not None
+        or (settings.console_public_url or "").startswith("https://"),
+        public_url=settings.console_public_url,
         oidc=Oidc(settings) if settings.oidc_issuer is not None else None,
     )
     install_pages(console)

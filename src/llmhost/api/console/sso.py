@@ -21,6 +21,9 @@ import httpx
 import jwt
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from llmhost.api.console.pages import Refused, console_of, render, start_session
 from llmhost.api.console.sessions import COOKIE_PATH
@@ -31,6 +34,7 @@ log = logging.getLogger("llmhost.console")
 
 PENDING_S = 600  # a login started must come back within this
 MAX_PENDING = 1024  # logins started and not yet back; past this the oldest is dropped
+SSO_STARTS = RateLimitItemPerMinute(20)  # sign-ins one client address may start
 MAX_STATE_CHARS = 128
 MAX_CODE_CHARS = 4096
 MAX_RESPONSE_BYTES = 1024 * 1024  # discovery, JWKS and token responses are a few KiB
@@ -138,6 +142,7 @@ class Oidc:
         self.admin_values = list(settings.oidc_admin_values)
         self.user_claim = settings.oidc_user_claim
         self.pending = PendingLogins(clock)
+        self.starts = MovingWindowRateLimiter(MemoryStorage())  # sign-ins started, per address
         self._clock = clock
         self._discovery: dict[str, Any] | None = None
         self._discovered_at = 0.0
@@ -314,7 +319,10 @@ SSO_PATH = COOKIE_PATH + "/sso"
 
 
 def redirect_uri(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + SSO_PATH + "/callback"
+    """Where the provider sends the browser back: under the configured public URL (behind a
+    proxy that ends TLS), else under the scheme and Host this request came with."""
+    base = console_of(request).public_url or str(request.base_url)
+    return base.rstrip("/") + SSO_PATH + "/callback"
 
 
 def oidc_of(request: Request) -> Oidc:
@@ -335,6 +343,12 @@ def sso_refused(request: Request, exc: SsoError) -> Response:
 
 async def sso_start(request: Request) -> Response:
     oidc = oidc_of(request)
+    address = (request.client.host if request.client else "?")[:64]
+    if not await oidc.starts.hit(SSO_STARTS, address):
+        # each start holds a pending login (and may ask the provider): bounded per address
+        return sso_refused(
+            request, SsoError(429, "Too many sign-ins started from this address: wait a minute.")
+        )
     try:
         async with http_client() as client:
             url, state = await oidc.authorize_url(client, redirect_uri(request))
