@@ -64,3 +64,44 @@ def test_rotate_refuses_a_bare_number_and_unknown_ids(home):
     assert keys("rotate", info.key_id).exit_code == 2  # the grace is asked for, not assumed
     assert store.authenticate(old).user_id == "dave"  # nothing was rotated
     store.close()
+
+
+def test_key_changes_from_the_cli_are_audited(home):
+    """create, rotate and revoke from the shell each leave an audit record naming the system
+    user and the key, in the same chained log the server writes (it still verifies)."""
+    from llmhost.audit.store import open_store
+    from llmhost.config import load_settings
+
+    created = keys("create", "--user", "erin", "--role", "admin")
+    assert created.exit_code == 0, created.output
+    key_id = created.stdout.strip().split("_")[1]
+    assert keys("rotate", key_id, "--grace", "1h").exit_code == 0
+    assert keys("revoke", key_id).exit_code == 0
+    assert keys("revoke", "nope").exit_code != 0  # refused: nothing to record
+    s = load_settings()
+    store = open_store(None, s.audit_db, key_file=s.audit_key_path, head_file=s.audit_head_path)
+    try:
+        found = list(store.search())
+        assert store.verify().ok
+    finally:
+        store.close()
+    routes = [r.route for r in found]
+    assert routes == [
+        f"llmhost keys create {key_id} (user erin, role admin)",
+        f"llmhost keys rotate {key_id} (user erin, grace 3600 s)",
+        f"llmhost keys revoke {key_id} (user erin)",
+    ]
+    assert all(r.user_id.startswith("cli:") and r.status == 200 for r in found)
+    assert all(r.client_ip == "local" and r.request_id.startswith("cli-") for r in found)
+    secret = created.stdout.strip().rsplit("_", 1)[1]
+    assert not any(secret in repr(r) for r in found)
+
+
+def test_an_audit_log_that_cannot_be_written_is_an_error_not_silence(home, monkeypatch):
+    (home / "audit.key").write_text("not a key")  # unreadable: the store refuses to write
+    created = keys("create", "--user", "erin")
+    assert created.exit_code == 1
+    assert created.stdout.startswith("llmh_")  # the key exists: its secret is still shown
+    assert "audit record could not be written" in str(created.exception)
+    monkeypatch.setenv("LLMHOST_AUDIT", "false")
+    assert keys("create", "--user", "frank").exit_code == 0  # audit off: nothing to write

@@ -1,9 +1,13 @@
-"""`llmhost keys create|list|revoke|rotate`: API keys, stored hashed in `$LLMHOST_HOME/keys.db`."""
+"""`llmhost keys create|list|revoke|rotate`: API keys, stored hashed in `$LLMHOST_HOME/keys.db`.
+Each change is an audit record, as one made through the API is: who ran it (the system user,
+as `cli:<name>`), when, and what it did to which key."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -13,6 +17,7 @@ from rich.table import Table
 
 from llmhost.cli.options import AsJson, duration_flag
 from llmhost.config import QUOTA_NOTE, load_settings
+from llmhost.errors import LlmhostError
 
 if TYPE_CHECKING:
     from llmhost.security.auth import KeyInfo
@@ -24,6 +29,51 @@ def _store():
     from llmhost.security.auth import KeyStore
 
     return contextlib.closing(KeyStore(load_settings().keys_db))
+
+
+def _audit(action: str, t0: float) -> None:
+    """An audit record of a key change made from this shell (when the audit log is on). A
+    record that cannot be written is an error: the change is done, and the exit says so."""
+    import getpass
+    import secrets
+
+    from llmhost.audit.records import AuditRecord
+    from llmhost.audit.store import open_store
+
+    settings = load_settings()
+    if not settings.audit:
+        return
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container, say)
+        who = str(os.getuid())
+    record = AuditRecord(
+        ts=t0,
+        request_id="cli-" + secrets.token_hex(8),
+        client_ip="local",
+        user_id=f"cli:{who}",
+        route=f"llmhost keys {action}",
+        status=200,
+        latency_ms=(time.time() - t0) * 1000,
+    )
+    try:
+        store = open_store(
+            settings.audit_url,
+            settings.audit_db,
+            key_file=settings.audit_key_path,
+            head_file=settings.audit_head_path,
+            writer=True,
+        )
+        try:
+            store.append([record])
+        finally:
+            store.close()
+    except Exception as exc:  # the store's ConfigError, sqlite3's or psycopg's errors
+        detail = exc.message if isinstance(exc, LlmhostError) else str(exc)
+        raise LlmhostError(
+            f"done, but its audit record could not be written ({detail[:300]}): "
+            f"record `{record.route}` by {record.user_id} by hand"
+        ) from exc
 
 
 def _when(ts: float | None) -> str:
@@ -56,6 +106,7 @@ def create(
     from llmhost.security.quota import Quota
 
     lifetime = duration_flag(expires, "--expires") if expires else None
+    t0 = time.time()
     with _store() as keys:
         text, info = keys.create(
             user,
@@ -71,6 +122,7 @@ def create(
         f"key {info.key_id} for {info.user_id} ({info.role}), expires {_when(info.expires)}. "
         "Store it now: it cannot be shown again."
     )
+    _audit(f"create {info.key_id} (user {info.user_id}, role {info.role})", t0)
 
 
 def _state(k: KeyInfo) -> str:
@@ -108,9 +160,11 @@ def list_keys(as_json: AsJson = False) -> None:
 @keys_app.command()
 def revoke(key_id: str = typer.Argument(..., help="The key's id (see `llmhost keys list`).")):
     """Revoke a key: requests with it fail at once."""
+    t0 = time.time()
     with _store() as keys:
         info = keys.revoke(key_id)
     typer.echo(f"revoked {info.key_id} ({info.user_id})")
+    _audit(f"revoke {info.key_id} (user {info.user_id})", t0)
 
 
 @keys_app.command()
@@ -123,6 +177,7 @@ def rotate(
     """Give a key a new secret, printed once; the old one works for the grace period.
     The key keeps its id, user, role, limits, models and expiry."""
     seconds = 0.0 if grace.strip() == "0" else duration_flag(grace, "--grace")
+    t0 = time.time()
     with _store() as keys:
         done = keys.rotate(key_id, seconds)
     typer.echo(done.key)
@@ -141,3 +196,4 @@ def rotate(
         err.print(
             "The secret an earlier rotation replaced was still in its grace: it stops now too."
         )
+    _audit(f"rotate {info.key_id} (user {info.user_id}, grace {seconds:g} s)", t0)
