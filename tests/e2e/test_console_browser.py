@@ -94,7 +94,7 @@ def drive(page, expect, url: str, admin: str, model: str) -> None:
 
     # the live part is swapped in by our script, charts included
     expect(page.locator("#live")).to_have_attribute("data-refreshed", re.compile(r"\d+"))
-    expect(page.locator("figure.chart svg")).to_have_count(4)
+    expect(page.locator("figure.chart svg")).to_have_count(5)
 
     # the user's request is in the audit log; the chain checks out
     page.click("nav >> text=Audit")

@@ -47,6 +47,34 @@ def test_sampler_turns_counters_into_rates():
     assert len(sampler.samples) == KEEP
 
 
+def test_sampler_reads_the_engine_load_at_each_tick():
+    m = Metrics(gpu=False)
+    clock = Clock()
+    held = [0.0]
+    sampler = Sampler(m, every=5, clock=clock, load=lambda: held[0])
+    sampler.tick()
+    for n in (3.0, 7.0, 0.0):
+        held[0] = n
+        clock.now += 5
+        sampler.tick()
+    assert [s.load for s in sampler.samples] == [3.0, 7.0, 0.0]
+    by_key = {c.key: c for c in charts(sampler.samples)}
+    assert by_key["load"].peak == "7.00" and by_key["load"].latest == "0.00"
+    assert [c.key for c in charts(sampler.samples)] == [
+        "requests",
+        "ttft",
+        "tokens",
+        "errors",
+        "load",
+    ]
+    without = Sampler(m, every=5, clock=clock)  # no load to read: that chart stays empty
+    without.tick()
+    clock.now += 5
+    without.tick()
+    assert without.samples[-1].load is None
+    assert {c.key: c for c in charts(without.samples)}["load"].points == ""
+
+
 def test_chart_points_stay_in_the_box_and_gaps_are_skipped():
     c = chart("ttft", "TTFT", "ms", [None, 5.0, 0.0, None, 20.0])
     points = [tuple(map(float, p.split(","))) for p in c.points.split()]
@@ -58,7 +86,7 @@ def test_chart_points_stay_in_the_box_and_gaps_are_skipped():
     assert c.latest == "20.00" and c.peak == "20.00"
     empty = chart("ttft", "TTFT", "ms", [None, None])
     assert empty.points == "" and empty.latest == "-" and empty.peak == "-"
-    assert [c.key for c in charts([])] == ["requests", "ttft", "tokens", "errors"]
+    assert [c.key for c in charts([])] == ["requests", "ttft", "tokens", "errors", "load"]
 
 
 def test_sessions_expire_end_and_stay_bounded():

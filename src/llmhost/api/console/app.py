@@ -9,6 +9,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -89,6 +90,12 @@ def templates() -> Environment:
     return env
 
 
+def pool_load(pool: Any) -> float:
+    """Requests every model holds now: decoding, queued in its engine, or waiting for it to
+    load."""
+    return float(sum(m["in_flight"] + m["waiting"] for m in pool.status()))
+
+
 def build_console(api: FastAPI) -> FastAPI:
     """The console app for `api` (an app `create_app` made, its state filled in)."""
     state = api.state
@@ -97,7 +104,9 @@ def build_console(api: FastAPI) -> FastAPI:
     console.state.console = Console(
         api=api,
         sessions=Sessions(settings.console_session_lifetime),
-        sampler=Sampler(state.metrics) if state.metrics is not None else None,
+        sampler=Sampler(state.metrics, load=lambda: pool_load(state.pool))
+        if state.metrics is not None
+        else None,
         templates=templates(),
         secure_cookies=settings.ssl_certfile is not None
         or (settings.console_public_url or "").startswith("https://"),

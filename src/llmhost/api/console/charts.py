@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from llmhost.observability.metrics import Metrics
@@ -30,6 +30,7 @@ class Totals:
     ttft_sum: float
     ttft_count: float
     tokens: float
+    load: float | None = None  # requests the engines hold now (see Sampler)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Sample:
     ttft_ms: float | None  # mean TTFT of the requests whose first token came in the interval
     tokens_per_s: float
     errors_per_s: float
+    load: float | None = None  # requests the engines held at the interval's end
 
 
 def read_totals(metrics: Metrics, now: float) -> Totals:
@@ -76,6 +78,7 @@ def rates(before: Totals, after: Totals) -> Sample:
         ttft_ms=ttft_ms,
         tokens_per_s=(after.tokens - before.tokens) / dt,
         errors_per_s=(after.errors - before.errors) / dt,
+        load=after.load,
     )
 
 
@@ -110,15 +113,21 @@ class RateSampler(Generic[T, S]):
 
 
 class Sampler(RateSampler[Totals, Sample]):
-    """Samples a server's `metrics`."""
+    """Samples a server's `metrics`, and `load` (the requests its engines hold now: decoding,
+    queued or waiting for their model to load) when given."""
 
     def __init__(
         self,
         metrics: Metrics,
         every: float = SAMPLE_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
+        load: Callable[[], float] | None = None,
     ) -> None:
-        super().__init__(lambda now: read_totals(metrics, now), rates, every, clock)
+        def read(now: float) -> Totals:
+            totals = read_totals(metrics, now)
+            return totals if load is None else replace(totals, load=load())
+
+        super().__init__(read, rates, every, clock)
         self.metrics = metrics
 
 
@@ -139,6 +148,7 @@ SERIES: tuple[tuple[str, str, str, Callable[[Sample], float | None]], ...] = (
     ("ttft", "Time to first token", "ms", lambda s: s.ttft_ms),
     ("tokens", "Output tokens", "tok/s", lambda s: s.tokens_per_s),
     ("errors", "Errors (status 4xx and 5xx)", "err/s", lambda s: s.errors_per_s),
+    ("load", "Engine load (requests held)", "requests", lambda s: s.load),
 )
 
 
