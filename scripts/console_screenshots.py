@@ -26,7 +26,7 @@ from llmhost.store.demo import ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "console"
-PAGES = ("overview", "usage", "keys", "audit", "playground")
+PAGES = ("overview", "usage", "keys", "audit", "playground", "sessions")
 ROUTER_TOKEN = "router-token-for-screenshots"
 
 

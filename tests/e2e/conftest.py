@@ -103,3 +103,19 @@ def server(tmp_path_factory):
         yield srv
     finally:
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def watched_page(browser, timeout_ms: int):
+    """A new Playwright page that waits up to `timeout_ms`, and the list its console errors
+    and page errors are written to ("url: text"), for a test to check (CSP violations, say)."""
+    page = browser.new_page()
+    page.set_default_timeout(timeout_ms)
+    problems: list[str] = []
+
+    def on_console(m) -> None:
+        if m.type == "error":
+            problems.append(f"{m.location.get('url')}: {m.text}")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return page, problems

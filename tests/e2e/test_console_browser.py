@@ -14,7 +14,7 @@ import httpx
 
 from llmhost.security.auth import KeyStore
 from tests.conftest import require, require_exe
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, watched_page
 
 TIMEOUT_MS = 60_000
 
@@ -49,19 +49,8 @@ def test_console_in_a_browser(tiny_model, tmp_path):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             try:
-                page = browser.new_page()
-                page.set_default_timeout(TIMEOUT_MS)
+                page, problems = watched_page(browser, TIMEOUT_MS)
                 expect.set_options(timeout=TIMEOUT_MS)
-                problems: list[str] = []
-                page.on(
-                    "console",
-                    lambda m: (
-                        problems.append(f"{m.location.get('url')}: {m.text}")
-                        if m.type == "error"
-                        else None
-                    ),
-                )
-                page.on("pageerror", lambda e: problems.append(str(e)))
                 drive(page, expect, srv.url, admin, model)
                 assert not [t for t in problems if "Content Security Policy" in t], problems
                 # the one error expected: the wrong key's 401
@@ -151,6 +140,13 @@ def drive(page, expect, url: str, admin: str, model: str) -> None:
     expect(page.locator("table.audit tbody tr")).to_have_count(1)
     page.goto(url + "/console/audit?user=root")
     expect(page.locator("table.audit tbody tr")).to_have_count(3)
+
+    # the sessions page lists this login, as the admin's own
+    page.click("nav >> text=Sessions")
+    mine = page.locator("table.sessions tbody tr")
+    expect(mine).to_have_count(1)
+    expect(mine).to_contain_text("root")
+    expect(mine.locator(".tag")).to_have_text("you")
 
     # logging out ends the session
     page.click("form.logout button")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import httpx
 
 from tests.conftest import require, require_exe
+from tests.e2e.conftest import watched_page
 from tests.e2e.test_router import TOKEN, Router, fakes  # noqa: F401  (fakes: a fixture)
 
 TIMEOUT_MS = 30_000
@@ -25,12 +26,8 @@ def test_router_console_in_a_browser(fakes, tmp_path):  # noqa: F811
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             try:
-                page = browser.new_page()
-                page.set_default_timeout(TIMEOUT_MS)
+                page, problems = watched_page(browser, TIMEOUT_MS)
                 expect.set_options(timeout=TIMEOUT_MS)
-                problems: list[str] = []
-                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: problems.append(str(e)))
                 drive(page, expect, router)
                 assert not [t for t in problems if "Content Security Policy" in t], problems
             finally:

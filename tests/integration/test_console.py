@@ -194,6 +194,57 @@ async def test_expired_tampered_and_ended_sessions(con):
     assert (await con.client.get("/console")).status_code == 303
 
 
+async def test_admins_see_and_end_sessions(con):
+    """The sessions page lists every live login; ending another's session sends its next
+    request to the login page, ending one's own is logging out; CSRF is checked."""
+    await con.login(con.admin)
+    mine = con.client.cookies[SESSION_COOKIE]
+    sessions = con.app.state.console_app.state.console.sessions
+    keys = KeyStore(con.app.state.settings.keys_db)
+    other_key, _ = keys.create("carol", "admin")
+    keys.close()
+    con.client.cookies.clear()  # another browser
+    await con.login(other_key)
+    theirs = con.client.cookies[SESSION_COOKIE]
+    assert theirs != mine
+    con.use_session(mine)
+    page = await con.client.get("/console/sessions")
+    assert page.status_code == 200
+    assert 'data-user="root"' in page.text and 'data-user="carol"' in page.text
+    assert mine not in page.text and theirs not in page.text  # ids (cookies) never shown
+    carol = sessions.get(theirs)
+    token = CSRF.search(page.text).group(1)
+    r = await con.client.post(f"/console/sessions/{carol.handle}/end", data={"csrf": "x"})
+    assert r.status_code == 403 and sessions.get(theirs) is not None
+    r = await con.client.post(f"/console/sessions/{carol.handle}/end", data={"csrf": token})
+    assert r.status_code == 303 and sessions.get(theirs) is None
+    assert "Ended the session of carol" in (await con.client.get("/console/sessions")).text
+    r = await con.client.post(f"/console/sessions/{carol.handle}/end", data={"csrf": token})
+    assert "already ended" in (await con.client.get("/console/sessions")).text
+    con.use_session(theirs)
+    assert (await con.client.get("/console")).status_code == 303
+    con.use_session(mine)
+    own = sessions.get(mine).handle
+    r = await con.client.post(f"/console/sessions/{own}/end", data={"csrf": token})
+    assert r.status_code == 303 and r.headers["location"] == "/console/login"
+    assert (await con.client.get("/console")).status_code == 303
+
+
+async def test_revoking_the_key_ends_its_console_sessions(con):
+    """A session made with an API key ends once the key is revoked, also when another
+    process (`llmhost keys revoke`) revokes it."""
+    keys = KeyStore(con.app.state.settings.keys_db)  # another connection, as the CLI's
+    key, info = keys.create("dana", "admin")
+    await con.login(key)
+    assert (await con.client.get("/console")).status_code == 200
+    keys.revoke(info.key_id)
+    keys.close()
+    r = await con.client.get("/console")
+    assert r.status_code == 303 and r.headers["location"] == "/console/login"
+    assert len(con.app.state.console_app.state.console.sessions) == 0
+    assert (await con.client.get("/console/live")).status_code == 401
+
+
 async def test_session_lifetime_comes_from_settings(tmp_path):
     async with console_app(tmp_path, console_session_lifetime="90s") as con:
         r = await con.login(con.admin)

@@ -206,3 +206,14 @@ def test_models_of_counts_upstreams_taking_traffic():
     for u, healthy, weight in zip(pool.upstreams, [True, True, False], [1, 0, 1], strict=True):
         u.models, u.healthy, u.weight = frozenset({"m"}), healthy, weight
     assert models_of(pool.upstreams) == [{"id": "m", "upstreams": ["u0", "u1", "u2"], "live": 1}]
+
+
+async def test_router_sessions_page_and_its_own_links():
+    async with fleet() as (c, _pool):
+        await login(c, TOKEN)
+        page = await c.get("/console/sessions")
+        assert page.status_code == 200 and 'data-user="router-admin"' in page.text
+        nav = page.text[page.text.index("<nav>") : page.text.index("</nav>")]
+        assert '"/console"' in nav and '"/console/sessions"' in nav
+        assert "/console/keys" not in nav and "/console/usage" not in nav
+        assert (await c.get("/console/keys")).status_code != 200  # no such page on a router

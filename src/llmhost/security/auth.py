@@ -293,25 +293,35 @@ class KeyStore:
         info = replace(before, rotated=now, old_secret_until=until)
         return Rotation(f"{KEY_PREFIX}{key_id}_{secret}", info, before.in_grace(now))
 
-    def authenticate(self, token: str) -> Principal:
-        body = token[len(KEY_PREFIX) :]
-        key_id, sep, secret = body.partition("_")
-        if not sep or not key_id or not secret:
-            raise AuthenticationError("malformed API key")
+    def _row(self, key_id: str) -> tuple[Any, ...] | None:
+        """The key's row (digests first), from the cache while the database is unchanged."""
         with self._lock:
             version = self._db.execute("PRAGMA data_version").fetchone()[0]
             if version != self._version:
                 self._rows.clear()
                 self._version = version
             if key_id in self._rows:
-                row = self._rows[key_id]
-            else:
-                row = self._db.execute(
-                    f"SELECT secret_sha256, old_sha256, {_KEY_COLS} FROM api_keys WHERE key_id = ?",
-                    (key_id,),
-                ).fetchone()
-                if len(self._rows) < 10_000:  # unknown ids from a scanner must not grow it
-                    self._rows[key_id] = row
+                return self._rows[key_id]
+            row: tuple[Any, ...] | None = self._db.execute(
+                f"SELECT secret_sha256, old_sha256, {_KEY_COLS} FROM api_keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+            if len(self._rows) < 10_000:  # unknown ids from a scanner must not grow it
+                self._rows[key_id] = row
+            return row
+
+    def is_active(self, key_id: str) -> bool:
+        """Whether key `key_id` exists and is active now (not revoked, not expired): a
+        console session made with it lasts only as long."""
+        row = self._row(key_id)
+        return row is not None and _info(row[2:]).state(self._clock()) == "active"
+
+    def authenticate(self, token: str) -> Principal:
+        body = token[len(KEY_PREFIX) :]
+        key_id, sep, secret = body.partition("_")
+        if not sep or not key_id or not secret:
+            raise AuthenticationError("malformed API key")
+        row = self._row(key_id)
         # Compare digests even for unknown ids and keys never rotated, so timing reveals
         # neither which ids exist nor which have a replaced secret.
         digest = _digest(secret)

@@ -22,6 +22,7 @@ from llmhost.api.console.sessions import COOKIE_PATH, Sessions
 from llmhost.api.console.sso import Oidc
 from llmhost.api.security import BodyLimitMiddleware
 from llmhost.audit.records import ChainReport
+from llmhost.security.auth import Principal
 
 HERE = Path(__file__).parent
 STATIC_PATH = COOKIE_PATH + "/static"
@@ -60,6 +61,10 @@ class ConsoleBase:
     templates: Environment
     secure_cookies: bool
 
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether a session's principal may still act (checked on every console request)."""
+        return True
+
 
 @dataclass
 class Console(ConsoleBase):
@@ -67,6 +72,15 @@ class Console(ConsoleBase):
 
     api: FastAPI
     sampler: Sampler | None  # None: metrics are off
+
+    def still_valid(self, principal: Principal) -> bool:
+        """A session made with an API key ends when the key is revoked or expires (from the
+        console, the admin API or `llmhost keys revoke` in another process alike)."""
+        authenticator = self.api.state.authenticator
+        if principal.via != "api_key" or principal.key_id is None or authenticator is None:
+            return True
+        return authenticator.keys is None or bool(authenticator.keys.is_active(principal.key_id))
+
     verify: VerifyState = field(default_factory=VerifyState)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # loads started from a page
     oidc: Oidc | None = None  # single sign-on, when configured
@@ -77,9 +91,19 @@ def utc(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t is not None else "-"
 
 
-def templates() -> Environment:
+SERVER_NAV = (
+    ("", "Overview", "overview"),
+    ("/usage", "Usage", "usage"),
+    ("/keys", "Keys", "keys"),
+    ("/audit", "Audit", "audit"),
+    ("/playground", "Playground", "playground"),
+    ("/sessions", "Sessions", "sessions"),
+)
+
+
+def templates(nav: tuple[tuple[str, str, str], ...] = SERVER_NAV) -> Environment:
     """The pages' templates, every value escaped (a model id or an audited prompt holding
-    markup is shown as text)."""
+    markup is shown as text); `nav`: the pages the bar links to (path, label, page name)."""
     env = Environment(
         loader=FileSystemLoader(HERE / "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
@@ -87,6 +111,7 @@ def templates() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["utc"] = utc
+    env.globals["nav"] = nav
     return env
 
 

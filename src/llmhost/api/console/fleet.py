@@ -51,6 +51,7 @@ from llmhost.api.console.pages import (
     start_session,
 )
 from llmhost.api.console.sessions import COOKIE_PATH, SESSION_COOKIE, Sessions
+from llmhost.api.console.sessions_page import install_sessions
 from llmhost.api.router import Pool, RouterApp, Upstream
 from llmhost.errors import LlmhostError
 from llmhost.security.auth import Principal
@@ -59,6 +60,7 @@ log = logging.getLogger("llmhost.console")
 SESSION_S = 8 * 3600.0
 LOGIN_FAILURES = RateLimitItemPerMinute(10)  # failed logins per client address
 ROUTER_ADMIN = "router-admin"
+FLEET_NAV = (("", "Fleet", "fleet"), ("/sessions", "Sessions", "sessions"))
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def build_fleet_console(router: RouterApp, *, secure_cookies: bool = False) -> F
     console = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     fleet = FleetConsole(
         sessions=Sessions(SESSION_S),
-        templates=templates(),
+        templates=templates(FLEET_NAV),
         secure_cookies=secure_cookies,
         router=router,
         sampler=FleetSampler(router.pool),
@@ -288,6 +290,7 @@ def build_fleet_console(router: RouterApp, *, secure_cookies: bool = False) -> F
     console.add_api_route(root + "/login", login, methods=post)
     console.add_api_route(root + "/logout", logout, methods=post)
     console.add_api_route(root + "/upstreams/{name:path}/weight", set_weight, methods=post)
+    install_sessions(console)
     console.mount(STATIC_PATH, StaticFiles(directory=HERE / "static"), name="static")
     console.add_exception_handler(NeedLogin, need_login)
     console.add_exception_handler(Refused, refused)

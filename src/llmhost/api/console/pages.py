@@ -75,8 +75,13 @@ def render(request: Request, template: str, status: int = 200, **context: Any) -
 
 
 def session_of(request: Request) -> Session:
-    session = base_of(request).sessions.get(request.cookies.get(SESSION_COOKIE))
+    console = base_of(request)
+    sid = request.cookies.get(SESSION_COOKIE)
+    session = console.sessions.get(sid)
     if session is None:
+        raise NeedLogin()
+    if not console.still_valid(session.principal):  # its key was revoked, say
+        console.sessions.end(sid)
         raise NeedLogin()
     return session
 
@@ -447,9 +452,11 @@ def install_pages(app: FastAPI) -> None:
     app.add_api_route(root + "/playground", playground, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/playground/chat", playground_chat, methods=post)
     from llmhost.api.console.keys import install_keys  # they build on this module
+    from llmhost.api.console.sessions_page import install_sessions
     from llmhost.api.console.sso import install_sso
 
     install_keys(app)
+    install_sessions(app)
     install_sso(app)
     app.add_exception_handler(NeedLogin, need_login)
     app.add_exception_handler(Refused, refused)

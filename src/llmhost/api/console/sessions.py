@@ -1,6 +1,7 @@
 """Console sessions: a random opaque id (the cookie) mapped in memory to the principal who
 logged in, its CSRF token and its expiry. Nothing about the principal travels in the cookie;
-logging out, or a server restart, ends the session."""
+logging out, an admin ending it on the sessions page, revoking the API key it logged in with,
+or a server restart, ends the session."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ MAX_ID_CHARS = 64  # a cookie longer than any id we hand out is not looked up
 class Session:
     principal: Principal
     expires: float
+    started: float = 0.0
+    # names the session on the sessions page (the id itself, the cookie, is never shown)
+    handle: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     flash: str | None = None  # one message shown on the next page (a refused unload, say)
     secret: str | None = None  # a new key's secret: shown once, on the next keys page
@@ -46,7 +50,8 @@ class Sessions:
         while len(self._live) >= MAX_SESSIONS:
             self._live.popitem(last=False)
         sid = secrets.token_urlsafe(32)
-        session = Session(principal, self._clock() + self.lifetime_s)
+        now = self._clock()
+        session = Session(principal, now + self.lifetime_s, now)
         self._live[sid] = session
         return sid, session
 
@@ -65,6 +70,19 @@ class Sessions:
     def end(self, sid: str | None) -> None:
         if sid:
             self._live.pop(sid, None)
+
+    def live(self) -> list[Session]:
+        """The sessions not yet ended or expired, newest first."""
+        self._sweep()
+        return list(reversed(self._live.values()))
+
+    def end_handle(self, handle: str) -> Session | None:
+        """Ends the session `handle` names (as the sessions page shows it); None if none."""
+        for sid, session in self._live.items():
+            if secrets.compare_digest(session.handle.encode(), handle.encode()):
+                del self._live[sid]
+                return session
+        return None
 
     def _sweep(self) -> None:
         """Ends expired sessions, oldest first (the order is the order of expiry)."""
