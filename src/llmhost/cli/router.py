@@ -32,6 +32,11 @@ def router(
         "--console/--no-console",
         help="The fleet's page at /console, for whoever logs in with the admin token.",
     ),
+    public_url: str | None = typer.Option(
+        None,
+        help="The https:// address browsers use, when a proxy in front ends TLS: the console's "
+        "cookies are then Secure.",
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Spread requests over upstreams (fewest outstanding first), take out those failing
@@ -49,8 +54,15 @@ def router(
             raise ConfigError(f"cannot read {admin_token_file}: {exc.strerror}") from exc
     setup_logging(log_level, "text")
     pool = Pool([parse_upstream(u, i) for i, u in enumerate(upstream)], check_every=check_every)
+    if public_url is not None and not public_url.startswith(("https://", "http://")):
+        raise ConfigError(f"--public-url {public_url!r} is an http(s) URL")
     app = create_router_app(
-        pool, admin_token=token, retries=retries, max_body=max_body_mb << 20, console=console
+        pool,
+        admin_token=token,
+        retries=retries,
+        max_body=max_body_mb << 20,
+        console=console,
+        secure_cookies=(public_url or "").startswith("https://"),
     )
     Console(stderr=True).print(
         f"router at http://{host}:{port} -> "
