@@ -217,3 +217,26 @@ async def test_router_sessions_page_and_its_own_links():
         assert '"/console"' in nav and '"/console/sessions"' in nav
         assert "/console/keys" not in nav and "/console/usage" not in nav
         assert (await c.get("/console/keys")).status_code != 200  # no such page on a router
+
+
+async def test_router_cli_public_url_makes_the_cookies_secure(monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from llmhost.cli.main import app as cli
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app))
+    monkeypatch.setenv("LLMHOST_ROUTER_TOKEN", TOKEN)
+    args = ["router", "-u", "http://127.0.0.1:9", "--check-every", "3600"]
+    done = CliRunner().invoke(cli, [*args, "--public-url", "https://llm.example.com"])
+    assert done.exit_code == 0, done.output
+    bad = CliRunner().invoke(cli, [*args, "--public-url", "llm.example.com"])
+    assert bad.exit_code != 0 and len(served) == 1
+    (app,) = served
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await login(c, TOKEN)
+    cookie = next(h for h in r.headers.get_list("set-cookie") if SESSION_COOKIE in h)
+    assert "secure" in cookie.lower()
