@@ -599,3 +599,25 @@ async def test_keys_page_shows_a_page_at_a_time_and_finds_a_user_or_id(tmp_path)
         assert "&lt;nobody&gt;" in none.text
         odd = await con.client.get("/console/keys", params={"page": "x9"})
         assert ids(odd.text) == newest[:100]
+
+
+async def test_a_jwt_login_ends_when_the_token_does(tmp_path):
+    import time
+
+    import jwt
+
+    secret = "s" * 40
+    async with console_app(tmp_path, jwt_secret=secret) as con:
+        exp = int(time.time()) + 120
+        token = jwt.encode({"sub": "erin", "role": "admin", "exp": exp}, secret, "HS256")
+        r = await con.login(token)
+        assert r.status_code == 303, r.text
+        cookie = next(v for v in r.headers.get_list("set-cookie") if v.startswith(SESSION_COOKIE))
+        max_age = int(cookie.lower().split("max-age=")[1].split(";")[0])
+        assert 100 <= max_age <= 120  # not the 8 hours a key's login gets
+        sessions = con.app.state.console_app.state.console.sessions
+        (session,) = sessions.live()
+        assert session.expires == exp and session.principal.via == "jwt"
+        assert (await con.client.get("/console")).status_code == 200
+        session.expires = time.time() - 1  # the token's exp has passed
+        assert (await con.client.get("/console")).status_code == 303

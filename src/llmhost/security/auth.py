@@ -44,6 +44,7 @@ class Principal:
     key_id: str | None = None
     models: tuple[str, ...] | None = None  # the models it may use; None: all
     quota: Quota = NO_QUOTA  # the key's own quotas (tokens/day, tokens/month, requests/day)
+    expires: float | None = None  # Unix time the credential stops being valid (a JWT's exp)
 
     @property
     def is_admin(self) -> bool:
@@ -447,6 +448,7 @@ class JWTVerifier:
             tpm if isinstance(tpm, int) and tpm > 0 else None,
             "jwt",
             models=None if models is None else tuple(models[:MAX_KEY_MODELS]),
+            expires=float(claims["exp"]),
         )
 
 

@@ -221,12 +221,12 @@ def start_session(request: Request, principal: Principal, response: Response) ->
     """`response`, setting the cookie of a new session for `principal` (API key or SSO)."""
     console = base_of(request)
     console.sessions.end(request.cookies.get(SESSION_COOKIE))  # a new login, a new id
-    sid, _session = console.sessions.start(principal)
+    sid, session = console.sessions.start(principal)
     log.info("console login: %s (%s)", principal.user_id, principal.via)
     response.set_cookie(
         SESSION_COOKIE,
         sid,
-        max_age=int(console.sessions.lifetime_s),
+        max_age=max(1, int(session.expires - session.started)),
         path=COOKIE_PATH,
         httponly=True,
         samesite="strict",

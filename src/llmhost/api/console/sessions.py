@@ -51,7 +51,11 @@ class Sessions:
             self._live.popitem(last=False)
         sid = secrets.token_urlsafe(32)
         now = self._clock()
-        session = Session(principal, now + self.lifetime_s, now)
+        # a credential that ends sooner (a JWT's exp) ends the session with it
+        ends = now + self.lifetime_s
+        if principal.expires is not None:
+            ends = min(ends, principal.expires)
+        session = Session(principal, ends, now)
         self._live[sid] = session
         return sid, session
 
