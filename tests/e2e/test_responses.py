@@ -224,5 +224,7 @@ def test_refused_fields_are_400s_and_the_server_goes_on(client, fields, param):
         client.responses.create(**body)
     assert err.value.status_code == 400
     assert err.value.body["param"] == (param or "text.format")
-    resp = client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
-    assert resp.usage.output_tokens >= 1, resp.model_dump()
+    # greedy: sampled, the random demo model ends its turn at once about one time in a
+    # hundred, which says nothing of the server
+    resp = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, temperature=0)
+    assert resp.usage.output_tokens >= 1, str(resp.model_dump())
