@@ -17,8 +17,16 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmhost.api.console.charts import Sampler
-from llmhost.api.console.pages import install_pages
+from llmhost.api.console.pages import (
+    NeedLogin,
+    Refused,
+    install_pages,
+    logout,
+    need_login,
+    refused,
+)
 from llmhost.api.console.sessions import COOKIE_PATH, Sessions
+from llmhost.api.console.sessions_page import install_sessions
 from llmhost.api.console.sso import Oidc
 from llmhost.api.security import BodyLimitMiddleware
 from llmhost.audit.records import ChainReport
@@ -139,8 +147,18 @@ def build_console(api: FastAPI) -> FastAPI:
         oidc=Oidc(settings) if settings.oidc_issuer is not None else None,
     )
     install_pages(console)
-    console.mount(STATIC_PATH, StaticFiles(directory=HERE / "static"), name="static")
+    install_common(console)
     return console
+
+
+def install_common(console: FastAPI) -> None:
+    """What every console has, a server's or a router's: logout, the sessions page, the
+    static files, and the pages for a missing session and a refused request."""
+    console.add_api_route(COOKIE_PATH + "/logout", logout, methods=["POST"])
+    install_sessions(console)
+    console.mount(STATIC_PATH, StaticFiles(directory=HERE / "static"), name="static")
+    console.add_exception_handler(NeedLogin, need_login)
+    console.add_exception_handler(Refused, refused)
 
 
 def is_console_path(path: str) -> bool:

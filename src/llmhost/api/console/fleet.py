@@ -23,9 +23,8 @@ from fastapi.responses import HTMLResponse, Response
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from starlette.staticfiles import StaticFiles
 
-from llmhost.api.console.app import HERE, STATIC_PATH, ConsoleBase, templates
+from llmhost.api.console.app import ConsoleBase, install_common, templates
 from llmhost.api.console.charts import (
     HEIGHT,
     SAMPLE_EVERY_S,
@@ -36,22 +35,16 @@ from llmhost.api.console.charts import (
 )
 from llmhost.api.console.pages import (
     MAX_KEY_CHARS,
-    NeedLogin,
-    Refused,
     checked_form,
     login_form_for,
     login_token_ok,
-    logout,
-    need_login,
     read_form,
-    refused,
     render,
     see_other,
     session_of,
     start_session,
 )
 from llmhost.api.console.sessions import COOKIE_PATH, SESSION_COOKIE, Sessions
-from llmhost.api.console.sessions_page import install_sessions
 from llmhost.api.router import Pool, RouterApp, Upstream
 from llmhost.errors import LlmhostError
 from llmhost.security.auth import Principal
@@ -288,10 +281,6 @@ def build_fleet_console(router: RouterApp, *, secure_cookies: bool = False) -> F
     console.add_api_route(root + "/live", fleet_live, methods=get, response_class=HTMLResponse)
     console.add_api_route(root + "/login", login_page, methods=get, response_class=HTMLResponse)
     console.add_api_route(root + "/login", login, methods=post)
-    console.add_api_route(root + "/logout", logout, methods=post)
     console.add_api_route(root + "/upstreams/{name:path}/weight", set_weight, methods=post)
-    install_sessions(console)
-    console.mount(STATIC_PATH, StaticFiles(directory=HERE / "static"), name="static")
-    console.add_exception_handler(NeedLogin, need_login)
-    console.add_exception_handler(Refused, refused)
+    install_common(console)
     return console

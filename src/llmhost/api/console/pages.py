@@ -443,7 +443,6 @@ def install_pages(app: FastAPI) -> None:
     app.add_api_route(root + "/live", live, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/login", login_page, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/login", login, methods=post)
-    app.add_api_route(root + "/logout", logout, methods=post)
     app.add_api_route(root + "/models/{model_id:path}/{action:str}", model_action, methods=post)
     app.add_api_route(root + "/audit", audit, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/audit/verify", verify, methods=post)
@@ -452,11 +451,7 @@ def install_pages(app: FastAPI) -> None:
     app.add_api_route(root + "/playground", playground, methods=get, response_class=HTMLResponse)
     app.add_api_route(root + "/playground/chat", playground_chat, methods=post)
     from llmhost.api.console.keys import install_keys  # they build on this module
-    from llmhost.api.console.sessions_page import install_sessions
     from llmhost.api.console.sso import install_sso
 
     install_keys(app)
-    install_sessions(app)
     install_sso(app)
-    app.add_exception_handler(NeedLogin, need_login)
-    app.add_exception_handler(Refused, refused)
