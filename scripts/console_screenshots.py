@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from playwright.sync_api import sync_playwright
@@ -70,15 +71,21 @@ def traffic(url: str, user: str) -> None:
             time.sleep(0.5)
 
 
+def logged_in(p: Any, chromium: str, url: str, secret: str) -> tuple[Any, Any]:
+    """Chromium (to close when done) and a page logged in to the console at `url`."""
+    browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.goto(url + "/console/login")
+    page.fill("input[name=key]", secret)
+    page.click("button[type=submit]")
+    page.wait_for_url(url + "/console")
+    return browser, page
+
+
 def shoot(url: str, admin: str, chromium: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.goto(url + "/console/login")
-        page.fill("input[name=key]", admin)
-        page.click("button[type=submit]")
-        page.wait_for_url(url + "/console")
+        browser, page = logged_in(p, chromium, url, admin)
         page.wait_for_timeout(6000)  # a chart sample or two after the traffic
         for name in PAGES:
             path = "/console" if name == "overview" else f"/console/{name}"
@@ -125,12 +132,7 @@ def shoot_fleet(home: Path, blue: str, user: str, chromium: str) -> None:
                     )
                 time.sleep(5)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.goto(url + "/console/login")
-            page.fill("input[name=key]", ROUTER_TOKEN)
-            page.click("button[type=submit]")
-            page.wait_for_url(url + "/console")
+            browser, page = logged_in(p, chromium, url, ROUTER_TOKEN)
             page.screenshot(path=str(OUT / "fleet.png"), full_page=True)
             print(OUT / "fleet.png")
             browser.close()

@@ -95,18 +95,25 @@ class Idp:
         return httpx.Response(404)
 
     def token(self, kid: str = "old", **overrides: object) -> str:
-        now = int(time.time())
-        claims = {
-            "iss": ISSUER,
-            "aud": "console",
-            "sub": "u1",
-            "iat": now,
-            "exp": now + 300,
-            "nonce": "n1",
-            **overrides,
-        }
-        claims = {k: v for k, v in claims.items() if v is not None}  # None: left out
-        return jwt.encode(claims, self.keys[kid], algorithm="RS256", headers={"kid": kid})
+        return jwt.encode(
+            id_claims(**overrides), self.keys[kid], algorithm="RS256", headers={"kid": kid}
+        )
+
+
+def id_claims(**overrides: object) -> dict[str, object]:
+    """An id token's claims as the provider issues them for the console, valid from now;
+    `overrides` replace some (None: left out)."""
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "aud": "console",
+        "sub": "u1",
+        "iat": now,
+        "exp": now + 300,
+        "nonce": "n1",
+        **overrides,
+    }
+    return {k: v for k, v in claims.items() if v is not None}
 
 
 @pytest.fixture
@@ -140,16 +147,7 @@ async def test_keys_are_read_again_once_on_an_unknown_kid(idp):
 def forged(idp: Idp) -> str:
     """A token naming a kid the provider never published."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": "console",
-        "sub": "u1",
-        "iat": now,
-        "exp": now + 60,
-        "nonce": "n1",
-    }
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "unknown"})
+    return jwt.encode(id_claims(), key, algorithm="RS256", headers={"kid": "unknown"})
 
 
 async def test_an_unknown_kid_on_the_first_read_is_not_read_twice(idp):
@@ -161,10 +159,8 @@ async def test_an_unknown_kid_on_the_first_read_is_not_read_twice(idp):
 async def test_a_key_of_another_type_is_refused(idp):
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    now = int(time.time())
-    claims = {"iss": ISSUER, "aud": "console", "sub": "u1", "iat": now, "exp": now + 60}
     token = jwt.encode(
-        {**claims, "nonce": "n1"},
+        id_claims(),
         ec.generate_private_key(ec.SECP256R1()),
         algorithm="ES256",
         headers={"kid": "old"},  # the provider's RSA key
@@ -181,30 +177,13 @@ async def test_a_key_of_another_type_is_refused(idp):
 
 async def test_a_token_signed_by_another_key_under_a_known_kid_is_refused(idp):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": "console",
-        "sub": "u1",
-        "iat": now,
-        "exp": now + 60,
-        "nonce": "n1",
-    }
-    token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "old"})
+    token = jwt.encode(id_claims(), key, algorithm="RS256", headers={"kid": "old"})
     with pytest.raises(SsoError, match="Signature verification failed"):
         await check(idp, make_oidc(), token)
 
 
 async def test_symmetric_and_unsigned_tokens_are_refused_though_listed(idp):
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": "console",
-        "sub": "u1",
-        "iat": now,
-        "exp": now + 60,
-        "nonce": "n1",
-    }
+    claims = id_claims()
     hs = jwt.encode(claims, "a-shared-secret-of-thirty-two-chars!", algorithm="HS256")
     with pytest.raises(SsoError, match="not allowed"):
         await check(idp, make_oidc(), hs)
