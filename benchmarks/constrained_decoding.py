@@ -142,9 +142,11 @@ async def main(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     compiler.compile(constraint)
     first_ms = (time.perf_counter() - t0) * 1e3
-    t0 = time.perf_counter()
-    compiler.compile(constraint)
-    cached_ms = (time.perf_counter() - t0) * 1e3
+    cached_ms = 1e9  # a cached compile is a lookup: its best of 5, free of preemption
+    for _ in range(5):
+        t0 = time.perf_counter()
+        compiler.compile(constraint)
+        cached_ms = min(cached_ms, (time.perf_counter() - t0) * 1e3)
     # The first long generation pays one-off allocations in llama.cpp.
     warm = [(make_prompt(32, "warm"), 0, args.max_tokens)]
     await closed_loop(engine, warm, None, 1)

@@ -200,6 +200,12 @@ async def test_unconstrained_neighbours_are_unchanged(engine):
     jsonschema.validate(json.loads(together[1][0]), SCHEMA)
 
 
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
 async def test_compiled_grammars_are_cached(engine):
     compiler: GrammarCompiler = engine._grammars
     source = dict(SCHEMA, title="cache probe")
@@ -208,10 +214,9 @@ async def test_compiled_grammars_are_cached(engine):
     t = time.perf_counter()
     first = await asyncio.to_thread(compiler.compile, c)
     first_s = time.perf_counter() - t
-    t = time.perf_counter()
     again = compiler.compile(c)
-    cached_s = time.perf_counter() - t
     assert again is first and compiler.cached(c) is first
+    cached_s = min(_timed(compiler.compile, c) for _ in range(5))  # best of 5: no preemption
     assert cached_s < 0.001 and cached_s < first_s
     compiler.check(c)
 
