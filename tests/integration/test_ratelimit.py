@@ -150,7 +150,7 @@ def redis_url(tmp_path):
         if IN_CI:
             pytest.fail("redis-server is required in CI but missing")
         pytest.skip("redis-server not installed")
-    require("coredis")
+    require("redis")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -5,6 +5,7 @@ quota of 0, and bad values refused."""
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timezone
 
 import pytest
@@ -208,3 +209,14 @@ async def test_memory_counters_forget_old_windows_and_stay_bounded():
     clock.set("2027-01-03 00:00:00")
     await q.admit([("key", "k0", full)])
     assert len(q.counters._values) == 1
+
+
+def test_a_redis_url_without_the_client_or_not_redis_is_a_config_error(monkeypatch):
+    import redis  # noqa: F401 (imported first: the check must not trust an earlier import)
+
+    with pytest.raises(ConfigError, match="not a Redis URL"):
+        Quotas("memory://")
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(ConfigError, match=r"pip install 'llmhost\[redis\]'") as err:
+        Quotas("redis://:secret@127.0.0.1:1/0")
+    assert "secret" not in str(err.value)  # the URL's password is not repeated

@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-from limits.aio.storage import Storage
-from limits.storage import storage_from_string
-
 from llmhost.errors import ConfigError
+from llmhost.security.redis_store import redis_storage
 
 log = logging.getLogger("llmhost.quota")
 Scope = Literal["key", "user", "model"]
@@ -250,12 +248,12 @@ class RedisCounters:
     async def admit(self, tokens: list[Counter], requests: list[Counter], expire_at: int) -> int:
         keys = [self._prefixed(k) for k, _ in (*tokens, *requests)]
         args = [len(tokens), *(limit for _, limit in (*tokens, *requests)), expire_at]
-        return int(await self._admit.execute(keys, args))
+        return int(await self._admit(keys=keys, args=args))
 
     async def add(self, counters: list[Counter], amount: int) -> None:
         if counters:
             keys = [self._prefixed(k) for k, _ in counters]
-            await self._add.execute(keys, [amount, *(at for _, at in counters)])
+            await self._add(keys=keys, args=[amount, *(at for _, at in counters)])
 
     async def get(self, key: str) -> int:
         return int(await self.storage.get(key))
@@ -273,11 +271,7 @@ class Quotas:
     ):
         self.counters: Counters | RedisCounters = Counters(clock)
         if redis_url:
-            uri = redis_url if redis_url.startswith("async+") else "async+" + redis_url
-            store = storage_from_string(uri, key_prefix=namespace)
-            if not isinstance(store, Storage) or not hasattr(store, "bridge"):
-                raise ConfigError(f"{redis_url} is not a Redis URL")
-            self.counters = RedisCounters(store)
+            self.counters = RedisCounters(redis_storage(redis_url, namespace))
         self.remote = bool(redis_url)
         self.clock = clock
         self.refused = 0

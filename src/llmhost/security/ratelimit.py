@@ -16,6 +16,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
 from llmhost.security.auth import Principal
+from llmhost.security.redis_store import redis_storage
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,10 @@ class RateLimiter:
         redis_url: str | None = None,
         namespace: str = "llmhost",
     ):
-        uri = "async+memory://"
-        if redis_url:
-            uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
         self.storage = (
-            storage_from_string(uri, key_prefix=namespace)
+            redis_storage(redis_url, namespace)
             if redis_url
-            else (storage_from_string(uri))
+            else storage_from_string("async+memory://")
         )
         self.window = MovingWindowRateLimiter(self.storage)
         self.instance = RateLimitItemPerSecond(instance_rps) if instance_rps > 0 else None
