@@ -2,7 +2,8 @@
 
 - in process: one request's quota work (admit before it runs, charge after) with quotas on
   its key, user and model (all three kinds each), in memory and, when `redis-server` is
-  installed, through a Redis on loopback; p50/p99 in microseconds;
+  installed, through a Redis on loopback; p50/p99 in microseconds; and the rate limits'
+  work through that Redis, for comparison;
 - through a real `llmhost serve` (fake engine, auth on, the way benchmarks/gateway_overhead.py
   measures the gateway): latency at a fixed offered rate for a key with quotas on it and its
   user against a key with none, on the same server, alternating in rounds; the added p50 is
@@ -26,7 +27,9 @@ from pathlib import Path
 
 from gateway_overhead import Server, cli, open_loop, pct
 
+from llmhost.security.auth import Principal
 from llmhost.security.quota import Admission, Quota, Quotas
+from llmhost.security.ratelimit import RateLimiter
 
 BIG = 10**15  # never reached: the cost of the check is what is measured
 FULL = Quota(tokens_per_day=BIG, tokens_per_month=BIG, requests_per_day=BIG)
@@ -51,6 +54,28 @@ async def in_process(quotas: Quotas, n: int) -> dict:
         "admit_p99_us": round(pct(admit, 99), 1),
         "charge_p50_us": round(pct(charge, 50), 1),
         "charge_p99_us": round(pct(charge, 99), 1),
+    }
+
+
+async def rate_limits_in_process(limiter: RateLimiter, n: int) -> dict:
+    """Microseconds of the rate limits' check before a request runs (the instance limit and
+    the user's requests and tokens per minute) and of the tokens' charge after it ends: what
+    sharing them through Redis costs, beside the quotas' own."""
+    user = Principal("alice", rpm=BIG // 10**6, tpm=BIG // 10**6)
+    admit, charge = [], []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        decision = await limiter.admit(user)
+        t1 = time.perf_counter_ns()
+        if not decision.allowed:
+            raise RuntimeError(decision.reason)
+        await limiter.charge_tokens(user, 7)
+        charge.append((time.perf_counter_ns() - t1) / 1000)
+        admit.append((t1 - t0) / 1000)
+    return {
+        "admit_p50_us": round(pct(admit, 50), 1),
+        "admit_p99_us": round(pct(admit, 99), 1),
+        "charge_p50_us": round(pct(charge, 50), 1),
     }
 
 
@@ -120,6 +145,10 @@ def main() -> None:
         out["in_process_memory"] = asyncio.run(in_process(Quotas(), n))
         if url is not None:
             out["in_process_redis"] = asyncio.run(in_process(Quotas(url), n // 4))
+            limiter = RateLimiter(instance_rps=BIG // 10**6, redis_url=url)
+            out["rate_limits_in_process_redis"] = asyncio.run(
+                rate_limits_in_process(limiter, n // 4)
+            )
         home = root / "server"
         home.mkdir()
         (home / "config.toml").write_text(

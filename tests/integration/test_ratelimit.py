@@ -15,7 +15,8 @@ import pytest
 from llmhost.api import create_app
 from llmhost.config import Settings
 from llmhost.engines.fake import FakeEngine
-from llmhost.security.auth import KeyStore
+from llmhost.security.auth import KeyStore, Principal
+from llmhost.security.ratelimit import RateLimiter
 from tests.conftest import IN_CI, require
 
 
@@ -86,7 +87,7 @@ async def test_instance_limit_is_exact_under_overload(tmp_path):
         while not app.state.ready:
             await asyncio.sleep(0.01)
         limiter = app.state.limiter
-        hit = limiter.window.hit
+        hit = limiter.local.hit
 
         async def stamped_hit(item, *identifiers, cost=1):
             if identifiers == ("instance",):
@@ -96,7 +97,7 @@ async def test_instance_limit_is_exact_under_overload(tmp_path):
                 granted.append(time.time())
             return ok
 
-        limiter.window.hit = stamped_hit
+        limiter.local.hit = stamped_hit
         t = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=t, base_url="http://t") as c:
 
@@ -204,3 +205,22 @@ async def test_instances_share_limits_through_redis(tmp_path, redis_url):
                 (await cb.get("/v1/models")).status_code,
             ]
     assert codes == [200, 200, 200, 429]
+
+
+async def test_through_redis_the_instance_limit_stays_each_instances_own(redis_url):
+    """Two instances on one Redis, 5 requests/s each, one user at 8/min: the user's budget is
+    shared (8 in all) while each instance keeps its own capacity (A's 5 do not fill B)."""
+    ns = f"t{time.monotonic_ns()}"
+    a, b = (
+        RateLimiter(instance_rps=5, redis_url=redis_url, namespace=ns),
+        RateLimiter(instance_rps=5, redis_url=redis_url, namespace=ns),
+    )
+    user = Principal("carol", rpm=8)
+    first = [await a.admit(user) for _ in range(6)]
+    assert [d.allowed for d in first] == [True] * 5 + [False]
+    assert first[-1].scope == "instance"
+    assert [d.remaining for d in first[:5]] == [4, 3, 2, 1, 0]  # the tighter: the instance's
+    second = [await b.admit(user) for _ in range(4)]
+    assert [d.allowed for d in second] == [True] * 3 + [False]
+    assert second[-1].scope == "user_requests" and second[-1].headers()["Retry-After"]
+    assert [d.remaining for d in second[:3]] == [2, 1, 0]  # the user's: 8 less 5 less each

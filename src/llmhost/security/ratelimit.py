@@ -3,10 +3,13 @@ per instance (requests/second, the guide's 100 QPS) and one per principal (reque
 tokens/minute; a key's or token's own figures win over the server defaults). Tokens are counted
 from the actual usage once a response ends; a principal whose token budget is spent is refused
 until the window frees it. In memory by default; with a Redis URL, every instance pointed at
-the same Redis shares the per-principal budgets."""
+the same Redis shares the per-principal and per-model budgets and the failed-login counts,
+while the per-instance limit stays in each instance's memory: it is that instance's capacity.
+A request's principal budgets are read together (one wait on Redis) and then counted."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+from limits.util import WindowStats
 
 from llmhost.security.auth import Principal
 from llmhost.security.redis_store import redis_storage
@@ -52,12 +56,13 @@ class RateLimiter:
         redis_url: str | None = None,
         namespace: str = "llmhost",
     ):
-        self.storage = (
-            redis_storage(redis_url, namespace)
-            if redis_url
-            else storage_from_string("async+memory://")
-        )
-        self.window = MovingWindowRateLimiter(self.storage)
+        memory = MovingWindowRateLimiter(storage_from_string("async+memory://"))
+        self.shared = bool(redis_url)
+        self.storage = redis_storage(redis_url, namespace) if redis_url else memory.storage
+        # the principals', models' and clients' windows: in Redis when one is set
+        self.window = MovingWindowRateLimiter(self.storage) if redis_url else memory
+        # the instance's own window is always in this process: it is this instance's capacity
+        self.local = memory
         self.instance = RateLimitItemPerSecond(instance_rps) if instance_rps > 0 else None
         self.default_rpm = default_rpm
         self.default_tpm = default_tpm
@@ -68,11 +73,23 @@ class RateLimiter:
         )
         self.rejected = 0
 
-    async def _refusal(self, item: RateLimitItem, key: str, reason: str, scope: str) -> Decision:
-        stats = await self.window.get_window_stats(item, key)
+    def _refused(
+        self, item: RateLimitItem, stats: WindowStats, reason: str, scope: str
+    ) -> Decision:
         self.rejected += 1
         reset = max(0.0, stats.reset_time - time.time())
         return Decision(False, item.amount, 0, reset, reason, scope)
+
+    async def _refusal(self, item: RateLimitItem, key: str, reason: str, scope: str) -> Decision:
+        return self._refused(item, await self.window.get_window_stats(item, key), reason, scope)
+
+    async def _read(self, *windows: tuple[RateLimitItem, str]) -> list[WindowStats]:
+        """The stats of several windows; from Redis, all in one wait (their round trips
+        overlap)."""
+        reads = [self.window.get_window_stats(item, key) for item, key in windows]
+        if self.shared and len(reads) > 1:
+            return list(await asyncio.gather(*reads))
+        return [await read for read in reads]
 
     async def admit(self, principal: Principal) -> Decision:
         """Count one request against every limit that applies, or refuse it."""
@@ -81,34 +98,37 @@ class RateLimiter:
         tpm = principal.tpm or self.default_tpm
         rpm_item = RateLimitItemPerMinute(rpm) if rpm > 0 else None
         tpm_item = RateLimitItemPerMinute(tpm) if tpm > 0 else None
-        # Check the principal's budgets before taking an instance slot, so a refused request
+        # Read the principal's budgets before taking an instance slot, so a refused request
         # does not use up the instance's capacity.
-        if rpm_item is not None and not await self.window.test(rpm_item, user):
-            return await self._refusal(
-                rpm_item, user, f"{principal.user_id}: {rpm} requests/min", "user_requests"
-            )
-        if tpm_item is not None and not await self.window.test(tpm_item, "tokens:" + user):
-            return await self._refusal(
-                tpm_item, "tokens:" + user, f"{principal.user_id}: {tpm} tokens/min", "user_tokens"
-            )
+        windows = [(rpm_item, user)] if rpm_item is not None else []
+        if tpm_item is not None:
+            windows.append((tpm_item, "tokens:" + user))
+        read = await self._read(*windows)
+        mine = read[0] if rpm_item is not None else None
+        if rpm_item is not None and mine is not None and mine.remaining < 1:
+            reason = f"{principal.user_id}: {rpm} requests/min"
+            return self._refused(rpm_item, mine, reason, "user_requests")
+        if tpm_item is not None and read[-1].remaining < 1:
+            reason = f"{principal.user_id}: {tpm} tokens/min"
+            return self._refused(tpm_item, read[-1], reason, "user_tokens")
         best = Decision(True)
         if self.instance is not None:
-            if not await self.window.hit(self.instance, "instance"):
-                return await self._refusal(
-                    self.instance,
-                    "instance",
-                    f"this instance takes {self.instance.amount}/s",
-                    "instance",
-                )
-            best = await self._stats(self.instance, "instance")
-        if rpm_item is not None:
+            if not await self.local.hit(self.instance, "instance"):
+                stats = await self.local.get_window_stats(self.instance, "instance")
+                reason = f"this instance takes {self.instance.amount}/s"
+                return self._refused(self.instance, stats, reason, "instance")
+            best = _allowed(
+                self.instance, await self.local.get_window_stats(self.instance, "instance")
+            )
+        if rpm_item is not None and mine is not None:
             if not await self.window.hit(rpm_item, user):
                 return await self._refusal(
                     rpm_item, user, f"{principal.user_id}: {rpm}/min", "user_requests"
                 )
-            mine = await self._stats(rpm_item, user)
-            if not best.limit or mine.remaining < best.remaining:
-                best = mine
+            # what was left less this request (another instance's may have come between)
+            left = WindowStats(mine.reset_time, mine.remaining - 1)
+            if not best.limit or left.remaining < best.remaining:
+                best = _allowed(rpm_item, left)
         return best
 
     async def admit_model(self, model_id: str, rpm: int) -> Decision:
@@ -140,18 +160,22 @@ class RateLimiter:
             await self.window.hit(self.auth_failures, "authfail:" + client)
 
     async def _stats(self, item: RateLimitItem, key: str) -> Decision:
-        stats = await self.window.get_window_stats(item, key)
-        return Decision(
-            True, item.amount, stats.remaining, max(0.0, stats.reset_time - time.time())
-        )
+        return _allowed(item, await self.window.get_window_stats(item, key))
 
     async def charge_tokens(self, principal: Principal, tokens: int) -> None:
         """Count the tokens a finished request used against the principal's tokens/minute."""
         tpm = principal.tpm or self.default_tpm
         if tpm > 0 and tokens > 0:
             item = RateLimitItemPerMinute(tpm)
+            key = f"tokens:user:{principal.user_id}"
+            if await self.window.hit(item, key, cost=tokens):
+                return
             # Consume what is left even when the request used more than remains.
-            stats = await self.window.get_window_stats(item, f"tokens:user:{principal.user_id}")
+            stats = await self.window.get_window_stats(item, key)
             cost = min(tokens, stats.remaining) if stats.remaining > 0 else 0
             if cost:
-                await self.window.hit(item, f"tokens:user:{principal.user_id}", cost=cost)
+                await self.window.hit(item, key, cost=cost)
+
+
+def _allowed(item: RateLimitItem, stats: WindowStats) -> Decision:
+    return Decision(True, item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()))
