@@ -382,3 +382,31 @@ async def test_usage_is_written_on_shutdown_and_streams_are_charged(tmp_path):
     rows = store.query("2000-01-01", "2100-01-01", "user", 10)
     store.close()
     assert rows == [UsageRow("fay", 2, 6, 8)]
+
+
+async def test_redis_charges_are_sent_together_and_none_is_left_behind(redis_url):  # noqa: F811
+    """Twenty requests ending together cost Redis one script for their tokens, and a charge
+    that comes while that script is on its way is sent after it, without waiting for another
+    request to end or for shutdown."""
+    q = Quotas(redis_url, namespace=f"coalesce-{time.time_ns()}")
+    quota = Quota(tokens_per_day=10**9, tokens_per_month=10**9)
+    admitted = [await q.admit([("key", "k", quota)]) for _ in range(20)]
+    assert all(isinstance(a, Admission) for a in admitted)
+    sent: list[list[tuple[str, int, int]]] = []
+    add = q.counters.add
+
+    async def watched_add(additions):
+        sent.append(additions)
+        if len(sent) == 1:
+            await q.charge_soon(admitted[0], 3)  # ends while the first batch is on its way
+        await add(additions)
+
+    q.counters.add = watched_add
+    for a in admitted:
+        await q.charge_soon(a, 5)
+    await asyncio.sleep(0.2)  # no drain: the sender finishes on its own
+    assert [sorted(n for _, n, _ in batch) for batch in sent] == [[100, 100], [3, 3]]
+    assert await q.used("key", "k", "tokens/day") == 103
+    assert await q.used("key", "k", "tokens/month") == 103
+    await q.drain()
+    assert len(sent) == 2  # nothing was left to send

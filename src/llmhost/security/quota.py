@@ -176,17 +176,18 @@ for i = tokens + 1, #KEYS do
 end
 return 0
 """
-# KEYS: counters; ARGV[1]: the amount to add to each (negative: a refund); ARGV[1 + i]: when
-# KEYS[i] expires (Unix seconds).
+# KEYS: counters; ARGV[2i - 1]: the amount to add to KEYS[i] (negative: a refund); ARGV[2i]:
+# when KEYS[i] expires (Unix seconds).
 _ADD = """
 for i = 1, #KEYS do
-  redis.call('INCRBY', KEYS[i], ARGV[1])
-  redis.call('EXPIREAT', KEYS[i], ARGV[1 + i])
+  redis.call('INCRBY', KEYS[i], ARGV[2 * i - 1])
+  redis.call('EXPIREAT', KEYS[i], ARGV[2 * i])
 end
 return 0
 """
 
 Counter = tuple[str, int]  # a counter's key, and its limit or when it expires (Unix seconds)
+Addition = tuple[str, int, int]  # a counter's key, the amount to add, when it expires
 
 
 class Counters:
@@ -225,8 +226,8 @@ class Counters:
             self._values[key] = self._values.get(key, 0) + amount
             self._expire_at[key] = max(expire_at, self._expire_at.get(key, 0))
 
-    async def add(self, counters: list[Counter], amount: int) -> None:
-        for key, expire_at in counters:
+    async def add(self, additions: list[Addition]) -> None:
+        for key, amount, expire_at in additions:
             self._add([key], amount, expire_at)
 
     async def get(self, key: str) -> int:
@@ -250,10 +251,10 @@ class RedisCounters:
         args = [len(tokens), *(limit for _, limit in (*tokens, *requests)), expire_at]
         return int(await self._admit(keys=keys, args=args))
 
-    async def add(self, counters: list[Counter], amount: int) -> None:
-        if counters:
-            keys = [self._prefixed(k) for k, _ in counters]
-            await self._add(keys=keys, args=[amount, *(at for _, at in counters)])
+    async def add(self, additions: list[Addition]) -> None:
+        if additions:
+            keys = [self._prefixed(k) for k, _, _ in additions]
+            await self._add(keys=keys, args=[x for _, n, at in additions for x in (n, at)])
 
     async def get(self, key: str) -> int:
         return int(await self.storage.get(key))
@@ -261,6 +262,8 @@ class RedisCounters:
 
 class Quotas:
     """The counters of every quota, checked and charged by the api layer."""
+
+    COALESCE_S = 0.005  # Redis: charges ending this close together are sent as one
 
     def __init__(
         self,
@@ -275,7 +278,9 @@ class Quotas:
         self.remote = bool(redis_url)
         self.clock = clock
         self.refused = 0
-        self._charging: set[asyncio.Task[None]] = set()
+        # Redis: token charges not sent yet, per counter (the amount, when it expires)
+        self._pending: dict[str, tuple[int, int]] = {}
+        self._sender: asyncio.Task[None] | None = None
 
     def _expire_at(self, window: Window, unit: Unit) -> int:
         return int(window.end(unit)) + _GRACE
@@ -313,41 +318,60 @@ class Quotas:
             return self._refusal(scope, name, unit, limit, window, now)
         return Admission(window, todo)
 
+    def _charges(self, admission: Admission, tokens: int) -> list[Addition]:
+        window = admission.window
+        return [
+            (_key(unit, window, scope, name), tokens, self._expire_at(window, unit))
+            for scope, name, quota in admission.targets
+            for unit, _limit in quota.token_limits()
+        ]
+
     async def charge(self, admission: Admission, tokens: int) -> None:
         """Charge the tokens a finished request used to the windows it was admitted in (a
         stream that ends after midnight still pays into the day it started)."""
-        if tokens <= 0 or not admission.targets:
-            return
-        window = admission.window
-        await self.counters.add(
-            [
-                (_key(unit, window, scope, name), self._expire_at(window, unit))
-                for scope, name, quota in admission.targets
-                for unit, _limit in quota.token_limits()
-            ],
-            tokens,
-        )
+        if tokens > 0 and admission.targets:
+            await self.counters.add(self._charges(admission, tokens))
 
     async def charge_soon(self, admission: Admission, tokens: int) -> None:
         """`charge`, without keeping the request's connection waiting for Redis: there the
-        charge runs in a task of its own (`drain` waits for those on shutdown); in memory it
-        is done at once."""
+        charges of the requests that end within `COALESCE_S` of each other are summed per
+        counter and sent together, in one script from a task of its own (`drain` sends what
+        is left on shutdown); in memory it is done at once."""
         if not self.remote:
             await self.charge(admission, tokens)
             return
-        task = asyncio.create_task(self.charge(admission, tokens))
-        self._charging.add(task)
-        task.add_done_callback(self._charged)
+        if tokens <= 0 or not admission.targets:
+            return
+        for key, amount, expire_at in self._charges(admission, tokens):
+            n, at = self._pending.get(key, (0, 0))
+            self._pending[key] = (n + amount, max(at, expire_at))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_soon())
+            self._sender.add_done_callback(self._sent)
 
-    def _charged(self, task: asyncio.Task[None]) -> None:
-        self._charging.discard(task)
+    async def _send_soon(self) -> None:
+        # sends until nothing more came while it waited or sent; charge_soon starts another
+        # once this one is done
+        while True:
+            await asyncio.sleep(self.COALESCE_S)
+            if not self._pending:
+                return
+            await self._send()
+
+    async def _send(self) -> None:
+        pending, self._pending = self._pending, {}
+        if pending:
+            await self.counters.add([(key, n, at) for key, (n, at) in pending.items()])
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("a quota charge failed: %s", task.exception())
+            log.error("quota charges were lost: %s", task.exception())
 
     async def drain(self) -> None:
-        """Waits for the charges still running."""
-        if self._charging:
-            await asyncio.gather(*self._charging, return_exceptions=True)
+        """Sends the charges not sent yet, and waits for those on their way."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
+        await self._send()
 
     async def refund(self, admission: Admission) -> None:
         """Take back the request an admission counted, for a request that never ran (its
@@ -356,11 +380,10 @@ class Quotas:
         expire_at = self._expire_at(window, "requests/day")
         await self.counters.add(
             [
-                (_key("requests/day", window, scope, name), expire_at)
+                (_key("requests/day", window, scope, name), -1, expire_at)
                 for scope, name, quota in admission.targets
                 if quota.requests_per_day is not None
-            ],
-            -1,
+            ]
         )
 
     async def used(self, scope: Scope, name: str, unit: Unit) -> int:
