@@ -410,3 +410,36 @@ async def test_redis_charges_are_sent_together_and_none_is_left_behind(redis_url
     assert await q.used("key", "k", "tokens/month") == 103
     await q.drain()
     assert len(sent) == 2  # nothing was left to send
+
+
+async def test_redis_charges_survive_an_outage_and_shutdown_never_raises(redis_url, caplog):  # noqa: F811
+    """Sends that fail keep their charges for the next send; the outage is logged once; on
+    shutdown `drain` sends what it can and logs what it cannot, without raising (the rest of
+    shutdown, usage and the key store, must still run)."""
+    q = Quotas(redis_url, namespace=f"outage-{time.time_ns()}")
+    quota = Quota(tokens_per_day=10**9)
+    first = await q.admit([("key", "k", quota)])
+    assert isinstance(first, Admission)
+    add = q.counters.add
+    down = True
+
+    async def flaky_add(additions):
+        if down:
+            raise ConnectionError("redis down")
+        await add(additions)
+
+    q.counters.add = flaky_add
+    for tokens in (5, 6, 7):
+        await q.charge_soon(first, tokens)
+        await asyncio.sleep(0.05)  # each send fails
+    assert caplog.text.count("sending quota charges to Redis failed") == 1
+    down = False
+    await q.charge_soon(first, 1)
+    await asyncio.sleep(0.05)
+    assert await q.used("key", "k", "tokens/day") == 5 + 6 + 7 + 1
+    assert "reach Redis again" in caplog.text
+    down = True
+    await q.charge_soon(first, 9)
+    await q.drain(timeout_s=1)  # does not raise
+    assert "not sent to Redis: 9 tokens over 1 counters" in caplog.text
+    assert await q.used("key", "k", "tokens/day") == 19

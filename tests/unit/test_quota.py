@@ -216,6 +216,16 @@ def test_a_redis_url_without_the_client_or_not_redis_is_a_config_error(monkeypat
 
     with pytest.raises(ConfigError, match="not a Redis URL"):
         Quotas("memory://")
+    # a bad URL is named without its password, wherever the library's message repeats it
+    for bad in (
+        "redis+foo://user:s3cret@h:6379",
+        "redis://user:s3cret@h:notaport",
+        "memory://user:s3cret@h",
+        "redis+sentinel://:s3cret@h:26379",
+    ):
+        with pytest.raises(ConfigError) as err:
+            Quotas(bad)
+        assert "s3cret" not in str(err.value) and "***" in str(err.value), err.value
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(ConfigError, match=r"pip install 'llmhost\[redis\]'") as err:
         Quotas("redis://:secret@127.0.0.1:1/0")

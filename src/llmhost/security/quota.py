@@ -281,6 +281,7 @@ class Quotas:
         # Redis: token charges not sent yet, per counter (the amount, when it expires)
         self._pending: dict[str, tuple[int, int]] = {}
         self._sender: asyncio.Task[None] | None = None
+        self._failing = False  # the last send failed
 
     def _expire_at(self, window: Window, unit: Unit) -> int:
         return int(window.end(unit)) + _GRACE
@@ -360,18 +361,45 @@ class Quotas:
 
     async def _send(self) -> None:
         pending, self._pending = self._pending, {}
-        if pending:
+        if not pending:
+            return
+        try:
             await self.counters.add([(key, n, at) for key, (n, at) in pending.items()])
+            if self._failing:
+                self._failing = False
+                log.warning("quota charges reach Redis again")
+        except BaseException:
+            # kept, and sent with the next charges (or by drain): a Redis outage loses
+            # nothing while this process lives; there is one entry per counter, however long
+            for key, (n, at) in pending.items():
+                m, later = self._pending.get(key, (0, 0))
+                self._pending[key] = (m + n, max(at, later))
+            raise
 
     def _sent(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("quota charges were lost: %s", task.exception())
+        if task.cancelled() or task.exception() is None or self._failing:
+            return
+        self._failing = True  # said once per outage, not once per request
+        log.error(
+            "sending quota charges to Redis failed (they are kept and sent once it answers): %s",
+            task.exception(),
+        )
 
-    async def drain(self) -> None:
-        """Sends the charges not sent yet, and waits for those on their way."""
-        if self._sender is not None:
-            await asyncio.gather(self._sender, return_exceptions=True)
-        await self._send()
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """On shutdown: waits (at most `timeout_s`) for the charges on their way, then sends
+        the rest; never raises (what cannot be sent is logged with its amount)."""
+        if self._sender is not None and not self._sender.done():
+            await asyncio.wait({self._sender}, timeout=timeout_s)
+        try:
+            await asyncio.wait_for(self._send(), timeout_s)
+        except Exception as exc:  # shutdown goes on; the loss is logged
+            lost = sum(n for n, _ in self._pending.values())
+            log.error(
+                "quota charges not sent to Redis: %d tokens over %d counters: %s",
+                lost,
+                len(self._pending),
+                exc,
+            )
 
     async def refund(self, admission: Admission) -> None:
         """Take back the request an admission counted, for a request that never ran (its
