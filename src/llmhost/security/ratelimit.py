@@ -125,7 +125,9 @@ class RateLimiter:
                 return await self._refusal(
                     rpm_item, user, f"{principal.user_id}: {rpm}/min", "user_requests"
                 )
-            # what was left less this request (another instance's may have come between)
+            # what was left less this request; others counted meanwhile (concurrent ones of
+            # this user, here or on another instance) are not subtracted: the header is
+            # advisory, the refusal is exact
             left = WindowStats(mine.reset_time, mine.remaining - 1)
             if not best.limit or left.remaining < best.remaining:
                 best = _allowed(rpm_item, left)
