@@ -23,60 +23,65 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from gateway_overhead import Server, cli, open_loop, pct
 
 from llmhost.security.auth import Principal
-from llmhost.security.quota import Admission, Quota, Quotas
-from llmhost.security.ratelimit import RateLimiter
+from llmhost.security.quota import Admission, Quota, QuotaExceeded, Quotas
+from llmhost.security.ratelimit import Decision, RateLimiter
 
 BIG = 10**15  # never reached: the cost of the check is what is measured
 FULL = Quota(tokens_per_day=BIG, tokens_per_month=BIG, requests_per_day=BIG)
+T = TypeVar("T")
+
+
+async def timed(
+    n: int, check: Callable[[], Awaitable[T]], settle: Callable[[T], Awaitable]
+) -> dict:
+    """p50/p99 microseconds of `check()`, made before a request runs (on its path), and of
+    `settle(what check returned)`, made after it ends (once its response is out)."""
+    before, after = [], []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        checked = await check()
+        t1 = time.perf_counter_ns()
+        await settle(checked)
+        after.append((time.perf_counter_ns() - t1) / 1000)
+        before.append((t1 - t0) / 1000)
+    return {
+        "admit_p50_us": round(pct(before, 50), 1),
+        "admit_p99_us": round(pct(before, 99), 1),
+        "charge_p50_us": round(pct(after, 50), 1),
+        "charge_p99_us": round(pct(after, 99), 1),
+    }
 
 
 async def in_process(quotas: Quotas, n: int) -> dict:
-    """Microseconds of the check before a request runs (on its path) and of the charge after
-    it ends (once its response is out)."""
+    """One request's quota work with quotas on its key, user and model."""
     targets = [("key", "k1", FULL), ("user", "alice", FULL), ("model", "m1", FULL)]
-    admit, charge = [], []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        admitted = await quotas.admit(targets)
-        t1 = time.perf_counter_ns()
+
+    async def charge(admitted: Admission | QuotaExceeded) -> None:
         if not isinstance(admitted, Admission):
             raise RuntimeError(admitted.message)
         await quotas.charge(admitted, 7)
-        charge.append((time.perf_counter_ns() - t1) / 1000)
-        admit.append((t1 - t0) / 1000)
-    return {
-        "admit_p50_us": round(pct(admit, 50), 1),
-        "admit_p99_us": round(pct(admit, 99), 1),
-        "charge_p50_us": round(pct(charge, 50), 1),
-        "charge_p99_us": round(pct(charge, 99), 1),
-    }
+
+    return await timed(n, lambda: quotas.admit(targets), charge)
 
 
 async def rate_limits_in_process(limiter: RateLimiter, n: int) -> dict:
-    """Microseconds of the rate limits' check before a request runs (the instance limit and
-    the user's requests and tokens per minute) and of the tokens' charge after it ends: what
-    sharing them through Redis costs, beside the quotas' own."""
+    """One request's rate-limit work (the instance limit and the user's requests and tokens
+    per minute): what sharing them through Redis costs, beside the quotas' own."""
     user = Principal("alice", rpm=BIG // 10**6, tpm=BIG // 10**6)
-    admit, charge = [], []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        decision = await limiter.admit(user)
-        t1 = time.perf_counter_ns()
+
+    async def charge(decision: Decision) -> None:
         if not decision.allowed:
             raise RuntimeError(decision.reason)
         await limiter.charge_tokens(user, 7)
-        charge.append((time.perf_counter_ns() - t1) / 1000)
-        admit.append((t1 - t0) / 1000)
-    return {
-        "admit_p50_us": round(pct(admit, 50), 1),
-        "admit_p99_us": round(pct(admit, 99), 1),
-        "charge_p50_us": round(pct(charge, 50), 1),
-    }
+
+    return await timed(n, lambda: limiter.admit(user), charge)
 
 
 def redis_server(root: Path) -> tuple[subprocess.Popen | None, str | None]:

@@ -4,31 +4,18 @@ and schema case right or is cut by max_tokens, never wrong."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.conftest import require
+from tests.e2e.benchmark_run import run_benchmark
 
 require("llama_cpp")
 require("openai")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _run(tmp_path: Path, script: str, *args: str) -> dict:
-    env = {**os.environ, "LLMHOST_BENCH_CACHE": str(tmp_path), "LLMHOST_HOME": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    env = {"LLMHOST_BENCH_CACHE": str(tmp_path), "LLMHOST_HOME": str(tmp_path)}
+    return run_benchmark(script, *args, env=env)
 
 
 def test_constrained_decoding_smoke(tmp_path):

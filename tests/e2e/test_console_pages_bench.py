@@ -3,13 +3,13 @@ keys, is by hand): every page answers, every figure is reported and read the sam
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import require
+from tests.e2e.benchmark_run import run_benchmark
 
 require("llama_cpp")
 
@@ -42,16 +42,7 @@ def test_console_pages_benchmark_smoke(tmp_path):
         "LLMHOST_BENCH_CACHE": str(tmp_path),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    script = ROOT / "benchmarks" / "console_pages.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "-n", "5"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_benchmark("console_pages.py", "--smoke", "-n", "5", env=env, timeout=300)
     assert (out["records"], out["keys"], out["requests_per_page"]) == (20_000, 200, 5)
     assert set(out["pages"]) == PAGES
     for name, fig in out["pages"].items():

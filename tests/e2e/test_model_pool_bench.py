@@ -4,32 +4,16 @@ every figure reported."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from tests.conftest import require
+from tests.e2e.benchmark_run import run_benchmark
 
 require("llama_cpp")
 require("transformers")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_model_pool_benchmark_smoke(tmp_path):
-    env = {**os.environ, "LLMHOST_BENCH_CACHE": str(tmp_path)}
-    script = ROOT / "benchmarks" / "model_pool.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--no-llama-server"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    env = {"LLMHOST_BENCH_CACHE": str(tmp_path)}
+    out = run_benchmark("model_pool.py", "--smoke", "--no-llama-server", env=env)
     emb = out["embeddings"]
     assert emb["llmhost"]["concurrent_single_inputs_s"] > 0
     assert emb["transformers"]["engine_inputs_s"] > 0 and emb["transformers"]["naive_inputs_s"] > 0

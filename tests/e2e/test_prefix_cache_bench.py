@@ -4,31 +4,15 @@ soak, every request answered, and the cache within its budget."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from tests.conftest import require
+from tests.e2e.benchmark_run import run_benchmark
 
 require("llama_cpp")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_prefix_cache_benchmark_smoke(tmp_path):
-    env = {**os.environ, "LLMHOST_BENCH_CACHE": str(tmp_path), "LLMHOST_HOME": str(tmp_path)}
-    script = ROOT / "benchmarks" / "prefix_cache.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--no-llama-server", "--soak", "5"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    env = {"LLMHOST_BENCH_CACHE": str(tmp_path), "LLMHOST_HOME": str(tmp_path)}
+    out = run_benchmark("prefix_cache.py", "--smoke", "--no-llama-server", "--soak", "5", env=env)
     mt, sp = out["multi_turn"], out["shared_prefix"]
     for side in (mt["llmhost"], mt["llmhost_cache_off"], sp["llmhost"], sp["llmhost_cache_off"]):
         assert side["failed"] == 0 and side["completed"] > 0

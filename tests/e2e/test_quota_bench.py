@@ -3,33 +3,14 @@ reported, in memory and through a real Redis, in process and through a real serv
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from tests.conftest import require, require_exe
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.benchmark_run import run_benchmark
 
 
 def test_quota_overhead_benchmark_smoke():
     require_exe("redis-server", "redis-server")
     require("redis")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quota_overhead.py"), "--smoke"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_benchmark("quota_overhead.py", "--smoke", timeout=300)
     assert out["offered_rate"] == 200
     for part in ("in_process_memory", "in_process_redis", "rate_limits_in_process_redis"):
         fig = out[part]
