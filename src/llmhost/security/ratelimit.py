@@ -72,6 +72,7 @@ class RateLimiter:
             else None
         )
         self.rejected = 0
+        self._counted = _Counted()
 
     def _refused(
         self, item: RateLimitItem, stats: WindowStats, reason: str, scope: str
@@ -103,7 +104,23 @@ class RateLimiter:
         windows = [(rpm_item, user)] if rpm_item is not None else []
         if tpm_item is not None:
             windows.append((tpm_item, "tokens:" + user))
-        read = await self._read(*windows)
+        seen = self._counted.open(user)
+        try:
+            read = await self._read(*windows)
+            return await self._count(principal, rpm_item, tpm_item, read, seen)
+        finally:
+            self._counted.close(user)
+
+    async def _count(
+        self,
+        principal: Principal,
+        rpm_item: RateLimitItem | None,
+        tpm_item: RateLimitItem | None,
+        read: list[WindowStats],
+        seen: int,
+    ) -> Decision:
+        user = f"user:{principal.user_id}"
+        rpm, tpm = (rpm_item.amount if rpm_item else 0), (tpm_item.amount if tpm_item else 0)
         mine = read[0] if rpm_item is not None else None
         if rpm_item is not None and mine is not None and mine.remaining < 1:
             reason = f"{principal.user_id}: {rpm} requests/min"
@@ -125,10 +142,11 @@ class RateLimiter:
                 return await self._refusal(
                     rpm_item, user, f"{principal.user_id}: {rpm}/min", "user_requests"
                 )
-            # what was left less this request; others counted meanwhile (concurrent ones of
-            # this user, here or on another instance) are not subtracted: the header is
-            # advisory, the refusal is exact
-            left = WindowStats(mine.reset_time, mine.remaining - 1)
+            # what was left less this request and those of this user this instance counted
+            # since the reading (another instance's are not known: the header is advisory,
+            # the refusal is exact)
+            since = self._counted.hit(user) - seen
+            left = WindowStats(mine.reset_time, max(0, mine.remaining - since))
             if not best.limit or left.remaining < best.remaining:
                 best = _allowed(rpm_item, left)
         return best
@@ -181,3 +199,28 @@ class RateLimiter:
 
 def _allowed(item: RateLimitItem, stats: WindowStats) -> Decision:
     return Decision(True, item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()))
+
+
+class _Counted:
+    """How many requests of each user this instance has counted, kept only while one of that
+    user's requests is between reading its window and being counted: what the reading, older
+    by then, does not show."""
+
+    def __init__(self) -> None:
+        self._users: dict[str, list[int]] = {}  # user: [requests between, counted]
+
+    def open(self, user: str) -> int:
+        entry = self._users.setdefault(user, [0, 0])
+        entry[0] += 1
+        return entry[1]
+
+    def hit(self, user: str) -> int:
+        entry = self._users[user]
+        entry[1] += 1
+        return entry[1]
+
+    def close(self, user: str) -> None:
+        entry = self._users[user]
+        entry[0] -= 1
+        if not entry[0]:
+            del self._users[user]
