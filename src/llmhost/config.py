@@ -82,6 +82,20 @@ def parse_origin(text: str, *, port_wildcard: bool = False) -> tuple[str, str, i
     return scheme, host, port
 
 
+def public_url(text: str, name: str) -> str:
+    """`text` as the address browsers use for a console behind a proxy that ends TLS: a
+    scheme, host and port (`scheme://host[:port]`); ValueError naming `name` otherwise."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name} is an http(s) URL: https://llm.example.com")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(
+            f"{name} is a scheme, host and port only (the console is at /console under it): "
+            "no path, query, fragment or credentials"
+        )
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def normalize_origin_entry(entry: str) -> str:
     """A `cors_origins` entry in the form requests are matched against: `*`, or an origin as
     browsers send it, or one with `:*` for any port."""
@@ -429,17 +443,7 @@ class Settings(BaseSettings):
     @field_validator("console_public_url")
     @classmethod
     def _check_public_url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("console_public_url is an http(s) URL: https://llm.example.com")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
-            raise ValueError(
-                "console_public_url is a scheme, host and port only (the console is at "
-                "/console under it): no path, query, fragment or credentials"
-            )
-        return f"{parts.scheme}://{parts.netloc}"
+        return None if v is None else public_url(v, "console_public_url")
 
     @model_validator(mode="after")
     def _check_oidc(self) -> Settings:

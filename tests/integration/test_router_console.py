@@ -231,8 +231,10 @@ async def test_router_cli_public_url_makes_the_cookies_secure(monkeypatch):
     args = ["router", "-u", "http://127.0.0.1:9", "--check-every", "3600"]
     done = CliRunner().invoke(cli, [*args, "--public-url", "https://llm.example.com"])
     assert done.exit_code == 0, done.output
-    bad = CliRunner().invoke(cli, [*args, "--public-url", "llm.example.com"])
-    assert bad.exit_code != 0 and len(served) == 1
+    for wrong in ("llm.example.com", "https://", "https://h/llm", "https://u:p@h"):
+        bad = CliRunner().invoke(cli, [*args, "--public-url", wrong])
+        assert bad.exit_code != 0 and "--public-url is" in str(bad.exception), (wrong, bad)
+    assert len(served) == 1
     (app,) = served
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

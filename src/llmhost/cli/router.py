@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from llmhost.config import public_url as check_public_url
 from llmhost.errors import ConfigError
 
 
@@ -54,8 +55,11 @@ def router(
             raise ConfigError(f"cannot read {admin_token_file}: {exc.strerror}") from exc
     setup_logging(log_level, "text")
     pool = Pool([parse_upstream(u, i) for i, u in enumerate(upstream)], check_every=check_every)
-    if public_url is not None and not public_url.startswith(("https://", "http://")):
-        raise ConfigError(f"--public-url {public_url!r} is an http(s) URL")
+    if public_url is not None:
+        try:
+            public_url = check_public_url(public_url, "--public-url")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     app = create_router_app(
         pool,
         admin_token=token,

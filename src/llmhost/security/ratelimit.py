@@ -106,41 +106,44 @@ class RateLimiter:
             windows.append((tpm_item, "tokens:" + user))
         seen = self._counted.open(user)
         try:
-            read = await self._read(*windows)
-            return await self._count(principal, rpm_item, tpm_item, read, seen)
+            read = iter(await self._read(*windows))
+            requests = (rpm_item, next(read)) if rpm_item is not None else None
+            tokens = (tpm_item, next(read)) if tpm_item is not None else None
+            return await self._count(principal.user_id, requests, tokens, seen)
         finally:
             self._counted.close(user)
 
     async def _count(
         self,
-        principal: Principal,
-        rpm_item: RateLimitItem | None,
-        tpm_item: RateLimitItem | None,
-        read: list[WindowStats],
+        user_id: str,
+        requests: tuple[RateLimitItem, WindowStats] | None,
+        tokens: tuple[RateLimitItem, WindowStats] | None,
         seen: int,
     ) -> Decision:
-        user = f"user:{principal.user_id}"
-        rpm, tpm = (rpm_item.amount if rpm_item else 0), (tpm_item.amount if tpm_item else 0)
-        mine = read[0] if rpm_item is not None else None
-        if rpm_item is not None and mine is not None and mine.remaining < 1:
-            reason = f"{principal.user_id}: {rpm} requests/min"
-            return self._refused(rpm_item, mine, reason, "user_requests")
-        if tpm_item is not None and read[-1].remaining < 1:
-            reason = f"{principal.user_id}: {tpm} tokens/min"
-            return self._refused(tpm_item, read[-1], reason, "user_tokens")
+        """Counts a request whose user's windows read `requests` and `tokens` (None: no such
+        limit), `seen` being how many of that user's this instance had counted then."""
+        user = f"user:{user_id}"
+        if requests is not None and requests[1].remaining < 1:
+            item, stats = requests
+            return self._refused(
+                item, stats, f"{user_id}: {item.amount} requests/min", "user_requests"
+            )
+        if tokens is not None and tokens[1].remaining < 1:
+            item, stats = tokens
+            return self._refused(item, stats, f"{user_id}: {item.amount} tokens/min", "user_tokens")
         best = Decision(True)
         if self.instance is not None:
-            if not await self.local.hit(self.instance, "instance"):
-                stats = await self.local.get_window_stats(self.instance, "instance")
+            taken = await self.local.hit(self.instance, "instance")
+            stats = await self.local.get_window_stats(self.instance, "instance")
+            if not taken:
                 reason = f"this instance takes {self.instance.amount}/s"
                 return self._refused(self.instance, stats, reason, "instance")
-            best = _allowed(
-                self.instance, await self.local.get_window_stats(self.instance, "instance")
-            )
-        if rpm_item is not None and mine is not None:
-            if not await self.window.hit(rpm_item, user):
+            best = _allowed(self.instance, stats)
+        if requests is not None:
+            item, mine = requests
+            if not await self.window.hit(item, user):
                 return await self._refusal(
-                    rpm_item, user, f"{principal.user_id}: {rpm}/min", "user_requests"
+                    item, user, f"{user_id}: {item.amount}/min", "user_requests"
                 )
             # what was left less this request and those of this user this instance counted
             # since the reading (another instance's are not known: the header is advisory,
@@ -148,7 +151,7 @@ class RateLimiter:
             since = self._counted.hit(user) - seen
             left = WindowStats(mine.reset_time, max(0, mine.remaining - since))
             if not best.limit or left.remaining < best.remaining:
-                best = _allowed(rpm_item, left)
+                best = _allowed(item, left)
         return best
 
     async def admit_model(self, model_id: str, rpm: int) -> Decision:
