@@ -112,7 +112,7 @@ def test_store_commands_and_serving_a_stored_encrypted_model(tiny_model, tmp_pat
         assert [m["id"] for m in models] == ["tiny:stable"]
         r = httpx.post(
             srv.url + "/v1/completions",
-            json={"model": "tiny:stable", "prompt": "hi", "max_tokens": 4},
+            json={"model": "tiny:stable", "prompt": "hi", "max_tokens": 4, "ignore_eos": True},
             timeout=60,
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
