@@ -93,6 +93,7 @@ def shoot(url: str, admin: str, chromium: str) -> None:
             if name == "playground":
                 page.fill("#message", "Which port does the server listen on?")
                 page.fill("#max-tokens", "48")
+                page.fill("#temperature", "0.7")
                 page.click("#send")
                 page.wait_for_selector("#status:text('done')", timeout=120_000)
             page.screenshot(path=str(OUT / f"{name}.png"), full_page=True)

@@ -53,8 +53,10 @@ def test_console_in_a_browser(tiny_model, tmp_path):
                 expect.set_options(timeout=TIMEOUT_MS)
                 drive(page, expect, srv.url, admin, model)
                 assert not [t for t in problems if "Content Security Policy" in t], problems
-                # the one error expected: the wrong key's 401
-                assert len(problems) == 1 and "/console/login: " in problems[0], problems
+                # the errors expected: the wrong key's 401 and the refused playground turn
+                assert len(problems) == 2, problems
+                assert "/console/login: " in problems[0], problems
+                assert "/console/playground/chat: " in problems[1], problems
             finally:
                 browser.close()
     finally:
@@ -122,16 +124,40 @@ def drive(page, expect, url: str, admin: str, model: str) -> None:
     )
     assert httpx.get(url + "/v1/models", headers=auth).status_code == 401
 
-    # the playground streams an answer and measures it
+    # the playground: a temperature out of range is stopped by the form; the one given is
+    # sent (greedy here, so that there is an answer), and the answer streams and is measured
     page.click("nav >> text=Playground")
     page.select_option("#model", model)
     page.fill("#max-tokens", "16")
+    page.fill("#temperature", "3")
     page.fill("#message", "Hello there")
     page.click("#send")
+    assert page.locator("#temperature").evaluate("e => e.validity.rangeOverflow")
+    expect(page.locator(".msg")).to_have_count(0)
+    page.fill("#temperature", "0")
+    # a turn the API refuses stays out of the conversation sent next
+    refusal = {"error": {"message": "refused here", "type": "invalid_request_error"}}
+    page.route(
+        "**/console/playground/chat",
+        lambda route: route.fulfill(status=400, json=refusal),
+        times=1,
+    )
+    page.click("#send")
+    expect(page.locator("#status")).to_have_text("error: refused here")
+    expect(page.locator(".msg.assistant.failed")).to_have_count(1)
+    page.fill("#message", "Hello there")
+    with page.expect_request("**/console/playground/chat") as sent:
+        page.click("#send")
+    body = sent.value.post_data_json
+    assert body["temperature"] == 0 and body["max_tokens"] == 16, body
+    assert body["messages"] == [{"role": "user", "content": "Hello there"}], body
     expect(page.locator("#status")).to_have_text("done")
-    answer = page.locator(".msg.assistant span").inner_text()
+    answer = page.locator(".msg.assistant:not(.failed) span").inner_text()
     assert answer.strip(), answer
     assert float(page.locator("#ttft").inner_text()) >= 0
+    # tokens/s from the server's times: the page gets this fast model's 16 tokens in a read
+    # or two and, timing them itself, showed rates in the hundreds of thousands
+    assert 0 < float(page.locator("#tps").inner_text()) < 100_000
     assert int(page.locator("#tokens").inner_text()) > 0
 
     # the playground's request is audited under the admin's name

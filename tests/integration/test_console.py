@@ -7,6 +7,7 @@ page and its chain check, and the playground's stream made for the logged-in adm
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -340,6 +341,10 @@ async def test_playground_streams_for_the_admin_and_is_audited(con):
         assert r.headers["content-security-policy"] == CSP
         text = "".join([chunk async for chunk in r.aiter_text()])
     assert text.count("data: ") >= 3 and "data: [DONE]" in text
+    # the server's times of the answer's tokens come last, for the page's tokens/s
+    assert text.endswith("\n\n") and "event: timing\ndata: " in text
+    times = json.loads(text.rsplit("event: timing\ndata: ", 1)[1])
+    assert times["first_token_ms"] >= 0 and times["decode_ms"] >= 0, times
     store = con.app.state.audit.store
     for _ in range(200):
         if store.search(user="root"):

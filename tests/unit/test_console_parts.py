@@ -1,15 +1,22 @@
 """The console's parts on their own: rates sampled from the metrics' counters into a bounded
-ring buffer and drawn inside the chart's box, sessions bounded, expiring and ended, and the
-audit page's filters read or refused."""
+ring buffer and drawn inside the chart's box, sessions bounded, expiring and ended, the
+audit page's filters read or refused, and the playground's stream timed as it goes by."""
 
 from __future__ import annotations
 
+import json
+
 from llmhost.api.console.audit import MAX_PAGE, AuditQuery
 from llmhost.api.console.charts import HEIGHT, KEEP, WIDTH, Sampler, chart, charts
+from llmhost.api.console.proxy import StreamTimer
 from llmhost.api.console.sessions import MAX_SESSIONS, Sessions
 from llmhost.observability.metrics import Metrics
 from llmhost.security.auth import Principal
 from llmhost.types import Usage
+
+
+def _sse(chunk: dict | str) -> bytes:
+    return b"data: " + (chunk if isinstance(chunk, str) else json.dumps(chunk)).encode() + b"\n\n"
 
 
 class Clock:
@@ -134,3 +141,33 @@ def test_audit_filters_are_read_bounded_or_refused():
     assert AuditQuery.from_params({"status": "abc"}).error
     assert AuditQuery.from_params({"status": "999"}).error
     assert AuditQuery.from_params({"until": "yesterday"}).error
+
+
+def test_stream_timer_times_generated_pieces_only():
+    role = _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+    piece = _sse({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})
+    tool = _sse({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]})
+    usage = _sse({"choices": [], "usage": {"completion_tokens": 3}})
+    timer = StreamTimer(start=10.0)
+    timer.feed(role, 10.001)  # the role alone is no output
+    assert timer.first is None
+    timer.feed(piece[:9], 10.002)  # an event split across body messages counts when whole
+    assert timer.first is None
+    timer.feed(piece[9:] + piece, 10.004)
+    timer.feed(b"data: {not json}\n\n" + b": a comment\n\n", 10.005)
+    timer.feed(tool, 10.009)
+    timer.feed(usage + _sse("[DONE]"), 10.020)
+    assert (timer.first, timer.last) == (10.004, 10.009)
+    event = timer.event()
+    assert event.startswith(b"event: timing\ndata: ") and event.endswith(b"\n\n")
+    times = json.loads(event.split(b"data: ", 1)[1])
+    assert times == {"first_token_ms": 4.0, "decode_ms": 5.0}
+
+
+def test_stream_timer_of_a_stream_with_nothing_generated():
+    timer = StreamTimer(start=1.0)
+    timer.feed(_sse({"error": {"message": "overloaded"}}) + _sse("[DONE]"), 1.5)
+    assert json.loads(timer.event().split(b"data: ", 1)[1]) == {
+        "first_token_ms": None,
+        "decode_ms": None,
+    }

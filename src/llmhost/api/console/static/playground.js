@@ -32,6 +32,7 @@
   async function readStream(response, out, t0) {
     const reader = response.body.getReader(), decoder = new TextDecoder();
     let buffer = "", text = "", chunks = 0, usage = null, tFirst = null, tLast = null;
+    let timing = null;  // the server's: a fast model's tokens reach the page in a few reads
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
@@ -40,6 +41,10 @@
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
         const event = buffer.slice(0, cut);
         buffer = buffer.slice(cut + 2);
+        if (event.startsWith("event: timing\ndata: ")) {
+          timing = JSON.parse(event.slice(event.indexOf("\n") + 7));
+          continue;
+        }
         if (!event.startsWith("data: ")) continue;
         const data = event.slice(6);
         if (data === "[DONE]") continue;
@@ -62,14 +67,28 @@
       show(tFirst === null ? null : tFirst - t0, secs ? (tokens - 1) / secs : null, tokens,
            "streaming");
     }
-    return {text, tokens: usage ? usage.completion_tokens : chunks, tFirst, tLast};
+    return {text, tokens: usage ? usage.completion_tokens : chunks, tFirst, tLast, timing};
+  }
+
+  // The chat request: the temperature only when one is given (empty: the model's default).
+  function request(turn) {
+    const body = {
+      model: $("model").value,
+      messages: messages.concat([turn]),
+      max_tokens: Number($("max-tokens").value) || 128,
+      stream: true,
+      stream_options: {include_usage: true},
+    };
+    const temperature = $("temperature").value.trim();
+    if (temperature !== "") body.temperature = Number(temperature);
+    return body;
   }
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const content = $("message").value;
     if (!content.trim()) return;
-    messages.push({role: "user", content});
+    const turn = {role: "user", content};
     bubble("user", content);
     $("message").value = "";
     const out = bubble("assistant", "");
@@ -84,13 +103,7 @@
         credentials: "same-origin",
         signal: controller.signal,
         headers: {"Content-Type": "application/json", "X-CSRF-Token": form.dataset.csrf},
-        body: JSON.stringify({
-          model: $("model").value,
-          messages,
-          max_tokens: Number($("max-tokens").value) || 128,
-          stream: true,
-          stream_options: {include_usage: true},
-        }),
+        body: JSON.stringify(request(turn)),
       });
       if (!r.ok) {
         let message = "HTTP " + r.status;
@@ -98,9 +111,12 @@
         throw new Error(message);
       }
       const got = await readStream(r, out, t0);
-      messages.push({role: "assistant", content: got.text});
-      const secs = got.tFirst !== null && got.tLast > got.tFirst
-        ? (got.tLast - got.tFirst) / 1000 : null;
+      // The conversation keeps a turn once it is answered: a refused or stopped one is not
+      // sent again with the next.
+      messages.push(turn, {role: "assistant", content: got.text});
+      // tokens/s from the server's times when it sent them, else from the page's own
+      const secs = got.timing && got.timing.decode_ms ? got.timing.decode_ms / 1000
+        : got.tFirst !== null && got.tLast > got.tFirst ? (got.tLast - got.tFirst) / 1000 : null;
       show(got.tFirst === null ? null : got.tFirst - t0,
            secs ? (got.tokens - 1) / secs : null, got.tokens, "done");
     } catch (e) {
