@@ -344,8 +344,7 @@ class Quotas:
         if tokens <= 0 or not admission.targets:
             return
         for key, amount, expire_at in self._charges(admission, tokens):
-            n, at = self._pending.get(key, (0, 0))
-            self._pending[key] = (n + amount, max(at, expire_at))
+            self._queue(key, amount, expire_at)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_soon())
             self._sender.add_done_callback(self._sent)
@@ -372,9 +371,13 @@ class Quotas:
             # kept, and sent with the next charges (or by drain): a Redis outage loses
             # nothing while this process lives; there is one entry per counter, however long
             for key, (n, at) in pending.items():
-                m, later = self._pending.get(key, (0, 0))
-                self._pending[key] = (m + n, max(at, later))
+                self._queue(key, n, at)
             raise
+
+    def _queue(self, key: str, amount: int, expire_at: int) -> None:
+        """Adds a charge to those not sent yet: one entry per counter, summed."""
+        n, at = self._pending.get(key, (0, 0))
+        self._pending[key] = (n + amount, max(at, expire_at))
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None or self._failing:

@@ -56,7 +56,7 @@ class StreamTimer:
         """The `timing` event: milliseconds from the request to the first piece, and from
         the first piece to the last (null where nothing was generated)."""
         first = last = None
-        if self.first is not None and self.last is not None:
+        if self.first is not None and self.last is not None:  # set together
             first = round((self.first - self.start) * 1000, 3)
             last = round((self.last - self.first) * 1000, 3)
         return (
@@ -116,6 +116,7 @@ class ProxiedResponse(Response):
         # after the body: the page gone, the outer receive says so and the API cancels
         inner_receive = replaying(body, receive)
 
+        start = time.perf_counter()
         timer: StreamTimer | None = None
 
         async def inner_send(message: Message) -> None:
@@ -132,7 +133,5 @@ class ProxiedResponse(Response):
                         {"type": "http.response.body", "body": timer.event(), "more_body": True}
                     )
             await send(message)
-
-        start = time.perf_counter()
 
         await self.api(inner, inner_receive, inner_send)
